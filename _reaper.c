@@ -1,0 +1,305 @@
+/*
+ * _reaper.c - the parts of pyshim that Python cannot do (or cannot do
+ * without allocating on a hot path): child-subreaper, the waitpid reap
+ * loop, SIGCHLD delivery on a pipe the event loop can watch, SCM_RIGHTS fd
+ * passing, unix sockets with path or abstract names, SO_PEERCRED, mount(2)
+ * and malloc_trim.
+ *
+ * Every function is flat: it returns a value >= 0 or -errno, and never
+ * allocates. Buffers are owned by the caller.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <malloc.h>
+#include <signal.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* --- subreaper ---------------------------------------------------------- */
+
+int reaper_set_subreaper(void)
+{
+	if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
+		return -errno;
+	return 0;
+}
+
+/* --- SIGCHLD on a pipe -------------------------------------------------- */
+
+static int sigchld_wfd = -1;
+
+static void on_sigchld(int sig)
+{
+	int saved = errno;
+	char b = (char)sig;
+	/* A full pipe already holds a wake-up: dropping this byte loses nothing. */
+	(void)!write(sigchld_wfd, &b, 1);
+	errno = saved;
+}
+
+/*
+ * Installs a SIGCHLD handler that writes one byte to a non-blocking pipe and
+ * returns the pipe's read end. A handler (rather than a blocked signal read
+ * from a signalfd) leaves the signal mask of every spawned runc untouched,
+ * and exec resets the handler in children.
+ */
+int reaper_sigchld_fd(void)
+{
+	int fds[2];
+	struct sigaction sa;
+
+	if (sigchld_wfd >= 0)
+		return -EBUSY;
+	if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) < 0)
+		return -errno;
+	sigchld_wfd = fds[1];
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_sigchld;
+	sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
+	sigemptyset(&sa.sa_mask);
+	if (sigaction(SIGCHLD, &sa, NULL) < 0) {
+		int err = errno;
+		close(fds[0]);
+		close(fds[1]);
+		sigchld_wfd = -1;
+		return -err;
+	}
+	return fds[0];
+}
+
+/* --- reaping ------------------------------------------------------------ */
+
+/*
+ * Reaps exited children with waitpid(-1, WNOHANG) until none is left or
+ * `max` were collected. Fills pids[i] and codes[i] (exit code, or 128+signo
+ * for a signal death) and returns the count; a caller that gets `max` back
+ * calls again. ECHILD ends the loop as 0 does.
+ */
+int reaper_reap(int *pids, int *codes, int max)
+{
+	int n = 0;
+
+	while (n < max) {
+		int status = 0;
+		pid_t pid = waitpid(-1, &status, WNOHANG);
+
+		if (pid < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == ECHILD)
+				break;
+			return n ? n : -errno;
+		}
+		if (pid == 0)
+			break;
+		if (WIFEXITED(status))
+			codes[n] = WEXITSTATUS(status);
+		else if (WIFSIGNALED(status))
+			codes[n] = 128 + WTERMSIG(status);
+		else
+			continue; /* stopped or continued: not an exit */
+		pids[n++] = pid;
+	}
+	return n;
+}
+
+/* --- unix sockets ------------------------------------------------------- */
+
+/*
+ * Fills a sockaddr_un from `name` (len bytes, no NUL needed). A leading '@'
+ * selects the abstract namespace. Returns the address length or -errno.
+ */
+static int fill_addr(struct sockaddr_un *sa, const char *name, size_t len)
+{
+	memset(sa, 0, sizeof(*sa));
+	sa->sun_family = AF_UNIX;
+	if (len == 0)
+		return -EINVAL;
+	if (name[0] == '@') {
+		if (len > sizeof(sa->sun_path))
+			return -ENAMETOOLONG;
+		memcpy(sa->sun_path + 1, name + 1, len - 1);
+		return (int)(offsetof(struct sockaddr_un, sun_path) + len);
+	}
+	if (len >= sizeof(sa->sun_path))
+		return -ENAMETOOLONG;
+	if (memchr(name, 0, len))
+		return -EINVAL;
+	memcpy(sa->sun_path, name, len);
+	return (int)(offsetof(struct sockaddr_un, sun_path) + len + 1);
+}
+
+/* Binds and listens on a new close-on-exec socket; returns its fd. */
+int reaper_unix_listen(const char *name, size_t len, int backlog)
+{
+	struct sockaddr_un sa;
+	int alen = fill_addr(&sa, name, len);
+	int fd, err;
+
+	if (alen < 0)
+		return alen;
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	if (bind(fd, (struct sockaddr *)&sa, (socklen_t)alen) < 0 ||
+	    listen(fd, backlog) < 0) {
+		err = errno;
+		close(fd);
+		return -err;
+	}
+	return fd;
+}
+
+/*
+ * Connects a new close-on-exec socket; returns its fd. With `nonblock` the
+ * socket is non-blocking and a connect still in progress is not an error.
+ */
+int reaper_unix_connect(const char *name, size_t len, int nonblock)
+{
+	struct sockaddr_un sa;
+	int alen = fill_addr(&sa, name, len);
+	int fd, err;
+
+	if (alen < 0)
+		return alen;
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0), 0);
+	if (fd < 0)
+		return -errno;
+	while (connect(fd, (struct sockaddr *)&sa, (socklen_t)alen) < 0) {
+		if (errno == EINTR)
+			continue;
+		if (errno == EINPROGRESS)
+			break;
+		err = errno;
+		close(fd);
+		return -err;
+	}
+	return fd;
+}
+
+/* Writes the peer's pid, uid and gid to out[0..2]. */
+int reaper_peer_cred(int fd, int *out)
+{
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+		return -errno;
+	out[0] = (int)cred.pid;
+	out[1] = (int)cred.uid;
+	out[2] = (int)cred.gid;
+	return 0;
+}
+
+/* --- SCM_RIGHTS --------------------------------------------------------- */
+
+/* Sends `len` bytes of `data` (one zero byte when len is 0) with `fd` attached. */
+int reaper_send_fd(int sock, int fd, const char *data, size_t len)
+{
+	char zero = 0;
+	struct iovec iov;
+	struct msghdr msg;
+	union {
+		struct cmsghdr hdr;
+		char buf[CMSG_SPACE(sizeof(int))];
+	} ctl;
+	struct cmsghdr *cmsg;
+	ssize_t n;
+
+	iov.iov_base = len ? (void *)data : (void *)&zero;
+	iov.iov_len = len ? len : 1;
+	memset(&msg, 0, sizeof(msg));
+	memset(&ctl, 0, sizeof(ctl));
+	msg.msg_iov = &iov;
+	msg.msg_iovlen = 1;
+	msg.msg_control = ctl.buf;
+	msg.msg_controllen = sizeof(ctl.buf);
+	cmsg = CMSG_FIRSTHDR(&msg);
+	cmsg->cmsg_level = SOL_SOCKET;
+	cmsg->cmsg_type = SCM_RIGHTS;
+	cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+	do {
+		n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+	} while (n < 0 && errno == EINTR);
+	return n < 0 ? -errno : (int)n;
+}
+
+/*
+ * Receives up to `len` bytes into `data` and at most one fd (made
+ * close-on-exec) into *fd, which is -1 when none came; extra fds are closed.
+ * Returns the byte count; 0 means the peer closed.
+ */
+int reaper_recv_fd(int sock, char *data, size_t len, int *fd)
+{
+	struct iovec iov;
+	struct msghdr msg;
+	union {
+		struct cmsghdr hdr;
+		char buf[CMSG_SPACE(sizeof(int) * 4)];
+	} ctl;
+	struct cmsghdr *cmsg;
+	ssize_t n;
+
+	*fd = -1;
+	iov.iov_base = data;
+	iov.iov_len = len;
+	memset(&msg, 0, sizeof(msg));
+	msg.msg_iov = &iov;
+	msg.msg_iovlen = 1;
+	msg.msg_control = ctl.buf;
+	msg.msg_controllen = sizeof(ctl.buf);
+	do {
+		n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+	} while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return -errno;
+	for (cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+		size_t i, count;
+		int got;
+
+		if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS)
+			continue;
+		count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+		for (i = 0; i < count; i++) {
+			memcpy(&got, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
+			if (*fd < 0)
+				*fd = got;
+			else
+				close(got);
+		}
+	}
+	return (int)n;
+}
+
+/* --- mounts ------------------------------------------------------------- */
+
+int reaper_mount(const char *source, const char *target, const char *fstype,
+		 unsigned long flags, const char *data)
+{
+	if (mount(source, target, fstype, flags, data) < 0)
+		return -errno;
+	return 0;
+}
+
+int reaper_umount(const char *target, int flags)
+{
+	if (umount2(target, flags) < 0)
+		return -errno;
+	return 0;
+}
+
+/* --- memory ------------------------------------------------------------- */
+
+int reaper_malloc_trim(size_t pad)
+{
+	return malloc_trim(pad);
+}
