@@ -1,0 +1,2157 @@
+"""pyshim: a containerd runtime v2 shim written in Python.
+
+containerd runs it as runtime `io.containerd.pyshim.v1` (binary
+`containerd-shim-pyshim-v1`). One long-lived shim process per container (or
+per group of containers) drives runc, holds the containers' stdio, reaps
+their exits and reports events back to containerd over ttrpc.
+
+Public surface:
+    main()                      the binary's entry point (start, delete, serve)
+    Reaper                      the one owner of waitpid(-1)
+    FrameDecoder, encode_frame  the ttrpc frame codec
+    TtrpcServer, TtrpcClient    ttrpc over unix sockets on uvloop
+    Process, Container          per-process state machines
+    TaskService                 containerd.task.v2.Task
+    Publisher                   ordered, retrying event delivery to containerd
+    ShimError and subclasses    errors that carry a ttrpc status code
+
+Sections, in dependency order: constants, errors, C bindings, log, reaper,
+ttrpc, stdio, runc, processes, task service, events, start/delete CLI, main.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import time
+
+import _reaper
+
+# =============================================================================
+# Constants
+# =============================================================================
+
+VERSION = "0.1.0"
+REVISION = "dev"
+RUNTIME_NAME = "io.containerd.pyshim.v1"
+
+SOCKET_DIR = "/run/containerd/s"
+SOCKET_PATH_LIMIT = 106  # as containerd: sun_path less the NUL and slack
+RUNC_ROOT = "/run/containerd/runc"
+# runc and criu are looked up here, never on the container's PATH.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+NAMESPACE_KEY = "containerd-namespace-ttrpc"
+
+# ttrpc framing: length u32, stream id u32, type u8, flags u8 (big-endian).
+HEADER = struct.Struct(">IIBB")
+MAX_MESSAGE = 4 << 20
+MSG_REQUEST = 1
+MSG_RESPONSE = 2
+MSG_DATA = 3
+
+TASK_SERVICE = "containerd.task.v2.Task"
+EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
+
+# Any type URLs, as containerd's typeurl registry names them.
+URL_RUNC_OPTIONS = "containerd.runc.v1.Options"
+URL_LINUX_CREATE_OPTIONS = "containerd.linux.runc.CreateOptions"
+URL_PROCESS_DETAILS = "containerd.runc.v1.ProcessDetails"
+EVENT_URL = "containerd.events."
+
+# How long Delete waits for a process's output to drain, as the Go shim does.
+IO_DRAIN_SECONDS = 2.0
+EVENT_QUEUE_MAX = 4096
+STASH_MAX = 1024
+EXEC_ID_MAX = 76
+
+# =============================================================================
+# Errors: each carries the ttrpc (gRPC) status code it is answered with.
+# =============================================================================
+
+OK = 0
+UNKNOWN = 2
+INVALID_ARGUMENT = 3
+DEADLINE_EXCEEDED = 4
+NOT_FOUND = 5
+ALREADY_EXISTS = 6
+RESOURCE_EXHAUSTED = 8
+FAILED_PRECONDITION = 9
+UNIMPLEMENTED = 12
+INTERNAL = 13
+UNAVAILABLE = 14
+
+
+class ShimError(Exception):
+    """Root of pyshim's errors; `code` is the status code sent to the caller."""
+
+    code = UNKNOWN
+
+
+class InvalidArgument(ShimError):
+    code = INVALID_ARGUMENT
+
+
+class NotFound(ShimError):
+    code = NOT_FOUND
+
+
+class AlreadyExists(ShimError):
+    code = ALREADY_EXISTS
+
+
+class FailedPrecondition(ShimError):
+    code = FAILED_PRECONDITION
+
+
+class Unimplemented(ShimError):
+    code = UNIMPLEMENTED
+
+
+class RuntimeFailure(ShimError):
+    """runc failed; the message carries runc's own words (code Unknown, as
+    the Go shim answers)."""
+
+
+class RemoteError(ShimError):
+    """A ttrpc peer answered with a non-OK status."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# =============================================================================
+# C bindings: thin wrappers that turn -errno into OSError.
+# =============================================================================
+
+_lib = _reaper.lib
+_ffi = _reaper.ffi
+
+
+def _check(rc: int, what: str = "") -> int:
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc) + (f": {what}" if what else ""))
+    return rc
+
+
+def set_subreaper() -> None:
+    _check(_lib.reaper_set_subreaper())
+
+
+def unix_listen(name: str, backlog: int = 64) -> int:
+    """Listening socket fd for a path or an abstract ('@name') address."""
+    b = name.encode()
+    return _check(_lib.reaper_unix_listen(b, len(b), backlog), name)
+
+
+def unix_connect(name: str, nonblock: bool = False) -> int:
+    b = name.encode()
+    return _check(_lib.reaper_unix_connect(b, len(b), 1 if nonblock else 0), name)
+
+
+def peer_cred(fd: int) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer of a connected unix socket."""
+    out = _ffi.new("int[3]")
+    _check(_lib.reaper_peer_cred(fd, out))
+    return out[0], out[1], out[2]
+
+
+def send_fd(sock: int, fd: int, data: bytes = b"") -> int:
+    return _check(_lib.reaper_send_fd(sock, fd, data, len(data)))
+
+
+def recv_fd(sock: int, size: int = 256) -> tuple[bytes, int]:
+    """(data, fd) from one message; fd is -1 when none was attached."""
+    buf = _ffi.new("char[]", size)
+    fdp = _ffi.new("int *")
+    n = _check(_lib.reaper_recv_fd(sock, buf, size, fdp))
+    return _ffi.buffer(buf, n)[:], fdp[0]
+
+
+def malloc_trim() -> None:
+    _lib.reaper_malloc_trim(0)
+
+
+# Mount options understood as flags (set, clear); others go to the data string.
+_MS = _lib
+MOUNT_FLAGS: dict[str, tuple[int, int]] = {
+    "async": (0, _MS.MS_SYNCHRONOUS),
+    "atime": (0, _MS.MS_NOATIME),
+    "bind": (_MS.MS_BIND, 0),
+    "defaults": (0, 0),
+    "dev": (0, _MS.MS_NODEV),
+    "diratime": (0, _MS.MS_NODIRATIME),
+    "dirsync": (_MS.MS_DIRSYNC, 0),
+    "exec": (0, _MS.MS_NOEXEC),
+    "mand": (_MS.MS_MANDLOCK, 0),
+    "noatime": (_MS.MS_NOATIME, 0),
+    "nodev": (_MS.MS_NODEV, 0),
+    "nodiratime": (_MS.MS_NODIRATIME, 0),
+    "noexec": (_MS.MS_NOEXEC, 0),
+    "nomand": (0, _MS.MS_MANDLOCK),
+    "norelatime": (0, _MS.MS_RELATIME),
+    "nostrictatime": (0, _MS.MS_STRICTATIME),
+    "nosuid": (_MS.MS_NOSUID, 0),
+    "rbind": (_MS.MS_BIND | _MS.MS_REC, 0),
+    "relatime": (_MS.MS_RELATIME, 0),
+    "remount": (_MS.MS_REMOUNT, 0),
+    "ro": (_MS.MS_RDONLY, 0),
+    "rw": (0, _MS.MS_RDONLY),
+    "strictatime": (_MS.MS_STRICTATIME, 0),
+    "suid": (0, _MS.MS_NOSUID),
+    "sync": (_MS.MS_SYNCHRONOUS, 0),
+}
+PROPAGATION_FLAGS: dict[str, int] = {
+    "private": _MS.MS_PRIVATE,
+    "rprivate": _MS.MS_PRIVATE | _MS.MS_REC,
+    "shared": _MS.MS_SHARED,
+    "rshared": _MS.MS_SHARED | _MS.MS_REC,
+    "slave": _MS.MS_SLAVE,
+    "rslave": _MS.MS_SLAVE | _MS.MS_REC,
+    "unbindable": _MS.MS_UNBINDABLE,
+    "runbindable": _MS.MS_UNBINDABLE | _MS.MS_REC,
+}
+
+
+def parse_mount_options(options: list[str]) -> tuple[int, int, str]:
+    """(flags, propagation flags, data) for a list of mount options."""
+    flags = 0
+    propagation = 0
+    data = []
+    for opt in options:
+        if opt in MOUNT_FLAGS:
+            set_, clear = MOUNT_FLAGS[opt]
+            flags = (flags | set_) & ~clear
+        elif opt in PROPAGATION_FLAGS:
+            propagation |= PROPAGATION_FLAGS[opt]
+        else:
+            data.append(opt)
+    return flags, propagation, ",".join(data)
+
+
+def mount(typ: str, source: str, target: str, options: list[str]) -> None:
+    """Mounts one containerd Mount on `target`, as mount(8) would."""
+    flags, propagation, data = parse_mount_options(options)
+    if typ == "bind":
+        flags |= _MS.MS_BIND
+    fstype = b"" if flags & _MS.MS_BIND else typ.encode()
+    src, tgt = source.encode(), target.encode()
+    if len(data) >= 4096:
+        raise InvalidArgument(f"mount options of {target} exceed one page ({len(data)} bytes)")
+    _check(_lib.reaper_mount(src, tgt, fstype, flags & ~_MS.MS_RDONLY if flags & _MS.MS_BIND else flags,
+                             data.encode() or _ffi.NULL), f"mount {typ} {source} on {target}")
+    if flags & _MS.MS_BIND and flags & (_MS.MS_RDONLY | _MS.MS_NOSUID | _MS.MS_NODEV | _MS.MS_NOEXEC):
+        # A bind mount takes its flags only on a remount.
+        _check(_lib.reaper_mount(_ffi.NULL, tgt, _ffi.NULL, flags | _MS.MS_REMOUNT, _ffi.NULL),
+               f"remount {target}")
+    if propagation:
+        _check(_lib.reaper_mount(_ffi.NULL, tgt, _ffi.NULL, propagation, _ffi.NULL),
+               f"propagation of {target}")
+
+
+def unmount_all(target: str) -> None:
+    """Unmounts every mount stacked on `target`; a busy one is detached."""
+    tgt = target.encode()
+    for _ in range(64):
+        rc = _lib.reaper_umount(tgt, 0)
+        if rc == 0:
+            continue
+        err = -rc
+        if err in (22, 2):  # EINVAL: not a mount point (any more); ENOENT: gone
+            return
+        if err == 16:  # EBUSY
+            _check(_lib.reaper_umount(tgt, _MS.MNT_DETACH), f"unmount {target}")
+            continue
+        raise OSError(err, f"{os.strerror(err)}: unmount {target}")
+
+
+# =============================================================================
+# Log: logrus text format, to the bundle's `log` fifo (our stderr).
+# =============================================================================
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+def _quote(v: object) -> str:
+    s = str(v)
+    if s and all(c.isalnum() or c in "-_./:@" for c in s):
+        return s
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+class Log:
+    """A logrus-style line logger that never blocks and never raises.
+
+    Writes go to a non-blocking fd: when the reader (containerd) is away and
+    the fifo is full, a line is dropped rather than stalling the shim.
+    """
+
+    __slots__ = ("fd", "level", "fields")
+
+    def __init__(self, fd: int = 2, level: str = "info") -> None:
+        self.fd = fd
+        self.level = _LEVELS[level]
+        self.fields = ""
+
+    def __call__(self, level: str, msg: str, **kv: object) -> None:
+        if _LEVELS[level] < self.level:
+            return
+        ns = time.time_ns()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 1_000_000_000))
+        line = f'time="{stamp}.{ns % 1_000_000_000:09d}Z" level={level} msg={_quote(msg)}'
+        for k, v in kv.items():
+            line += f" {k}={_quote(v)}"
+        try:
+            os.write(self.fd, (line + self.fields + "\n").encode(errors="replace"))
+        except OSError:
+            pass
+
+
+log = Log()
+
+
+def _atomic_write(directory: str, name: str, data: bytes, mode: int = 0o644) -> None:
+    """Writes directory/name through a temp file and rename, following no
+    symlink: a link planted in the bundle is replaced, never written through."""
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        tmp = f".{name}.{os.getpid()}.tmp"
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode, dir_fd=dfd)
+        try:
+            os.write(fd, data)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+def _read_small(path: str, limit: int = 1 << 20) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def which(name: str, path: str | None = None) -> str:
+    """Absolute path of an executable, searched on the shim's own PATH."""
+    if "/" in name:
+        if os.access(name, os.X_OK):
+            return os.path.abspath(name)
+        raise FileNotFoundError(2, f'exec: "{name}": no such file or directory')
+    for d in (path or os.environ.get("PATH") or DEFAULT_PATH).split(":"):
+        p = os.path.join(d or ".", name)
+        if os.access(p, os.X_OK) and not os.path.isdir(p):
+            return p
+    raise FileNotFoundError(2, f'exec: "{name}": executable file not found in $PATH')
+
+
+# =============================================================================
+# Reaper: the one owner of waitpid(-1).
+# =============================================================================
+
+_SPAWN_SIGDEF = (13, 25)  # SIGPIPE, SIGXFSZ: Python ignores them; children must not
+
+
+def spawn(argv: list[str], fds: tuple[int, int, int], env: dict[str, str] | None = None,
+          setpgroup: bool = False, extra: tuple[tuple[int, int], ...] = ()) -> int:
+    """posix_spawn(argv) with stdio dup'd from `fds` (and `extra` (fd, target)
+    pairs); returns the pid. The caller must register the pid with the reaper
+    before it yields to the event loop."""
+    actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds)]
+    actions += [(os.POSIX_SPAWN_DUP2, fd, target) for fd, target in extra]
+    kw = {"setpgroup": 0} if setpgroup else {}
+    return os.posix_spawn(argv[0], argv, os.environ if env is None else env,
+                          file_actions=actions, setsigdef=_SPAWN_SIGDEF, **kw)
+
+
+class Reaper:
+    """Reaps every child of the shim and routes each exit.
+
+    SIGCHLD arrives as a byte on a pipe made in C, watched by the loop. An
+    exit whose pid was registered with `watch` resolves that future (runc
+    commands); every other exit goes to `on_exit` (container processes).
+    Loop thread only.
+    """
+
+    __slots__ = ("fd", "loop", "_pids", "_codes", "_waiters", "on_exit")
+
+    BATCH = 64
+
+    def __init__(self, loop, on_exit) -> None:
+        self.loop = loop
+        self.on_exit = on_exit
+        self._waiters: dict[int, object] = {}
+        self._pids = _ffi.new("int[]", self.BATCH)
+        self._codes = _ffi.new("int[]", self.BATCH)
+        self.fd = _check(_lib.reaper_sigchld_fd())
+        loop.add_reader(self.fd, self.reap)
+
+    def watch(self, pid: int):
+        """A future resolved with the exit code of `pid` (a child we spawned)."""
+        fut = self.loop.create_future()
+        self._waiters[pid] = fut
+        return fut
+
+    def reap(self) -> None:
+        try:
+            while os.read(self.fd, 256):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            n = _lib.reaper_reap(self._pids, self._codes, self.BATCH)
+            if n < 0:
+                log("error", "waitpid failed", error=os.strerror(-n))
+                return
+            for i in range(n):
+                pid, code = self._pids[i], self._codes[i]
+                fut = self._waiters.pop(pid, None)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(code)
+                else:
+                    try:
+                        self.on_exit(pid, code)
+                    except Exception as e:  # one bad exit never stops reaping
+                        log("error", "exit handler failed", pid=pid, error=repr(e))
+            if n < self.BATCH:
+                return
+
+
+# =============================================================================
+# ttrpc: frame codec, server and client.
+# =============================================================================
+
+
+def encode_frame(stream_id: int, mtype: int, payload: bytes, flags: int = 0) -> bytes:
+    return HEADER.pack(len(payload), stream_id, mtype, flags) + payload
+
+
+class FrameDecoder:
+    """Incremental ttrpc frame decoder with bounded memory.
+
+    `feed` returns complete frames as (stream_id, type, flags, payload); a
+    frame whose length exceeds MAX_MESSAGE is discarded as it arrives and
+    returned once with payload None, so the caller can answer
+    RESOURCE_EXHAUSTED on that stream and keep the connection.
+    """
+
+    __slots__ = ("_buf", "_skip", "_skip_frame")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._skip = 0
+        self._skip_frame: tuple[int, int, int, int] | None = None
+
+    def feed(self, data: bytes) -> list[tuple[int, int, int, bytes | None]]:
+        out = []
+        buf = self._buf
+        buf += data
+        while True:
+            if self._skip:
+                n = min(self._skip, len(buf))
+                del buf[:n]
+                self._skip -= n
+                if self._skip:
+                    return out
+                sid, mtype, flags, _ = self._skip_frame
+                self._skip_frame = None
+                out.append((sid, mtype, flags, None))
+            if len(buf) < HEADER.size:
+                return out
+            length, sid, mtype, flags = HEADER.unpack_from(buf)
+            if length > MAX_MESSAGE:
+                del buf[:HEADER.size]
+                self._skip = length
+                self._skip_frame = (sid, mtype, flags, length)
+                continue
+            end = HEADER.size + length
+            if len(buf) < end:
+                return out
+            out.append((sid, mtype, flags, bytes(buf[HEADER.size:end])))
+            del buf[:end]
+
+    @property
+    def oversized_length(self) -> int:
+        """Announced length of the frame being discarded (0 if none)."""
+        return self._skip_frame[3] if self._skip_frame else 0
+
+
+def status_response(code: int, message: str, payload: bytes = b"") -> bytes:
+    import pyshim_pb2 as pb
+
+    resp = pb.Response(payload=payload)
+    if code:
+        resp.status.code = code
+        resp.status.message = message
+    return resp.SerializeToString()
+
+
+def _error_status(e: BaseException) -> tuple[int, str]:
+    """The one place where an exception becomes a ttrpc status."""
+    if isinstance(e, ShimError):
+        return e.code, str(e)
+    if isinstance(e, OSError):
+        code = {3: NOT_FOUND, 2: NOT_FOUND, 17: ALREADY_EXISTS, 22: INVALID_ARGUMENT}.get(e.errno or 0, UNKNOWN)
+        return code, str(e)
+    log("error", "internal error", error=repr(e))
+    return INTERNAL, f"internal error: {e!r}"
+
+
+class TtrpcServer:
+    """Serves registered ttrpc methods on listening unix sockets.
+
+    `services` maps (service, method) to (request class, coroutine function).
+    Only peers with the shim's own euid are served (SO_PEERCRED).
+    """
+
+    __slots__ = ("loop", "methods", "servers", "conns", "uid")
+
+    def __init__(self, loop, methods: dict) -> None:
+        self.loop = loop
+        self.methods = methods
+        self.servers: list = []
+        self.conns: set = set()
+        self.uid = os.geteuid()
+
+    async def serve_fd(self, fd: int) -> None:
+        import socket
+
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        srv = await self.loop.create_unix_server(lambda: ServerConnection(self), sock=sock)
+        self.servers.append(srv)
+
+    async def shutdown(self, deadline: float = 2.0) -> None:
+        """Closes the listeners, then waits for in-flight requests to be answered."""
+        for srv in self.servers:
+            srv.close()
+        end = self.loop.time() + deadline
+        while any(c.inflight for c in self.conns) and self.loop.time() < end:
+            await _sleep(0.01)
+        for c in list(self.conns):
+            c.close()
+
+
+async def _sleep(t: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(t)
+
+
+class ServerConnection:
+    """One ttrpc connection: a reader that decodes frames and one task per request."""
+
+    __slots__ = ("server", "transport", "decoder", "last_sid", "inflight", "closed")
+
+    def __init__(self, server: TtrpcServer) -> None:
+        self.server = server
+        self.transport = None
+        self.decoder = FrameDecoder()
+        self.last_sid = 0
+        self.inflight = 0
+        self.closed = False
+
+    # asyncio protocol callbacks
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        try:
+            pid, uid, gid = peer_cred(sock.fileno())
+        except OSError as e:
+            log("warning", "refusing connection: no peer credentials", error=str(e))
+            transport.close()
+            self.closed = True
+            return
+        if uid != self.server.uid:
+            log("warning", "refusing connection from another user", peer_pid=pid, peer_uid=uid)
+            transport.close()
+            self.closed = True
+            return
+        self.server.conns.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server.conns.discard(self)
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        for sid, mtype, _flags, payload in self.decoder.feed(data):
+            self._frame(sid, mtype, payload)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _send(self, sid: int, body: bytes) -> None:
+        if not self.closed and not self.transport.is_closing():
+            self.transport.write(encode_frame(sid, MSG_RESPONSE, body))
+
+    def _frame(self, sid: int, mtype: int, payload: bytes | None) -> None:
+        if mtype != MSG_REQUEST:
+            return  # no streams on the task API: data frames are ignored
+        if payload is None:
+            self._send(sid, status_response(
+                RESOURCE_EXHAUSTED, f"message length exceeds maximum message size of {MAX_MESSAGE}"))
+            return
+        if sid % 2 != 1:
+            self._send(sid, status_response(
+                INVALID_ARGUMENT, "StreamID must be odd for client initiated streams"))
+            return
+        if sid <= self.last_sid:
+            self._send(sid, status_response(
+                INVALID_ARGUMENT, "StreamID cannot be re-used and must increment"))
+            return
+        self.last_sid = sid
+        import pyshim_pb2 as pb
+
+        req = pb.Request()
+        try:
+            req.ParseFromString(payload)
+        except Exception as e:
+            self._send(sid, status_response(INVALID_ARGUMENT, f"unmarshal request error: {e}"))
+            return
+        self.inflight += 1
+        self.server.loop.create_task(self._dispatch(sid, req))
+
+    async def _dispatch(self, sid: int, req) -> None:
+        try:
+            entry = self.server.methods.get((req.service, req.method))
+            if entry is None:
+                if any(s == req.service for s, _ in self.server.methods):
+                    body = status_response(UNIMPLEMENTED, f"{req.service}.{req.method} not implemented")
+                else:
+                    body = status_response(UNIMPLEMENTED, f"service {req.service}")
+            else:
+                body = await self._call(entry, req)
+            self._send(sid, body)
+        finally:
+            self.inflight -= 1
+
+    async def _call(self, entry, req) -> bytes:
+        import asyncio
+
+        cls, fn = entry
+        msg = cls()
+        try:
+            msg.ParseFromString(req.payload)
+        except Exception as e:
+            return status_response(INVALID_ARGUMENT, f"unmarshal {cls.__name__}: {e}")
+        meta = {kv.key: kv.value for kv in req.metadata}
+        # The handler runs to completion even past the caller's deadline, so
+        # that a half-done runc command never leaves the task inconsistent.
+        task = asyncio.ensure_future(fn(msg, meta))
+        try:
+            if req.timeout_nano > 0:
+                resp = await asyncio.wait_for(asyncio.shield(task), req.timeout_nano / 1e9)
+            else:
+                resp = await task
+        except asyncio.TimeoutError:
+            return status_response(DEADLINE_EXCEEDED, f"{req.method}: deadline exceeded")
+        except Exception as e:
+            code, message = _error_status(e)
+            return status_response(code, message)
+        return status_response(OK, "", resp.SerializeToString())
+
+
+class TtrpcClient:
+    """A ttrpc client over a unix socket (events to containerd, and tests).
+
+    Calls are multiplexed on odd, increasing stream ids. `call` raises
+    RemoteError for a non-OK status and ConnectionError when the connection
+    is gone.
+    """
+
+    __slots__ = ("loop", "transport", "decoder", "next_sid", "pending", "closed")
+
+    def __init__(self, loop) -> None:
+        self.loop = loop
+        self.transport = None
+        self.decoder = FrameDecoder()
+        self.next_sid = 1
+        self.pending: dict[int, object] = {}
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, address: str, loop=None) -> TtrpcClient:
+        import asyncio
+        import socket
+
+        loop = loop or asyncio.get_running_loop()
+        if address.startswith("unix://"):
+            address = address[len("unix://"):]
+        fd = unix_connect(address)
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        self = cls(loop)
+        await loop.create_unix_connection(lambda: _ClientProtocol(self), sock=sock)
+        return self
+
+    async def call(self, service: str, method: str, payload: bytes,
+                   metadata: dict[str, str] | None = None, timeout: float = 0) -> bytes:
+        import pyshim_pb2 as pb
+
+        if self.closed:
+            raise ConnectionError("ttrpc: closed")
+        sid = self.next_sid
+        self.next_sid += 2
+        req = pb.Request(service=service, method=method, payload=payload,
+                         timeout_nano=int(timeout * 1e9))
+        for k, v in (metadata or {}).items():
+            req.metadata.add(key=k, value=v)
+        fut = self.loop.create_future()
+        self.pending[sid] = fut
+        self.transport.write(encode_frame(sid, MSG_REQUEST, req.SerializeToString()))
+        try:
+            body = await fut
+        finally:
+            self.pending.pop(sid, None)
+        resp = pb.Response()
+        resp.ParseFromString(body)
+        if resp.status.code:
+            raise RemoteError(resp.status.code, resp.status.message)
+        return resp.payload
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _lost(self) -> None:
+        self.closed = True
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("ttrpc: connection closed"))
+        self.pending.clear()
+
+
+class _ClientProtocol:
+    __slots__ = ("client",)
+
+    def __init__(self, client: TtrpcClient) -> None:
+        self.client = client
+
+    def connection_made(self, transport) -> None:
+        self.client.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        c = self.client
+        for sid, mtype, _flags, payload in c.decoder.feed(data):
+            fut = c.pending.get(sid)
+            if fut is None or fut.done() or mtype != MSG_RESPONSE:
+                continue
+            if payload is None:
+                fut.set_exception(RemoteError(RESOURCE_EXHAUSTED, "response exceeds maximum message size"))
+            else:
+                fut.set_result(payload)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.client._lost()
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+# =============================================================================
+# Stdio: pipes to the container, copied to and from containerd's fifos.
+# =============================================================================
+
+_SPLICE_CHUNK = 1 << 16
+
+
+def _open_fifo_pair(path: str, write: bool) -> tuple[int, int]:
+    """Opens a fifo both ways, non-blocking, returning (used fd, keep-alive fd).
+
+    For output (`write`), the shim writes and also holds a read end, so a
+    vanished reader never turns a write into EPIPE: output waits in the
+    fifo until a reader returns. For stdin, the shim reads and holds a write
+    end, so a client that disconnects does not end the container's stdin;
+    CloseIO drops that write end.
+    """
+    flags = os.O_NONBLOCK | os.O_CLOEXEC
+    rd = os.open(path, os.O_RDONLY | flags)
+    try:
+        wr = os.open(path, os.O_WRONLY | flags)
+    except BaseException:
+        os.close(rd)
+        raise
+    return (wr, rd) if write else (rd, wr)
+
+
+class Copier:
+    """Moves bytes from one pipe to another with splice(2), on the loop.
+
+    Nothing is buffered in the shim: when the destination is full the data
+    stays in the source pipe and the writer blocks, so no output is lost and
+    memory stays flat. At the source's EOF the destination is closed (unless
+    `keep_dst`) and `done` resolves. Loop thread only.
+    """
+
+    __slots__ = ("loop", "src", "dst", "done", "on_close", "_waiting_dst")
+
+    def __init__(self, loop, src: int, dst: int, on_close=None) -> None:
+        self.loop = loop
+        self.src = src
+        self.dst = dst
+        self.on_close = on_close
+        self.done = loop.create_future()
+        self._waiting_dst = False
+        loop.add_reader(src, self._readable)
+
+    def _readable(self) -> None:
+        moved = 0
+        while True:
+            try:
+                n = os.splice(self.src, self.dst, _SPLICE_CHUNK, flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                if moved == 0:
+                    # The source is readable, so it is the destination that is
+                    # full: wait for it instead of spinning on the source.
+                    self.loop.remove_reader(self.src)
+                    self.loop.add_writer(self.dst, self._writable)
+                    self._waiting_dst = True
+                return
+            except OSError as e:
+                # EPIPE: nobody reads the destination (a container that closed
+                # its stdin). Drop what is pending and finish.
+                log("debug", "copy ended", error=str(e))
+                self.close()
+                return
+            if n == 0:
+                self.close()
+                return
+            moved += n
+
+    def _writable(self) -> None:
+        self.loop.remove_writer(self.dst)
+        self._waiting_dst = False
+        self.loop.add_reader(self.src, self._readable)
+
+    def close(self) -> None:
+        """Stops copying and closes both ends (idempotent)."""
+        if self.src < 0:
+            return
+        if self._waiting_dst:
+            self.loop.remove_writer(self.dst)
+        else:
+            self.loop.remove_reader(self.src)
+        os.close(self.src)
+        self.src = -1
+        if self.on_close is not None:
+            self.on_close(self.dst)
+        else:
+            os.close(self.dst)
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class Stdio:
+    """The stdio of one container process.
+
+    For each of stdin/stdout/stderr that containerd named a fifo for, a pipe
+    is made: the container gets one end (`child_fds`, handed to runc), the
+    shim copies the other to or from the fifo. Loop thread only.
+    """
+
+    __slots__ = ("loop", "stdin", "stdout", "stderr", "terminal", "child_fds",
+                 "copiers", "stdin_keep", "_fifo_fds", "_refs")
+
+    def __init__(self, loop, stdin: str, stdout: str, stderr: str, terminal: bool = False) -> None:
+        self.loop = loop
+        self.stdin, self.stdout, self.stderr, self.terminal = stdin, stdout, stderr, terminal
+        self.child_fds: list[int] = []
+        self.copiers: list[Copier] = []
+        self.stdin_keep = -1
+        self._fifo_fds: dict[str, tuple[int, int]] = {}
+        self._refs: dict[int, int] = {}
+
+    def open(self, uid: int = 0, gid: int = 0) -> tuple[int, int, int]:
+        """Makes the pipes and opens the fifos; returns the fds runc gets."""
+        try:
+            return self._open(uid, gid)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, uid: int, gid: int) -> tuple[int, int, int]:
+        null = -1
+        fds = []
+        if self.stdin:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            self.child_fds.append(r)
+            os.set_blocking(w, False)
+            src, keep = _open_fifo_pair(self.stdin, write=False)
+            self.stdin_keep = keep
+            self.copiers.append(Copier(self.loop, src, w))
+            fds.append(r)
+        else:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            self.child_fds.append(null)
+            fds.append(null)
+        for path in (self.stdout, self.stderr):
+            if not path:
+                if null < 0:
+                    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                    self.child_fds.append(null)
+                fds.append(null)
+                continue
+            r, w = os.pipe2(os.O_CLOEXEC)
+            self.child_fds.append(w)
+            os.set_blocking(r, False)
+            dst = self._fifo_writer(path)
+            self.copiers.append(Copier(self.loop, r, dst, on_close=self._release))
+            fds.append(w)
+        if uid or gid:
+            for fd in fds:
+                os.fchown(fd, uid, gid)
+        return fds[0], fds[1], fds[2]
+
+    def _fifo_writer(self, path: str) -> int:
+        # stdout and stderr may name one fifo: open it once, share the fd.
+        if path not in self._fifo_fds:
+            self._fifo_fds[path] = _open_output(path)
+        wr = self._fifo_fds[path][0]
+        self._refs[wr] = self._refs.get(wr, 0) + 1
+        return wr
+
+    def _release(self, wr: int) -> None:
+        self._refs[wr] -= 1
+        if self._refs[wr]:
+            return
+        del self._refs[wr]
+        for path, (w, keep) in list(self._fifo_fds.items()):
+            if w == wr:
+                del self._fifo_fds[path]
+                os.close(w)
+                if keep >= 0:
+                    os.close(keep)
+
+    def close_after_start(self) -> None:
+        """Drops the shim's copies of the container's ends, so that the
+        container's exit is seen as EOF on its output pipes."""
+        for fd in self.child_fds:
+            os.close(fd)
+        self.child_fds.clear()
+
+    def close_stdin(self) -> None:
+        """CloseIO: once the client closes its end, stdin ends for the container."""
+        if self.stdin_keep >= 0:
+            os.close(self.stdin_keep)
+            self.stdin_keep = -1
+
+    async def drain(self, timeout: float) -> None:
+        """Waits (bounded) for the output copiers to reach EOF."""
+        import asyncio
+
+        outs = [c.done for c in self.copiers[1 if self.stdin else 0:]]
+        if outs:
+            await asyncio.wait(outs, timeout=timeout)
+
+    def close(self) -> None:
+        self.close_after_start()
+        self.close_stdin()
+        for c in self.copiers:
+            c.close()
+        self.copiers.clear()
+        for w, keep in self._fifo_fds.values():
+            os.close(w)
+            if keep >= 0:
+                os.close(keep)
+        self._fifo_fds.clear()
+
+
+def _open_output(path: str) -> tuple[int, int]:
+    """(write fd, keep-alive fd or -1) for an output path: a fifo, or a file
+    appended to."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISFIFO(st.st_mode):
+        return _open_fifo_pair(path, write=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    return fd, -1
+
+
+# =============================================================================
+# runc: command lines, spawning through the reaper, runc's own error text.
+# =============================================================================
+
+
+class Runc:
+    """How one container's runc is invoked (binary, root, flags)."""
+
+    __slots__ = ("binary", "root", "log", "systemd", "no_pivot", "no_new_keyring")
+
+    def __init__(self, binary: str, root: str, bundle: str, systemd: bool = False,
+                 no_pivot: bool = False, no_new_keyring: bool = False) -> None:
+        self.binary = binary
+        self.root = root
+        self.log = os.path.join(bundle, "log.json")
+        self.systemd = systemd
+        self.no_pivot = no_pivot
+        self.no_new_keyring = no_new_keyring
+
+    def argv(self, *args: str) -> list[str]:
+        base = [self.binary, "--root", self.root, "--log", self.log, "--log-format", "json"]
+        if self.systemd:
+            base.append("--systemd-cgroup")
+        return base + list(args)
+
+    def last_error(self) -> str:
+        """The last error runc wrote to its json log (only the tail is read)."""
+        import json
+
+        try:
+            fd = os.open(self.log, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return ""
+        try:
+            size = os.fstat(fd).st_size
+            tail = os.pread(fd, 65536, max(0, size - 65536))
+        finally:
+            os.close(fd)
+        for line in reversed(tail.splitlines()):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("level") == "error":
+                return str(entry.get("msg", ""))
+        return ""
+
+
+class Runner:
+    """Runs runc (and other helper binaries) with exits from the reaper."""
+
+    __slots__ = ("loop", "reaper", "null")
+
+    def __init__(self, loop, reaper: Reaper) -> None:
+        self.loop = loop
+        self.reaper = reaper
+        self.null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+
+    async def run(self, argv: list[str], stdio: tuple[int, int, int] | None = None,
+                  input: bytes | None = None, capture: bool = False) -> tuple[int, bytes]:
+        """Runs argv to completion; returns (exit code, captured stdout+stderr).
+
+        With `stdio` the child gets those fds; otherwise stdout and stderr
+        are captured (when `capture`) or discarded.
+        """
+        import asyncio
+
+        out_r = -1
+        in_w = -1
+        close_after = []
+        try:
+            if stdio is None:
+                stdin = self.null
+                if input is not None:
+                    stdin, in_w = os.pipe2(os.O_CLOEXEC)
+                    close_after.append(stdin)
+                if capture:
+                    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+                    close_after.append(out_w)
+                    stdio = (stdin, out_w, out_w)
+                else:
+                    stdio = (stdin, self.null, self.null)
+            pid = spawn(argv, stdio)
+            exited = self.reaper.watch(pid)
+        finally:
+            for fd in close_after:
+                os.close(fd)
+        chunks = []
+        if in_w >= 0:
+            try:
+                await self._write_all(in_w, input)
+            finally:
+                os.close(in_w)
+        if out_r >= 0:
+            try:
+                await self._read_all(out_r, chunks, exited)
+            finally:
+                os.close(out_r)
+        code = await asyncio.shield(exited)
+        return code, b"".join(chunks)
+
+    async def _write_all(self, fd: int, data: bytes) -> None:
+        os.set_blocking(fd, False)
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(fd, view)
+                view = view[n:]
+            except BlockingIOError:
+                fut = self.loop.create_future()
+                self.loop.add_writer(fd, fut.set_result, None)
+                try:
+                    await fut
+                finally:
+                    self.loop.remove_writer(fd)
+            except BrokenPipeError:
+                return
+
+    async def _read_all(self, fd: int, chunks: list, exited) -> None:
+        import asyncio
+
+        os.set_blocking(fd, False)
+        limit = 1 << 20
+        while True:
+            try:
+                b = os.read(fd, 65536)
+            except BlockingIOError:
+                if exited.done():
+                    # A grandchild may hold the pipe open: do not wait for it.
+                    fut = self.loop.create_future()
+                    self.loop.add_reader(fd, fut.set_result, None)
+                    try:
+                        await asyncio.wait_for(fut, 0.2)
+                    except asyncio.TimeoutError:
+                        return
+                    finally:
+                        self.loop.remove_reader(fd)
+                    continue
+                fut = self.loop.create_future()
+                self.loop.add_reader(fd, fut.set_result, None)
+                try:
+                    await asyncio.wait([fut, exited], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    self.loop.remove_reader(fd)
+                continue
+            if not b:
+                return
+            if limit > 0:
+                chunks.append(b[:limit])
+                limit -= len(b)
+
+    async def runc(self, rc: Runc, *args: str, what: str, stdio=None, input=None) -> bytes:
+        """Runs `runc args`; on failure raises RuntimeFailure with runc's words."""
+        code, out = await self.run(rc.argv(*args), stdio=stdio, input=input, capture=stdio is None)
+        if code != 0:
+            msg = rc.last_error() or out.decode(errors="replace").strip() or f"exit status {code}"
+            raise RuntimeFailure(f"{what}: {msg}")
+        return out
+
+
+# =============================================================================
+# Processes: one state object per process, with an explicit transition table.
+# =============================================================================
+
+CREATED, RUNNING, PAUSED, STOPPED, DELETED = "created", "running", "paused", "stopped", "deleted"
+
+# (state, event) -> new state; anything else is an illegal call.
+TRANSITIONS: dict[tuple[str, str], str] = {
+    (CREATED, "start"): RUNNING,
+    (CREATED, "exit"): STOPPED,
+    (CREATED, "delete"): DELETED,
+    (RUNNING, "exit"): STOPPED,
+    (RUNNING, "pause"): PAUSED,
+    (PAUSED, "resume"): RUNNING,
+    (PAUSED, "exit"): STOPPED,
+    (STOPPED, "delete"): DELETED,
+}
+
+STATUS_CODES = {CREATED: 1, RUNNING: 2, STOPPED: 3, PAUSED: 4}
+
+
+class Process:
+    """The init process of a container or one of its execs.
+
+    `wait` is one future, resolved once with the exit status. While a Start
+    is in flight (`starting`), an exit is held in `pending_exit` and replayed
+    after the start event is published.
+    """
+
+    __slots__ = ("id", "container", "pid", "state", "exit_status", "exited_at", "wait",
+                 "stdio", "spec", "starting", "pending_exit")
+
+    def __init__(self, pid_id: str, container: Container, stdio: Stdio, loop, spec: bytes = b"") -> None:
+        self.id = pid_id
+        self.container = container
+        self.pid = 0
+        self.state = CREATED
+        self.exit_status = 0
+        self.exited_at = 0
+        self.wait = loop.create_future()
+        self.stdio = stdio
+        self.spec = spec
+        self.starting = False
+        self.pending_exit: tuple[int, int] | None = None
+
+    @property
+    def is_init(self) -> bool:
+        return self.container.init is self
+
+    def check(self, event: str) -> str:
+        """The state `event` leads to; FailedPrecondition if it is illegal now."""
+        new = TRANSITIONS.get((self.state, event))
+        if new is None:
+            if self.state == STOPPED and event in ("start", "pause", "resume"):
+                raise FailedPrecondition(f"cannot {event} a stopped process")
+            raise FailedPrecondition(f"cannot {event} a {self.state} process")
+        return new
+
+    def transition(self, event: str) -> None:
+        self.state = self.check(event)
+
+    def set_exited(self, status: int, at_ns: int) -> None:
+        self.transition("exit")
+        self.exit_status = status
+        self.exited_at = at_ns
+        if not self.wait.done():
+            self.wait.set_result(status)
+
+
+class Container:
+    """One container: bundle, runc settings, init process and its execs."""
+
+    __slots__ = ("id", "bundle", "runc", "rootfs", "mounted", "init", "execs",
+                 "running_execs", "held_init_exit", "shares_pidns")
+
+    def __init__(self, cid: str, bundle: str, runc: Runc) -> None:
+        self.id = cid
+        self.bundle = bundle
+        self.runc = runc
+        self.rootfs = os.path.join(bundle, "rootfs")
+        self.mounted = False
+        self.init: Process | None = None
+        self.execs: dict[str, Process] = {}
+        self.running_execs = 0
+        self.held_init_exit: tuple[int, int] | None = None
+        self.shares_pidns = False
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        p = self.execs.get(exec_id)
+        if p is None:
+            raise NotFound(f"process {exec_id} does not exist in container {self.id}")
+        return p
+
+
+# =============================================================================
+# Task service: containerd.task.v2.Task
+# =============================================================================
+
+
+def _valid_id(kind: str, value: str) -> str:
+    """Rejects ids that could escape the bundle when used as a file name."""
+    if not value or len(value) > EXEC_ID_MAX or value[0] in "._-" or not all(
+            c.isascii() and (c.isalnum() or c in "._-") for c in value):
+        raise InvalidArgument(f"{kind} {value!r}: must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,75}}")
+    return value
+
+
+def decode_options(any_msg):
+    """Runtime options of either type containerd sends, as one RuncOptions."""
+    import pyshim_pb2 as pb
+
+    opts = pb.RuncOptions()
+    if any_msg is None or not any_msg.type_url:
+        return opts
+    url = any_msg.type_url.rsplit("/", 1)[-1]
+    if url == URL_RUNC_OPTIONS:
+        opts.ParseFromString(any_msg.value)
+    elif url == URL_LINUX_CREATE_OPTIONS:
+        lin = pb.LinuxCreateOptions()
+        lin.ParseFromString(any_msg.value)
+        opts.no_pivot_root = lin.no_pivot_root
+        opts.no_new_keyring = lin.no_new_keyring
+        opts.shim_cgroup = lin.shim_cgroup
+        opts.io_uid = lin.io_uid
+        opts.io_gid = lin.io_gid
+        opts.criu_image_path = lin.criu_image_path
+        opts.criu_work_path = lin.criu_work_path
+        opts.systemd_cgroup = lin.cgroups_mode == "systemd"
+    else:
+        raise InvalidArgument(f"unsupported runtime options type {any_msg.type_url!r}")
+    return opts
+
+
+def _ts(msg_field, ns: int) -> None:
+    if ns:
+        msg_field.FromNanoseconds(ns)
+
+
+def _kill_error(e: RuntimeFailure) -> ShimError:
+    text = str(e)
+    if any(s in text for s in ("not running", "does not exist", "no such process", "process already finished")):
+        return NotFound(f"process already finished: {text}")
+    return e
+
+
+class TaskService:
+    """containerd.task.v2.Task for the containers of this shim.
+
+    Handlers are thin: look up, call runc, publish the event. Loop thread only.
+    Ordering invariants kept here:
+      * TaskStart / TaskExecStarted are published before that process's exit
+        (exits arriving during Start are held, and early exits of pids not
+        yet known are stashed);
+      * every exec's exit is published before its container's init exit.
+    """
+
+    def __init__(self, loop, runner: Runner, publisher: Publisher, namespace: str, on_empty) -> None:
+        self.loop = loop
+        self.runner = runner
+        self.publisher = publisher
+        self.namespace = namespace
+        self.on_empty = on_empty
+        self.containers: dict[str, Container] = {}
+        self.pids: dict[int, Process] = {}
+        self.stash: dict[int, tuple[int, int]] = {}
+
+    def methods(self) -> dict:
+        import pyshim_pb2 as pb
+
+        table = {
+            "State": (pb.StateRequest, self.state),
+            "Create": (pb.CreateTaskRequest, self.create),
+            "Start": (pb.StartRequest, self.start),
+            "Delete": (pb.DeleteRequest, self.delete),
+            "Pids": (pb.PidsRequest, self.pids_),
+            "Pause": (pb.PauseRequest, self.unimplemented("Pause")),
+            "Resume": (pb.ResumeRequest, self.unimplemented("Resume")),
+            "Checkpoint": (pb.CheckpointTaskRequest, self.unimplemented("Checkpoint")),
+            "Kill": (pb.KillRequest, self.kill),
+            "Exec": (pb.ExecProcessRequest, self.exec_),
+            "ResizePty": (pb.ResizePtyRequest, self.unimplemented("ResizePty")),
+            "CloseIO": (pb.CloseIORequest, self.close_io),
+            "Update": (pb.UpdateTaskRequest, self.unimplemented("Update")),
+            "Wait": (pb.WaitRequest, self.wait),
+            "Stats": (pb.StatsRequest, self.unimplemented("Stats")),
+            "Connect": (pb.ConnectRequest, self.connect),
+            "Shutdown": (pb.ShutdownRequest, self.shutdown),
+        }
+        return {(TASK_SERVICE, name): entry for name, entry in table.items()}
+
+    @staticmethod
+    def unimplemented(name: str):
+        async def handler(req, meta):
+            raise Unimplemented(f"pyshim: {name} is not implemented yet")
+        return handler
+
+    def container(self, cid: str) -> Container:
+        c = self.containers.get(cid)
+        if c is None:
+            raise NotFound(f"container {cid} not found")
+        return c
+
+    def _publish(self, topic: str, msg) -> None:
+        self.publisher.publish(topic, EVENT_URL + type(msg).__name__, msg.SerializeToString())
+
+    # --- Create / Start ------------------------------------------------------
+
+    async def create(self, req, meta):
+        import json
+
+        import pyshim_pb2 as pb
+
+        cid = _valid_id("container id", req.id)
+        if cid in self.containers:
+            raise AlreadyExists(f"container {cid}: already exists")
+        if req.terminal:
+            raise Unimplemented("pyshim: terminals (ctr run -t) are not implemented yet")
+        if req.checkpoint:
+            raise Unimplemented("pyshim: restoring from a checkpoint is not implemented yet")
+        bundle = req.bundle
+        try:
+            config = json.loads(_read_small(os.path.join(bundle, "config.json"), 16 << 20))
+        except FileNotFoundError:
+            raise InvalidArgument(f"bundle {bundle!r}: config.json: no such file or directory") from None
+        except (OSError, ValueError) as e:
+            raise InvalidArgument(f"bundle {bundle!r}: config.json: {e}") from None
+        opts = decode_options(req.options if req.HasField("options") else None)
+        try:
+            binary = which(opts.binary_name or "runc")
+        except FileNotFoundError as e:
+            raise FailedPrecondition(f"runc binary not found: {e.strerror}") from None
+        ns = meta.get(NAMESPACE_KEY) or self.namespace
+        rc = Runc(binary, os.path.join(opts.root or RUNC_ROOT, ns), bundle,
+                  systemd=opts.systemd_cgroup, no_pivot=opts.no_pivot_root,
+                  no_new_keyring=opts.no_new_keyring)
+        c = Container(cid, bundle, rc)
+        namespaces = ((config.get("linux") or {}).get("namespaces")) or []
+        c.shares_pidns = not any(n.get("type") == "pid" and not n.get("path") for n in namespaces)
+        stdio = Stdio(self.loop, req.stdin, req.stdout, req.stderr, req.terminal)
+        try:
+            if req.rootfs:
+                for m in req.rootfs:
+                    mount(m.type, m.source, c.rootfs, list(m.options))
+                    c.mounted = True
+            # Cleanup after a shim death (`shim delete`) needs the same runc.
+            _atomic_write(bundle, "options.json",
+                          json.dumps({"binary_name": binary, "root": opts.root or RUNC_ROOT}).encode())
+            fds = stdio.open(opts.io_uid, opts.io_gid)
+            args = ["create", "--bundle", bundle, "--pid-file", os.path.join(bundle, "init.pid")]
+            if rc.no_pivot:
+                args.append("--no-pivot")
+            if rc.no_new_keyring:
+                args.append("--no-new-keyring")
+            await self.runner.runc(rc, *args, cid, what="OCI runtime create failed", stdio=fds)
+            pid = int(_read_small(os.path.join(bundle, "init.pid")).strip() or 0)
+        except BaseException:
+            stdio.close()
+            if c.mounted:
+                try:
+                    unmount_all(c.rootfs)
+                except OSError as e:
+                    log("warning", "unmount after failed create", error=str(e))
+            raise
+        stdio.close_after_start()
+        p = Process(cid, c, stdio, self.loop)
+        p.pid = pid
+        c.init = p
+        self.containers[cid] = c
+        self.pids[pid] = p
+        ev = pb.TaskCreate(container_id=cid, bundle=bundle, checkpoint=req.checkpoint, pid=pid)
+        ev.rootfs.extend(req.rootfs)
+        ev.io.stdin, ev.io.stdout, ev.io.stderr, ev.io.terminal = req.stdin, req.stdout, req.stderr, req.terminal
+        self._publish("/tasks/create", ev)
+        early = self.stash.pop(pid, None)
+        if early is not None:
+            self.on_exit(pid, *early)
+        log("info", "task created", id=cid, pid=pid)
+        return pb.CreateTaskResponse(pid=pid)
+
+    async def start(self, req, meta):
+        import pyshim_pb2 as pb
+
+        c = self.container(req.id)
+        p = c.process(req.exec_id)
+        p.check("start")
+        if p.starting:
+            raise FailedPrecondition(f"process {p.id} is already starting")
+        if p.is_init:
+            p.starting = True
+            try:
+                await self.runner.runc(c.runc, "start", c.id, what="OCI runtime start failed")
+            finally:
+                p.starting = False
+            p.transition("start")
+            self._publish("/tasks/start", pb.TaskStart(container_id=c.id, pid=p.pid))
+        else:
+            await self._start_exec(c, p)
+        if p.pending_exit is not None:
+            code, at = p.pending_exit
+            p.pending_exit = None
+            self._exited(p, code, at)
+        return pb.StartResponse(pid=p.pid)
+
+    async def _start_exec(self, c: Container, p: Process) -> None:
+        import pyshim_pb2 as pb
+
+        if c.init.state not in (RUNNING, PAUSED) or c.held_init_exit is not None:
+            raise FailedPrecondition(f"container {c.id} is not running: cannot start exec {p.id}")
+        spec_path = os.path.join(c.bundle, f".exec-{p.id}.json")
+        pid_path = os.path.join(c.bundle, f"{p.id}.pid")
+        p.starting = True
+        try:
+            fds = p.stdio.open(0, 0)
+            fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, p.spec)
+            finally:
+                os.close(fd)
+            await self.runner.runc(c.runc, "exec", "--process", spec_path, "--detach",
+                                   "--pid-file", pid_path, c.id,
+                                   what="OCI runtime exec failed", stdio=fds)
+            pid = int(_read_small(pid_path).strip() or 0)
+        except BaseException:
+            p.starting = False
+            p.stdio.close()
+            p.set_exited(255, time.time_ns())
+            raise
+        finally:
+            for path in (spec_path, pid_path):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        p.stdio.close_after_start()
+        p.pid = pid
+        p.starting = False
+        self.pids[pid] = p
+        c.running_execs += 1
+        p.transition("start")
+        self._publish("/tasks/exec-started", pb.TaskExecStarted(container_id=c.id, exec_id=p.id, pid=pid))
+        early = self.stash.pop(pid, None)
+        if early is not None and p.pending_exit is None:
+            p.pending_exit = early
+
+    # --- exits ---------------------------------------------------------------
+
+    def on_exit(self, pid: int, code: int, at: int | None = None) -> None:
+        """Called by the reaper for every exit that is not a runc command's."""
+        at = at or time.time_ns()
+        p = self.pids.get(pid)
+        if p is None:
+            # Not (yet) ours: an exec whose pid file we have not read, or an
+            # orphan. Kept, bounded, for a Start that claims it.
+            self.stash[pid] = (code, at)
+            if len(self.stash) > STASH_MAX:
+                del self.stash[next(iter(self.stash))]
+            return
+        if p.starting:
+            p.pending_exit = (code, at)
+            return
+        self._exited(p, code, at)
+
+    def _exited(self, p: Process, code: int, at: int) -> None:
+        self.pids.pop(p.pid, None)
+        c = p.container
+        if p.is_init:
+            if c.running_execs > 0:
+                # Exec exits go first: hold the init exit until they are in.
+                c.held_init_exit = (code, at)
+                if c.shares_pidns:
+                    self.loop.create_task(self._kill_all(c))
+                return
+            self._publish_exit(p, code, at)
+            return
+        self._publish_exit(p, code, at)
+        c.running_execs -= 1
+        if c.running_execs == 0 and c.held_init_exit is not None:
+            code, at = c.held_init_exit
+            c.held_init_exit = None
+            self._publish_exit(c.init, code, at)
+
+    def _publish_exit(self, p: Process, code: int, at: int) -> None:
+        import pyshim_pb2 as pb
+
+        p.set_exited(code, at)
+        ev = pb.TaskExit(container_id=p.container.id, id=p.id, pid=p.pid, exit_status=code)
+        _ts(ev.exited_at, at)
+        self._publish("/tasks/exit", ev)
+        log("info", "process exited", id=p.container.id, exec_id=p.id, pid=p.pid, status=code)
+
+    async def _kill_all(self, c: Container) -> None:
+        try:
+            await self.runner.runc(c.runc, "kill", "--all", c.id, "9", what="kill all")
+        except ShimError as e:
+            log("warning", "killing the container's remaining processes", id=c.id, error=str(e))
+
+    # --- the other methods -----------------------------------------------------
+
+    async def state(self, req, meta):
+        import pyshim_pb2 as pb
+
+        c = self.container(req.id)
+        p = c.process(req.exec_id)
+        s = p.stdio
+        resp = pb.StateResponse(id=p.id, bundle=c.bundle, pid=p.pid, status=STATUS_CODES.get(p.state, 0),
+                                stdin=s.stdin, stdout=s.stdout, stderr=s.stderr, terminal=s.terminal,
+                                exit_status=p.exit_status, exec_id=req.exec_id)
+        _ts(resp.exited_at, p.exited_at)
+        return resp
+
+    async def wait(self, req, meta):
+        import asyncio
+
+        import pyshim_pb2 as pb
+
+        p = self.container(req.id).process(req.exec_id)
+        await asyncio.shield(p.wait)
+        resp = pb.WaitResponse(exit_status=p.exit_status)
+        _ts(resp.exited_at, p.exited_at)
+        return resp
+
+    async def kill(self, req, meta):
+        from google.protobuf import empty_pb2
+
+        c = self.container(req.id)
+        p = c.process(req.exec_id)
+        if p.state in (STOPPED, DELETED) or (p.pid and p.pid not in self.pids and p.state != CREATED):
+            raise NotFound(f"process {p.id}: process already finished")
+        if p.is_init:
+            args = ["kill"] + (["--all"] if req.all else []) + [c.id, str(req.signal)]
+            try:
+                await self.runner.runc(c.runc, *args, what="OCI runtime kill failed")
+            except RuntimeFailure as e:
+                raise _kill_error(e) from None
+        else:
+            if not p.pid:
+                raise FailedPrecondition(f"exec {p.id} has not started")
+            try:
+                os.kill(p.pid, req.signal)
+            except ProcessLookupError:
+                raise NotFound(f"process {p.id}: process already finished") from None
+        return empty_pb2.Empty()
+
+    async def exec_(self, req, meta):
+        from google.protobuf import empty_pb2
+
+        import pyshim_pb2 as pb
+
+        c = self.container(req.id)
+        eid = _valid_id("exec id", req.exec_id)
+        if eid in c.execs:
+            raise AlreadyExists(f"id {eid}: already exists")
+        if c.init.state in (STOPPED, DELETED):
+            raise FailedPrecondition(f"container {c.id} is stopped: cannot exec")
+        if req.terminal:
+            raise Unimplemented("pyshim: exec with a terminal (-t) is not implemented yet")
+        stdio = Stdio(self.loop, req.stdin, req.stdout, req.stderr, req.terminal)
+        c.execs[eid] = Process(eid, c, stdio, self.loop, spec=req.spec.value)
+        self._publish("/tasks/exec-added", pb.TaskExecAdded(container_id=c.id, exec_id=eid))
+        return empty_pb2.Empty()
+
+    async def delete(self, req, meta):
+        import pyshim_pb2 as pb
+
+        c = self.container(req.id)
+        p = c.process(req.exec_id)
+        if p.state == RUNNING or p.state == PAUSED:
+            raise FailedPrecondition(f"cannot delete a running process ({p.id})")
+        p.check("delete")
+        await p.stdio.drain(IO_DRAIN_SECONDS)
+        if p.is_init:
+            if c.execs and any(e.state == RUNNING for e in c.execs.values()):
+                raise FailedPrecondition(f"container {c.id} still has running execs")
+            try:
+                await self.runner.runc(c.runc, "delete", c.id, what="failed to delete task")
+            except RuntimeFailure as e:
+                if "does not exist" not in str(e) and "not exist" not in str(e):
+                    raise
+            p.stdio.close()
+            for e in c.execs.values():
+                e.stdio.close()
+            if c.mounted:
+                unmount_all(c.rootfs)
+                c.mounted = False
+            p.transition("delete")
+            if not p.wait.done():
+                p.wait.set_result(p.exit_status)
+            self.pids.pop(p.pid, None)
+            del self.containers[c.id]
+            ev = pb.TaskDelete(container_id=c.id, pid=p.pid, exit_status=p.exit_status, id=c.id)
+            _ts(ev.exited_at, p.exited_at)
+            self._publish("/tasks/delete", ev)
+        else:
+            p.stdio.close()
+            p.transition("delete")
+            del c.execs[p.id]
+            self.pids.pop(p.pid, None)
+        resp = pb.DeleteResponse(pid=p.pid, exit_status=p.exit_status)
+        _ts(resp.exited_at, p.exited_at)
+        return resp
+
+    async def pids_(self, req, meta):
+        import json
+
+        import pyshim_pb2 as pb
+
+        c = self.container(req.id)
+        out = await self.runner.runc(c.runc, "ps", "--format", "json", c.id, what="failed to list pids")
+        try:
+            pids = json.loads(out.decode().strip().splitlines()[-1]) or []
+        except (ValueError, IndexError):
+            raise RuntimeFailure(f"runc ps: unexpected output {out[:200]!r}") from None
+        by_pid = {e.pid: e.id for e in c.execs.values() if e.pid}
+        resp = pb.PidsResponse()
+        for pid in pids:
+            info = resp.processes.add(pid=pid)
+            if pid in by_pid:
+                info.info.type_url = URL_PROCESS_DETAILS
+                info.info.value = pb.ProcessDetails(exec_id=by_pid[pid]).SerializeToString()
+        return resp
+
+    async def close_io(self, req, meta):
+        from google.protobuf import empty_pb2
+
+        p = self.container(req.id).process(req.exec_id)
+        if req.stdin:
+            p.stdio.close_stdin()
+        return empty_pb2.Empty()
+
+    async def connect(self, req, meta):
+        import pyshim_pb2 as pb
+
+        c = self.containers.get(req.id)
+        return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=c.init.pid if c else 0, version=VERSION)
+
+    async def shutdown(self, req, meta):
+        from google.protobuf import empty_pb2
+
+        if not self.containers:
+            # Answer first; the shim stops once the response is written.
+            self.loop.call_soon(self.on_empty)
+        return empty_pb2.Empty()
+
+
+# =============================================================================
+# Events: one ordered queue, delivered to containerd with retries.
+# =============================================================================
+
+
+class Publisher:
+    """Forwards events to containerd in publish order.
+
+    Over ttrpc (`TTRPC_ADDRESS`) when known, else through the publish binary
+    (`BIN --address A publish --topic T --namespace NS`, the Any on stdin).
+    While containerd is away the head event is retried with backoff; the
+    queue is bounded (the oldest is dropped, with an error logged, past
+    EVENT_QUEUE_MAX) and `publish` never blocks.
+    """
+
+    __slots__ = ("loop", "namespace", "ttrpc_address", "binary", "address", "runner",
+                 "queue", "wake", "client", "task", "idle")
+
+    def __init__(self, loop, runner: Runner | None, namespace: str, ttrpc_address: str,
+                 binary: str, address: str) -> None:
+        import asyncio
+        import collections
+
+        self.loop = loop
+        self.runner = runner
+        self.namespace = namespace
+        self.ttrpc_address = ttrpc_address
+        self.binary = binary
+        self.address = address
+        self.queue: collections.deque = collections.deque()
+        self.wake = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.client: TtrpcClient | None = None
+        self.task = None
+
+    def start(self) -> None:
+        self.task = self.loop.create_task(self._run())
+
+    def publish(self, topic: str, type_url: str, value: bytes) -> None:
+        if len(self.queue) >= EVENT_QUEUE_MAX:
+            dropped = self.queue.popleft()
+            log("error", "event queue full: dropping the oldest event", topic=dropped[0])
+        self.queue.append((topic, type_url, value, time.time_ns()))
+        self.idle.clear()
+        self.wake.set()
+
+    async def flush(self, timeout: float) -> bool:
+        """Waits until every queued event is delivered; False on timeout."""
+        import asyncio
+
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _run(self) -> None:
+        import asyncio
+
+        backoff = 0.05
+        while True:
+            if not self.queue:
+                self.idle.set()
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            item = self.queue[0]
+            try:
+                await self._send(*item)
+            except RemoteError as e:
+                log("error", "containerd refused an event: dropped", topic=item[0], error=str(e))
+            except (OSError, ConnectionError, RuntimeFailure, asyncio.TimeoutError) as e:
+                log("warning", "publishing an event failed: will retry", topic=item[0], error=str(e) or repr(e))
+                if self.client is not None:
+                    self.client.close()
+                    self.client = None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            self.queue.popleft()
+            backoff = 0.05
+
+    async def _send(self, topic: str, type_url: str, value: bytes, at: int) -> None:
+        import pyshim_pb2 as pb
+
+        if self.ttrpc_address:
+            if self.client is None or self.client.closed:
+                self.client = await TtrpcClient.connect(self.ttrpc_address, self.loop)
+            req = pb.ForwardRequest()
+            env = req.envelope
+            env.timestamp.FromNanoseconds(at)
+            env.namespace = self.namespace
+            env.topic = topic
+            env.event.type_url = type_url
+            env.event.value = value
+            await self.client.call(EVENTS_SERVICE, "Forward", req.SerializeToString(),
+                                   {NAMESPACE_KEY: self.namespace}, timeout=10)
+            return
+        from google.protobuf import any_pb2
+
+        data = any_pb2.Any(type_url=type_url, value=value).SerializeToString()
+        argv = [self.binary, "--address", self.address, "publish", "--topic", topic,
+                "--namespace", self.namespace]
+        code, out = await self.runner.run(argv, input=data, capture=True)
+        if code != 0:
+            raise RuntimeFailure(f"{self.binary} publish: exit status {code}: {out[:300]!r}")
+
+
+# =============================================================================
+# start / delete: the short-lived actions containerd runs.
+# =============================================================================
+
+
+class Flags:
+    """The shim's command line, parsed as Go's flag package does."""
+
+    __slots__ = ("namespace", "address", "publish_binary", "id", "bundle", "debug",
+                 "socket", "version", "action")
+
+    STRINGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
+    BOOLS = {"debug", "v"}
+
+    def __init__(self, argv: list[str]) -> None:
+        self.namespace = self.address = self.publish_binary = self.id = ""
+        self.bundle = self.socket = ""
+        self.debug = self.version = False
+        self.action = ""
+        i = 0
+        while i < len(argv):
+            arg = argv[i]
+            if arg == "--" or not arg.startswith("-") or arg == "-":
+                rest = argv[i + 1:] if arg == "--" else argv[i:]
+                self.action = rest[0] if rest else ""
+                return
+            name, eq, value = arg.lstrip("-").partition("=")
+            if name in self.BOOLS:
+                on = value.lower() not in ("false", "0") if eq else True
+                if name == "v":
+                    self.version = on
+                else:
+                    self.debug = on
+            elif name in self.STRINGS:
+                if not eq:
+                    i += 1
+                    if i >= len(argv):
+                        raise SystemExit(f"flag needs an argument: -{name}")
+                    value = argv[i]
+                setattr(self, name.replace("-", "_"), value)
+            else:
+                raise SystemExit(f"flag provided but not defined: -{name}")
+            i += 1
+
+
+def group_id(bundle: str, default: str) -> str:
+    """The shim group of a container: its group annotation, else its id."""
+    import json
+
+    try:
+        spec = json.loads(_read_small(os.path.join(bundle, "config.json"), 16 << 20))
+    except (OSError, ValueError):
+        return default
+    ann = spec.get("annotations") or {}
+    for key in GROUP_ANNOTATIONS:
+        if ann.get(key):
+            return ann[key]
+    return default
+
+
+def socket_path(containerd_address: str, namespace: str, group: str) -> str:
+    """Path of the shim socket: sha256 of containerd address/namespace/group."""
+    import hashlib
+    import posixpath
+
+    joined = posixpath.normpath(posixpath.join(containerd_address, namespace, group))
+    if joined.startswith("//"):
+        joined = joined[1:]
+    path = os.path.join(SOCKET_DIR, hashlib.sha256(joined.encode()).hexdigest())
+    if len(path) > SOCKET_PATH_LIMIT:
+        raise OSError(36, f"socket path {path!r} is longer than {SOCKET_PATH_LIMIT} bytes")
+    return path
+
+
+def _can_connect(path: str) -> bool:
+    try:
+        os.close(unix_connect(path))
+        return True
+    except OSError:
+        return False
+
+
+def spawn_shim(flags: Flags, sock_fd: int) -> int:
+    """Launches the long-lived shim serving `sock_fd` (as its fd 3).
+
+    The one place a shim process is made: cwd (the bundle), environment and
+    arguments are this process's own.
+    """
+    script = os.path.abspath(sys.argv[0]) if sys.argv and os.path.isfile(sys.argv[0]) else ""
+    argv = [sys.executable] + ([script] if script else ["-m", "pyshim"])
+    argv += ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
+    if flags.publish_binary:
+        argv += ["-publish-binary", flags.publish_binary]
+    if flags.debug:
+        argv.append("-debug")
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        # stdout must not be inherited: containerd reads start's stdout to EOF.
+        return spawn(argv, (null, null, null), setpgroup=True, extra=((sock_fd, 3),))
+    finally:
+        os.close(null)
+
+
+def _adjust_oom_score(pid: int) -> None:
+    """The shim is a little more killable than containerd, as the Go shim is."""
+    try:
+        score = int(_read_small(f"/proc/{os.getppid()}/oom_score_adj"))
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(min(score + 1, 1000)))
+    except (OSError, ValueError) as e:
+        log("warning", "could not adjust the shim's oom score", error=str(e))
+
+
+def action_start(flags: Flags) -> int:
+    try:
+        sys.stdin.buffer.read()  # runtime options: Create brings them again
+    except (OSError, ValueError, AttributeError):
+        pass
+    bundle = os.getcwd()
+    path = socket_path(flags.address, flags.namespace, group_id(bundle, flags.id))
+    address = "unix://" + path
+    os.makedirs(SOCKET_DIR, 0o700, exist_ok=True)
+    try:
+        fd = unix_listen(path)
+    except OSError as e:
+        if e.errno != 98:  # EADDRINUSE
+            raise
+        if _can_connect(path):
+            # The group's shim is alive: this container joins it.
+            _atomic_write(bundle, "address", address.encode())
+            sys.stdout.write(address)
+            return 0
+        os.unlink(path)
+        fd = unix_listen(path)
+    try:
+        os.chmod(path, 0o600)
+        pid = spawn_shim(flags, fd)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    _adjust_oom_score(pid)
+    _atomic_write(bundle, "address", address.encode())
+    sys.stdout.write(address)
+    return 0
+
+
+def action_delete(flags: Flags) -> int:
+    """Cleans up after a dead shim: runc delete --force, unmount, and report
+    the task as killed (137) on stdout."""
+    import json
+
+    import pyshim_pb2 as pb
+
+    bundle = flags.bundle or os.getcwd()
+    try:
+        opts = json.loads(_read_small(os.path.join(bundle, "options.json")))
+    except (OSError, ValueError):
+        opts = {}
+    root = os.path.join(opts.get("root") or RUNC_ROOT, flags.namespace)
+    try:
+        binary = which(opts.get("binary_name") or "runc")
+        argv = [binary, "--root", root, "--log", os.path.join(bundle, "log.json"), "--log-format", "json",
+                "delete", "--force", flags.id]
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            pid = spawn(argv, (null, 2, 2))
+        finally:
+            os.close(null)
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            log("warning", "runc delete --force failed", id=flags.id, status=os.waitstatus_to_exitcode(status))
+    except OSError as e:
+        log("warning", "runc delete --force", id=flags.id, error=str(e))
+    try:
+        unmount_all(os.path.join(bundle, "rootfs"))
+    except OSError as e:
+        log("warning", "unmount rootfs", error=str(e))
+    try:
+        pid = int(_read_small(os.path.join(bundle, "init.pid")).strip() or 0)
+    except (OSError, ValueError):
+        pid = 0
+    resp = pb.DeleteResponse(pid=pid, exit_status=128 + 9)
+    resp.exited_at.FromNanoseconds(time.time_ns())
+    sys.stdout.buffer.write(resp.SerializeToString())
+    return 0
+
+
+# =============================================================================
+# The long-lived shim.
+# =============================================================================
+
+
+def _open_log() -> None:
+    """Makes the bundle's `log` fifo our stderr, read-write and non-blocking:
+    holding a read end means a vanished containerd never causes EPIPE, and a
+    full fifo drops lines instead of stalling the shim."""
+    import stat
+
+    try:
+        if not stat.S_ISFIFO(os.stat("log").st_mode):
+            return
+        fd = os.open("log", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def dump_stacks() -> str:
+    """Every thread's stack and every asyncio task's, as text."""
+    import asyncio
+    import io
+    import threading
+    import traceback
+
+    out = io.StringIO()
+    frames = sys._current_frames()
+    for t in threading.enumerate():
+        out.write(f"thread {t.name} (ident {t.ident}):\n")
+        frame = frames.get(t.ident)
+        if frame is not None:
+            out.write("".join(traceback.format_stack(frame)))
+        out.write("\n")
+    try:
+        tasks = asyncio.all_tasks()
+    except RuntimeError:
+        tasks = set()
+    for task in tasks:
+        out.write(f"task {task.get_name()} ({task.get_coro()!r}):\n")
+        task.print_stack(file=out)
+        out.write("\n")
+    return out.getvalue()
+
+
+def serve(flags: Flags) -> int:
+    import asyncio
+    import gc
+    import signal
+    import socket
+
+    import uvloop
+
+    import pyshim_pb2  # noqa: F401  (loaded before the heap is frozen)
+
+    _open_log()
+    log.level = _LEVELS["debug" if flags.debug else "info"]
+    log.fields = f" namespace={_quote(flags.namespace)} runtime={RUNTIME_NAME}"
+    try:
+        set_subreaper()
+    except OSError as e:
+        log("error", "cannot become a child subreaper", error=str(e))
+        return 1
+    try:
+        sock_path = socket.socket(fileno=os.dup(3)).getsockname()
+    except OSError:
+        log("error", "no listening socket on fd 3")
+        return 1
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    stop = loop.create_future()
+    service: TaskService | None = None
+
+    def on_exit(pid: int, code: int) -> None:
+        if service is not None:
+            service.on_exit(pid, code)
+
+    reaper = Reaper(loop, on_exit)
+    runner = Runner(loop, reaper)
+    publisher = Publisher(loop, runner, flags.namespace, os.environ.get("TTRPC_ADDRESS", ""),
+                          flags.publish_binary, flags.address)
+
+    def finish() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
+    service = TaskService(loop, runner, publisher, flags.namespace, finish)
+    server = TtrpcServer(loop, service.methods())
+    loop.run_until_complete(server.serve_fd(3))
+    publisher.start()
+    reaper.reap()  # children that exited before the fd was watched
+
+    def on_usr1() -> None:
+        log("info", "=== BEGIN stack dump ===\n" + dump_stacks() + "=== END stack dump ===")
+
+    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
+    loop.add_signal_handler(signal.SIGTERM, finish)
+    loop.add_signal_handler(signal.SIGINT, finish)
+
+    def release_memory() -> None:
+        malloc_trim()
+        loop.call_later(30, release_memory)
+
+    loop.call_later(30, release_memory)
+    gc.freeze()
+    log("info", "shim started", pid=os.getpid(), socket=sock_path, version=VERSION)
+    loop.run_until_complete(stop)
+
+    async def shutdown() -> None:
+        await server.shutdown()
+        for c in list(service.containers.values()):
+            await service._kill_all(c)
+        if not await publisher.flush(5.0):
+            log("warning", "shutting down with undelivered events", count=len(publisher.queue))
+
+    loop.run_until_complete(shutdown())
+    try:
+        os.unlink(sock_path)
+    except OSError:
+        pass
+    log("info", "shim exiting")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    flags = Flags(sys.argv[1:] if argv is None else argv)
+    if flags.version:
+        print(f"containerd-shim-pyshim-v1:\n  Version:  {VERSION}\n  Revision: {REVISION}\n"
+              f"  Python version: {sys.version.split()[0]}")
+        return 0
+    if flags.debug:
+        log.level = _LEVELS["debug"]
+    if not flags.action:
+        return serve(flags)
+    if not flags.namespace:
+        print("shim namespace cannot be empty", file=sys.stderr)
+        return 1
+    if flags.action == "start":
+        return action_start(flags)
+    if flags.action == "delete":
+        return action_delete(flags)
+    print(f"unknown action {flags.action!r}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
