@@ -1,0 +1,121 @@
+"""Fixtures for end-to-end tests through a private containerd (see harness.py).
+
+Fixtures:
+    rootfs            session: busybox rootfs dir for `ctr run --rootfs` (removed at the end)
+    containerd        session: one private daemon; tasks/containers are removed after
+                      every test that used it, images are kept
+    busybox_tar       session: path of the hand-built OCI image archive
+    busybox_image     session: that archive imported into `containerd`; returns its ref
+    fresh_containerd  function: a daemon of the test's own, for kill -9/restart tests
+
+``require(condition, reason)`` skips a test whose prerequisites are missing, or fails it
+when CI=true, so that CI never passes by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness
+
+LOG_TAIL = 12000  # characters of daemon log attached to a failing test's report
+
+
+def require(condition: object, reason: str) -> None:
+    """Skip unless ``condition``; under CI=true a would-be skip fails instead."""
+    if condition:
+        return
+    if os.environ.get("CI", "").strip().lower() == "true":
+        pytest.fail(f"CI=true forbids skipping: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_e2e() -> None:
+    """Prerequisites of every test that drives a real containerd."""
+    require(os.geteuid() == 0, "end-to-end tests need root")
+    for path in (harness.CONTAINERD, harness.CTR, harness.RUNC_BINARY, harness.BUSYBOX):
+        require(os.access(path, os.X_OK), f"{path} is not installed")
+
+
+@pytest.fixture(scope="session")
+def rootfs() -> Iterator[str]:
+    require(os.access(harness.BUSYBOX, os.X_OK), f"{harness.BUSYBOX} is not installed")
+    base = tempfile.mkdtemp(prefix="pysh-rootfs-")
+    try:
+        yield harness.make_busybox_rootfs(os.path.join(base, "rootfs"))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def containerd() -> Iterator[harness.Containerd]:
+    require_e2e()
+    daemon = harness.Containerd()
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _independent_tests(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used the session daemon, remove its tasks and containers."""
+    yield
+    if "containerd" in request.fixturenames:
+        daemon: harness.Containerd = request.getfixturevalue("containerd")
+        if not daemon.running:  # a test stopped it: bring it back for the next one
+            daemon.start()
+        daemon.remove_all()
+
+
+@pytest.fixture(scope="session")
+def busybox_tar() -> Iterator[str]:
+    require(os.access(harness.BUSYBOX, os.X_OK), f"{harness.BUSYBOX} is not installed")
+    base = tempfile.mkdtemp(prefix="pysh-img-")
+    try:
+        path = os.path.join(base, "busybox-oci.tar")
+        harness.build_busybox_image(path, harness.BUSYBOX_REF)
+        yield path
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def busybox_image(containerd: harness.Containerd, busybox_tar: str) -> str:
+    containerd.import_image(busybox_tar)
+    return harness.BUSYBOX_REF
+
+
+@pytest.fixture
+def fresh_containerd() -> Iterator[harness.Containerd]:
+    require_e2e()
+    daemon = harness.Containerd()
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.cleanup()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Attach the tail of every daemon log the failing test used to its report."""
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.failed:
+        return
+    funcargs = getattr(item, "funcargs", {})
+    for name in ("containerd", "fresh_containerd"):
+        daemon = funcargs.get(name)
+        if isinstance(daemon, harness.Containerd):
+            text = daemon.log_text()
+            rep.sections.append((f"{name} log ({daemon.log_path}, tail)", text[-LOG_TAIL:]))
