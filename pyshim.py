@@ -1780,7 +1780,9 @@ class Publisher:
             except RemoteError as e:
                 log("error", "containerd refused an event: dropped", topic=item[0], error=str(e))
             except (OSError, ConnectionError, RuntimeFailure, asyncio.TimeoutError) as e:
-                log("warning", "publishing an event failed: will retry", topic=item[0], error=str(e) or repr(e))
+                # One warning per outage; the retries after it log at debug.
+                log("warning" if backoff == 0.05 else "debug", "publishing an event failed: will retry",
+                    topic=item[0], error=str(e) or repr(e))
                 if self.client is not None:
                     self.client.close()
                     self.client = None
