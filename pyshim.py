@@ -667,12 +667,13 @@ class ServerConnection:
                 resp = await asyncio.wait_for(asyncio.shield(task), req.timeout_nano / 1e9)
             else:
                 resp = await task
+            body = resp.SerializeToString()
         except asyncio.TimeoutError:
             return status_response(DEADLINE_EXCEEDED, f"{req.method}: deadline exceeded")
         except Exception as e:
             code, message = _error_status(e)
             return status_response(code, message)
-        return status_response(OK, "", resp.SerializeToString())
+        return status_response(OK, "", body)
 
 
 class TtrpcClient:
@@ -724,7 +725,13 @@ class TtrpcClient:
         self.pending[sid] = fut
         self.transport.write(encode_frame(sid, MSG_REQUEST, req.SerializeToString()))
         try:
-            body = await fut
+            if timeout > 0:
+                # Enforced here too: a peer that never answers cannot stall us.
+                import asyncio
+
+                body = await asyncio.wait_for(fut, timeout)
+            else:
+                body = await fut
         finally:
             self.pending.pop(sid, None)
         resp = pb.Response()
@@ -813,7 +820,7 @@ class Copier:
     `keep_dst`) and `done` resolves. Loop thread only.
     """
 
-    __slots__ = ("loop", "src", "dst", "done", "on_close", "_waiting_dst")
+    __slots__ = ("loop", "src", "dst", "done", "on_close", "_waiting_dst", "_started")
 
     def __init__(self, loop, src: int, dst: int, on_close=None) -> None:
         self.loop = loop
@@ -822,7 +829,12 @@ class Copier:
         self.on_close = on_close
         self.done = loop.create_future()
         self._waiting_dst = False
-        loop.add_reader(src, self._readable)
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started and self.src >= 0:
+            self._started = True
+            self.loop.add_reader(self.src, self._readable)
 
     def _readable(self) -> None:
         moved = 0
@@ -859,7 +871,7 @@ class Copier:
             return
         if self._waiting_dst:
             self.loop.remove_writer(self.dst)
-        else:
+        elif self._started:
             self.loop.remove_reader(self.src)
         os.close(self.src)
         self.src = -1
@@ -953,8 +965,12 @@ class Stdio:
                     os.close(keep)
 
     def close_after_start(self) -> None:
-        """Drops the shim's copies of the container's ends, so that the
-        container's exit is seen as EOF on its output pipes."""
+        """After runc succeeded: starts copying, and drops the shim's copies
+        of the container's ends so that the container's exit is seen as EOF
+        on its output pipes. Until then nothing is copied, so what runc itself
+        prints when it fails never reaches the client (its log.json has it)."""
+        for c in self.copiers:
+            c.start()
         for fd in self.child_fds:
             os.close(fd)
         self.child_fds.clear()
@@ -974,7 +990,9 @@ class Stdio:
             await asyncio.wait(outs, timeout=timeout)
 
     def close(self) -> None:
-        self.close_after_start()
+        for fd in self.child_fds:
+            os.close(fd)
+        self.child_fds.clear()
         self.close_stdin()
         for c in self.copiers:
             c.close()
@@ -1049,6 +1067,26 @@ class Runc:
         return ""
 
 
+def fd_ready(loop, fd: int, write: bool = False):
+    """A future resolved once `fd` is readable (or writable). The callback
+    unregisters itself, so it fires once however the waiter is scheduled;
+    a waiter that gives up calls `fd_forget`."""
+    fut = loop.create_future()
+    remove = loop.remove_writer if write else loop.remove_reader
+
+    def ready() -> None:
+        remove(fd)
+        if not fut.done():
+            fut.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, ready)
+    return fut
+
+
+def fd_forget(loop, fd: int, write: bool = False) -> None:
+    (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
 class Runner:
     """Runs runc (and other helper binaries) with exits from the reaper."""
 
@@ -1110,12 +1148,10 @@ class Runner:
                 n = os.write(fd, view)
                 view = view[n:]
             except BlockingIOError:
-                fut = self.loop.create_future()
-                self.loop.add_writer(fd, fut.set_result, None)
                 try:
-                    await fut
+                    await fd_ready(self.loop, fd, write=True)
                 finally:
-                    self.loop.remove_writer(fd)
+                    fd_forget(self.loop, fd, write=True)
             except BrokenPipeError:
                 return
 
@@ -1128,23 +1164,17 @@ class Runner:
             try:
                 b = os.read(fd, 65536)
             except BlockingIOError:
-                if exited.done():
-                    # A grandchild may hold the pipe open: do not wait for it.
-                    fut = self.loop.create_future()
-                    self.loop.add_reader(fd, fut.set_result, None)
-                    try:
-                        await asyncio.wait_for(fut, 0.2)
-                    except asyncio.TimeoutError:
-                        return
-                    finally:
-                        self.loop.remove_reader(fd)
-                    continue
-                fut = self.loop.create_future()
-                self.loop.add_reader(fd, fut.set_result, None)
+                fut = fd_ready(self.loop, fd)
                 try:
-                    await asyncio.wait([fut, exited], return_when=asyncio.FIRST_COMPLETED)
+                    if exited.done():
+                        # A grandchild may hold the pipe open: do not wait for it.
+                        done, _ = await asyncio.wait([fut], timeout=0.2)
+                        if not done:
+                            return
+                    else:
+                        await asyncio.wait([fut, exited], return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    self.loop.remove_reader(fd)
+                    fd_forget(self.loop, fd)
                 continue
             if not b:
                 return
@@ -1450,20 +1480,24 @@ class TaskService:
         p.check("start")
         if p.starting:
             raise FailedPrecondition(f"process {p.id} is already starting")
-        if p.is_init:
-            p.starting = True
-            try:
-                await self.runner.runc(c.runc, "start", c.id, what="OCI runtime start failed")
-            finally:
-                p.starting = False
-            p.transition("start")
-            self._publish("/tasks/start", pb.TaskStart(container_id=c.id, pid=p.pid))
-        else:
-            await self._start_exec(c, p)
-        if p.pending_exit is not None:
-            code, at = p.pending_exit
-            p.pending_exit = None
-            self._exited(p, code, at)
+        try:
+            if p.is_init:
+                p.starting = True
+                try:
+                    await self.runner.runc(c.runc, "start", c.id, what="OCI runtime start failed")
+                finally:
+                    p.starting = False
+                p.transition("start")
+                self._publish("/tasks/start", pb.TaskStart(container_id=c.id, pid=p.pid))
+            else:
+                await self._start_exec(c, p)
+        finally:
+            # An exit held while starting is published now: after the start
+            # event on success, and at all on failure.
+            if p.pending_exit is not None:
+                code, at = p.pending_exit
+                p.pending_exit = None
+                self._exited(p, code, at)
         return pb.StartResponse(pid=p.pid)
 
     async def _start_exec(self, c: Container, p: Process) -> None:
@@ -1900,12 +1934,8 @@ def _can_connect(path: str) -> bool:
         return False
 
 
-def spawn_shim(flags: Flags, sock_fd: int) -> int:
-    """Launches the long-lived shim serving `sock_fd` (as its fd 3).
-
-    The one place a shim process is made: cwd (the bundle), environment and
-    arguments are this process's own.
-    """
+def shim_argv(flags: Flags) -> list[str]:
+    """The command line of the long-lived shim for these flags."""
     script = os.path.abspath(sys.argv[0]) if sys.argv and os.path.isfile(sys.argv[0]) else ""
     argv = [sys.executable] + ([script] if script else ["-m", "pyshim"])
     argv += ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
@@ -1913,6 +1943,23 @@ def spawn_shim(flags: Flags, sock_fd: int) -> int:
         argv += ["-publish-binary", flags.publish_binary]
     if flags.debug:
         argv.append("-debug")
+    return argv
+
+
+def spawn_shim(flags: Flags, sock_fd: int) -> int:
+    """Launches the long-lived shim serving `sock_fd` (as its fd 3); returns its pid.
+
+    The one place a shim process is made. With the warm template enabled it
+    is forked from the template; whenever the template cannot be had, it is
+    spawned cold. Either way cwd (the bundle), environment and arguments are
+    this process's own.
+    """
+    argv = shim_argv(flags)
+    if os.environ.get(TEMPLATE_ENV, "0") == "1":
+        try:
+            return template_fork(argv, sock_fd)
+        except (OSError, ValueError) as e:
+            log("warning", "warm template unavailable: starting the shim cold", error=str(e))
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
         # stdout must not be inherited: containerd reads start's stdout to EOF.
@@ -1931,7 +1978,19 @@ def _adjust_oom_score(pid: int) -> None:
         log("warning", "could not adjust the shim's oom score", error=str(e))
 
 
+def _log_to_bundle() -> None:
+    """Points `log` at the bundle's log fifo when containerd reads it, else
+    nowhere: containerd takes everything `start` writes to stdout *and*
+    stderr as the shim address, so `start` never writes to stderr."""
+    try:
+        log.fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        log.fd = -1
+
+
 def action_start(flags: Flags) -> int:
+    _log_to_bundle()
+    log.fields = f" namespace={_quote(flags.namespace)} id={_quote(flags.id)} runtime={RUNTIME_NAME}"
     try:
         sys.stdin.buffer.read()  # runtime options: Create brings them again
     except (OSError, ValueError, AttributeError):
@@ -2134,6 +2193,265 @@ def serve(flags: Flags) -> int:
     return 0
 
 
+# =============================================================================
+# Warm template: shims forked from a process that has imported everything.
+# =============================================================================
+
+TEMPLATE_ENV = "PYSHIM_TEMPLATE"
+TEMPLATE_IDLE_ENV = "PYSHIM_TEMPLATE_IDLE"  # seconds idle (no request, no live shim) before it exits
+TEMPLATE_IDLE_DEFAULT = 600.0
+TEMPLATE_TITLE_ROOM = 1024  # bytes of argv reserved for the forked shims' titles
+_LEN = struct.Struct(">I")
+
+
+def template_path() -> str:
+    """The template socket of this interpreter and this pyshim build, so that
+    an upgrade never forks shims from old code."""
+    import hashlib
+
+    st = os.stat(__file__)
+    key = f"{sys.executable}\0{os.path.abspath(__file__)}\0{VERSION}\0{st.st_mtime_ns}\0{st.st_size}"
+    return os.path.join(SOCKET_DIR, "pyshim-template-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def _template_connect(path: str) -> int:
+    """A connection to the template, launching the template if none answers.
+
+    The launcher binds the socket itself, so the connection is queued at once
+    and answered when the template has warmed up; a lock file makes
+    concurrent starts launch one template.
+    """
+    import fcntl
+
+    try:
+        return unix_connect(path)
+    except OSError as e:
+        if e.errno not in (2, 111):  # ENOENT, ECONNREFUSED
+            raise
+    os.makedirs(SOCKET_DIR, 0o700, exist_ok=True)
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return unix_connect(path)
+        except OSError:
+            pass
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        lfd = unix_listen(path)
+        try:
+            os.chmod(path, 0o600)
+            argv = shim_argv(Flags([]))[:2] + ["template", " " * TEMPLATE_TITLE_ROOM]
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.posix_spawn(argv[0], argv, os.environ, setsid=True, setsigdef=_SPAWN_SIGDEF,
+                               file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1),
+                                             (os.POSIX_SPAWN_DUP2, null, 2), (os.POSIX_SPAWN_DUP2, lfd, 3)])
+            finally:
+                os.close(null)
+        finally:
+            os.close(lfd)
+        return unix_connect(path)
+    finally:
+        os.close(lock)
+
+
+def template_fork(argv: list[str], sock_fd: int, timeout: float = 3.0) -> int:
+    """Asks the warm template to fork a shim running `argv` on `sock_fd`.
+
+    One request per connection: a length-prefixed JSON body (argv, env, cwd)
+    with the socket attached (SCM_RIGHTS); the answer is "ok PID" or "error TEXT".
+    """
+    import json
+    import select
+
+    fd = _template_connect(template_path())
+    try:
+        body = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
+        msg = _LEN.pack(len(body)) + body
+        sent = send_fd(fd, sock_fd, msg)
+        while sent < len(msg):
+            sent += os.write(fd, msg[sent:])
+        reply = b""
+        deadline = time.monotonic() + timeout
+        while not reply.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise OSError(62, "timed out waiting for the warm template")  # ETIME
+            chunk = os.read(fd, 256)
+            if not chunk:
+                raise OSError(104, "the warm template closed the connection")  # ECONNRESET
+            reply += chunk
+    finally:
+        os.close(fd)
+    if reply.startswith(b"ok "):
+        return int(reply[3:])
+    raise OSError(5, "warm template: " + reply.decode(errors="replace").strip())  # EIO
+
+
+def set_title(argv: list[str]) -> None:
+    """Rewrites this process's command line (/proc/PID/cmdline, ps) in place,
+    within the room the original argv had."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
+    room = end - start
+    data = "\0".join(argv).encode()[:room - 1]
+    _ffi.memmove(_ffi.cast("char *", start), data + b"\0" * (room - len(data)), room)
+
+
+def _warm_up() -> None:
+    """Runs the shim's steady-state paths once, so that what they build
+    lazily (loop internals, protobuf classes, codec objects) is made before
+    the heap is frozen and shared with every fork."""
+    import asyncio
+
+    import uvloop
+
+    import pyshim_pb2 as pb
+
+    loop = uvloop.new_event_loop()
+    try:
+        a, b = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        loop.add_reader(a, lambda: None)
+        loop.remove_reader(a)
+        os.close(a)
+        os.close(b)
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+    asyncio.set_event_loop(None)
+    for name in ("CreateTaskRequest", "StateResponse", "TaskExit", "ForwardRequest", "Request", "Response"):
+        getattr(pb, name)().SerializeToString()
+    FrameDecoder().feed(encode_frame(1, MSG_REQUEST, b""))
+    _error_status(NotFound("x"))
+
+
+def serve_template() -> int:
+    """The template process: accepts fork requests on fd 3 until killed.
+
+    Single-threaded and loop-free, so fork() is safe. Its children (the
+    shims) are reaped here; a shim never needs the template after the fork.
+    """
+    import gc
+    import json
+    import select
+    import signal
+    import socket
+
+    gc.disable()
+    import pyshim_pb2  # noqa: F401
+    os.chdir("/")  # never pin the launching container's bundle
+    try:
+        idle_limit = float(os.environ.get(TEMPLATE_IDLE_ENV, TEMPLATE_IDLE_DEFAULT))
+    except ValueError:
+        idle_limit = TEMPLATE_IDLE_DEFAULT
+    _warm_up()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    lsock = socket.socket(fileno=3)
+    lsock.setblocking(True)
+    path = lsock.getsockname()
+    gc.freeze()
+    uid = os.geteuid()
+    children: set[int] = set()
+    last_used = time.monotonic()
+    while True:
+        while children:  # reap finished shims
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                children.clear()
+                break
+            if pid == 0:
+                break
+            children.discard(pid)
+        if not select.select([lsock], [], [], min(5.0, idle_limit))[0]:
+            if not children and time.monotonic() - last_used >= idle_limit:
+                # Idle with no shim to reap: leave, unless a start already queued.
+                try:
+                    if os.stat(path).st_ino == os.fstat(lsock.fileno()).st_ino:
+                        os.unlink(path)
+                except OSError:
+                    pass
+                if not select.select([lsock], [], [], 0)[0]:
+                    return 0
+            else:
+                continue
+        last_used = time.monotonic()
+        try:
+            conn, _ = lsock.accept()
+        except OSError:
+            continue
+        fd = -1
+        try:
+            # Blocking with kernel timeouts: recv_fd works on the raw fd.
+            tv = struct.pack("ll", 5, 0)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            if peer_cred(conn.fileno())[1] != uid:
+                conn.sendall(b"error refused: another user\n")
+                continue
+            data, fd = recv_fd(conn.fileno(), 65536)
+            if len(data) < 4 or fd < 0:
+                conn.sendall(b"error malformed request\n")
+                continue
+            want = _LEN.unpack_from(data)[0] + 4
+            if want > 4 << 20:
+                conn.sendall(b"error request too large\n")
+                continue
+            while len(data) < want:
+                chunk = conn.recv(want - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            req = json.loads(data[4:want])
+            pid = os.fork()
+            if pid == 0:
+                _template_child(lsock, conn, fd, req)  # never returns
+            children.add(pid)
+            conn.sendall(f"ok {pid}\n".encode())
+        except (OSError, ValueError, KeyError) as e:
+            try:
+                conn.sendall(f"error {e}\n".encode())
+            except OSError:
+                pass
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            conn.close()
+
+
+def _template_child(lsock, conn, fd: int, req: dict) -> None:
+    """In the forked shim: become the process a cold spawn would have made."""
+    code = 1
+    try:
+        lsock.close()
+        conn.close()
+        os.setsid()
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        os.dup2(fd, 3)
+        os.close(fd)
+        argv = req["argv"]
+        set_title(argv)
+        i = 2 if len(argv) > 1 and not argv[1].startswith("-") else 3
+        sys.argv = argv[1:]
+        import gc
+
+        gc.enable()
+        code = serve(Flags(argv[i:]))
+    except BaseException as e:
+        try:
+            log("error", "forked shim failed", error=repr(e))
+        except BaseException:
+            pass
+    finally:
+        os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     flags = Flags(sys.argv[1:] if argv is None else argv)
     if flags.version:
@@ -2144,6 +2462,8 @@ def main(argv: list[str] | None = None) -> int:
         log.level = _LEVELS["debug"]
     if not flags.action:
         return serve(flags)
+    if flags.action == "template":
+        return serve_template()
     if not flags.namespace:
         print("shim namespace cannot be empty", file=sys.stderr)
         return 1

@@ -1,0 +1,668 @@
+"""End-to-end: pyshim against the Go runc shim, through a real containerd and ``ctr``.
+
+Every scenario that should behave alike runs once per runtime. The RUNC case runs first
+and its (normalized) outcome is remembered; the PYSHIM case asserts the same concrete
+values and then that its outcome equals the Go shim's, so neither can pass vacuously.
+Ids, pids and timestamps are normalized away before comparing.
+
+Every test also checks that it left no shim process of its daemon and no zombie (or
+live ``ctr``) child of the test process behind (scenario 8): see ``daemon``/``fresh``.
+
+Sections carry the scenario numbers of the "pyshim core" issue; bad input (4) and the
+shim's log (9) come last so that a ``-x`` run exercises the main paths first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Self
+
+import harness
+import pytest
+from harness import CTR, PYSHIM, RUNC, Containerd, new_id, shim_pids, wait_for
+
+RUNTIMES = [pytest.param(RUNC, id="runc"), pytest.param(PYSHIM, id="pyshim")]
+CTR_TIMEOUT = 30.0
+
+Step = tuple[int, str, str]  # (ctr exit code, stdout, stderr)
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+def _ctr_children() -> tuple[list[int], list[int]]:
+    """(zombie children, live ctr children) of the test process."""
+    me, zombies, ctrs = os.getpid(), [], []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        state, ppid = raw[raw.rindex(b")") + 2:].split()[:2]
+        if int(ppid) != me:
+            continue
+        if state in (b"Z", b"X"):
+            zombies.append(int(name))
+        elif harness.cmdline(int(name))[:1] == [CTR]:
+            ctrs.append(int(name))
+    return zombies, ctrs
+
+
+def _assert_no_leftovers(d: Containerd) -> None:
+    """Scenario 8: no shim of this daemon and no zombie/ctr child of ours is left."""
+    try:
+        wait_for(lambda: not shim_pids(d), 10, 0.05)
+    except TimeoutError:
+        pids = shim_pids(d)
+        raise AssertionError(f"shims left for {d.address}: "
+                             f"{[(p, harness.cmdline(p)) for p in pids]}") from None
+    zombies, ctrs = _ctr_children()
+    assert zombies == [], f"zombie children of the test process: {zombies}"
+    assert ctrs == [], f"ctr children still running: {ctrs}"
+
+
+@contextmanager
+def _checked(d: Containerd, request: pytest.FixtureRequest) -> Iterator[Containerd]:
+    failed = request.session.testsfailed
+    yield d
+    if request.session.testsfailed == failed:  # a failed test has its own report
+        _assert_no_leftovers(d)
+
+
+@pytest.fixture
+def daemon(containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[Containerd]:
+    """The session daemon; checked for leftovers before conftest removes everything."""
+    with _checked(containerd, request) as d:
+        yield d
+
+
+@pytest.fixture
+def fresh(fresh_containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[Containerd]:
+    """A daemon of the test's own; checked for leftovers before it is torn down."""
+    with _checked(fresh_containerd, request) as d:
+        yield d
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+_outcomes: dict[tuple[str, str], Any] = {}
+
+
+def same_as_runc(key: str, runtime: str, scenario: Callable[[str], Any]) -> Any:
+    """Run ``scenario(runtime)`` (which asserts concrete values itself) and return its
+    normalized outcome; for pyshim, also assert it equals the Go shim's outcome (taken
+    from the RUNC case of the same test, or computed now if that did not run)."""
+    outcome = scenario(runtime)
+    _outcomes[(key, runtime)] = outcome
+    if runtime != RUNC:
+        ref = _outcomes.get((key, RUNC))
+        if ref is None:
+            ref = _outcomes[(key, RUNC)] = scenario(RUNC)
+        assert outcome == ref, f"{key}: pyshim differs from the Go shim"
+    return outcome
+
+
+def compare_with_runc(key: str, runtime: str, outcome: Any) -> None:
+    """For scenarios that need a daemon of their own: record the RUNC outcome, and
+    assert pyshim's equals it when the RUNC case ran (it runs first by parametrization)."""
+    _outcomes[(key, runtime)] = outcome
+    ref = _outcomes.get((key, RUNC))
+    if runtime != RUNC and ref is not None:
+        assert outcome == ref, f"{key}: pyshim differs from the Go shim"
+
+
+def ctr(d: Containerd, *args: str, timeout: float = CTR_TIMEOUT) -> Step:
+    res = d.ctr(*args, timeout=timeout)
+    return res.returncode, res.stdout, res.stderr
+
+
+def ok(d: Containerd, *args: str) -> str:
+    """ctr that must succeed; returns its stdout."""
+    code, out, err = ctr(d, *args)
+    assert code == 0, f"ctr {' '.join(args)} -> {code}: {err}"
+    return out
+
+
+def norm(step: Step, *ids: str) -> Step:
+    """Ids -> <ID>, ctr's log timestamps -> <T>."""
+    def n(text: str) -> str:
+        for i in ids:
+            text = text.replace(i, "<ID>")
+        return re.sub(r'time="[^"]*"', "time=<T>", text)
+
+    return step[0], n(step[1]), n(step[2])
+
+
+@contextmanager
+def ctr_bg(d: Containerd, *args: str, stdin: int = subprocess.DEVNULL
+           ) -> Iterator[subprocess.Popen]:
+    """A ctr client in the background; killed (if still running) and reaped at exit."""
+    argv = [CTR, "--address", d.address, "-n", d.namespace, *args]
+    proc = subprocess.Popen(argv, env=d.env, stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def finish(proc: subprocess.Popen, input: str | None = None) -> Step:
+    out, err = proc.communicate(input, timeout=CTR_TIMEOUT)
+    return proc.returncode, out, err
+
+
+def task_row(d: Containerd, cid: str) -> tuple[int, str] | None:
+    """(pid, status) of a task from ``ctr task ls``; None if there is none."""
+    for line in ok(d, "task", "ls").splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == cid:
+            return int(fields[1]), fields[2]
+    return None
+
+
+def wait_status(d: Containerd, cid: str, status: str, timeout: float = 10) -> int:
+    """Wait until the task has ``status``; returns its pid."""
+    row = wait_for(lambda: (r := task_row(d, cid)) and r[1] == status and r, timeout,
+                   message=f"task {cid} never {status}: {task_row(d, cid)}")
+    return row[0]
+
+
+def task_ps(d: Containerd, cid: str) -> list[tuple[int, str]]:
+    """[(pid, INFO)] from ``ctr task ps``."""
+    rows = []
+    for line in ok(d, "task", "ps", cid).splitlines()[1:]:
+        pid, _, info = line.strip().partition(" ")
+        rows.append((int(pid), info.strip()))
+    return rows
+
+
+def bundle_of(d: Containerd, cid: str) -> str:
+    return os.path.join(d.state, harness.TASK_PLUGIN_DIR, d.namespace, cid)
+
+
+def remove(d: Containerd, cid: str) -> dict[str, Step]:
+    """task rm + container rm of a stopped task, normalized."""
+    return {"task rm": norm(ctr(d, "task", "rm", cid), cid),
+            "container rm": norm(ctr(d, "containers", "rm", cid), cid)}
+
+
+def exit_warning(code: int) -> str:
+    """What ``ctr task rm`` prints for a task that exited non-zero (normalized)."""
+    return f'time=<T> level=warning msg="task <ID> exit with non-zero exit code {code}"\n'
+
+
+def runc_error(stderr: str) -> bool:
+    return "no such file or directory" in stderr or "executable file not found" in stderr
+
+
+# ---------------------------------------------------------------- 1. output and exit codes
+
+OUTPUT_CASES = [
+    pytest.param(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"], (3, "out\n", "err\n"),
+                 id="exit3"),
+    pytest.param(["/bin/sh", "-c", "echo hello; echo world >&2"], (0, "hello\n", "world\n"),
+                 id="exit0"),
+    pytest.param(["/bin/sh", "-c", "head -c 300000 /dev/zero | tr '\\0' x; exit 1"],
+                 (1, "x" * 300000, ""), id="bulk"),
+]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize(("argv", "expected"), OUTPUT_CASES)
+def test_output_and_exit_code(daemon: Containerd, rootfs: str, runtime: str,
+                              argv: list[str], expected: Step) -> None:
+    def scenario(r: str) -> Step:
+        cid = new_id()
+        step = ctr(daemon, "run", "--rm", "--runtime", r, "--rootfs", rootfs, cid, *argv)
+        assert step == expected, f"{r}: {step[0]} {step[2]!r}"
+        assert cid not in daemon.containers()
+        return step
+
+    same_as_runc(f"output-{argv}", runtime, scenario)
+
+
+# ---------------------------------------------------------------------------- 2. stdin
+
+STDIN_CASES = [
+    pytest.param("hello\nworld\n", id="small"),
+    pytest.param("".join(f"line {i:07d}\n" for i in range(80000)), id="1MB"),
+]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("data", STDIN_CASES)
+def test_stdin(daemon: Containerd, rootfs: str, runtime: str, data: str) -> None:
+    # ctr race: if its stdin hits EOF before the task exists, ctr never sends CloseIO
+    # and cat never ends (with either shim). So write only once the task is RUNNING.
+    def scenario(r: str) -> Step:
+        cid = new_id()
+        with ctr_bg(daemon, "run", "--rm", "--runtime", r, "--rootfs", rootfs, cid,
+                    "/bin/cat", stdin=subprocess.PIPE) as proc:
+            wait_status(daemon, cid, "RUNNING")
+            step = finish(proc, data)
+        assert step == (0, data, ""), f"{r}: {step[0]} {step[2]!r} {len(step[1])} bytes"
+        return step
+
+    same_as_runc(f"stdin-{len(data)}", runtime, scenario)
+
+
+# ------------------------------------------------------------- 3. detach, exec, ps, kill
+
+
+def detach_exec_kill(d: Containerd, runtime: str, image_args: list[str],
+                     while_running: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """run -d; task ls/ps; exec with exit 7; ps during a running exec; exec killed by
+    SIGTERM (143); init killed by SIGKILL (137); task rm; container rm.
+
+    ``image_args`` is ["--rootfs", DIR] or [IMAGE REF]; the container id follows it.
+    ``while_running(cid)`` is called once the task is RUNNING.
+    """
+    cid = new_id()
+    res: dict[str, Any] = {}
+    args = image_args[:-1] if image_args[0] == "--rootfs" else []
+    target = image_args[-1]
+    res["run -d"] = ctr(d, "run", "-d", "--runtime", runtime, *args, target, cid,
+                        "/bin/sleep", "1000")
+    assert res["run -d"] == (0, "", "")
+    pid = wait_status(d, cid, "RUNNING")
+    assert harness.cmdline(pid) == ["/bin/sleep", "1000"], "task ls shows the init's host pid"
+    assert task_ps(d, cid) == [(pid, "-")]
+    res["ps"] = [("<INIT>", "-")]
+    if while_running is not None:
+        while_running(cid)
+
+    res["exec"] = norm(ctr(d, "task", "exec", "--exec-id", "x1", cid,
+                           "/bin/sh", "-c", "echo hi; exit 7"), cid)
+    assert res["exec"] == (7, "hi\n", "")
+
+    with ctr_bg(d, "task", "exec", "--exec-id", "long", cid, "/bin/sleep", "1001") as proc:
+        rows = wait_for(lambda: len(rows := task_ps(d, cid)) == 2 and rows, 10,
+                        message="the exec never showed in task ps")
+        exec_pid = next(p for p, _ in rows if p != pid)
+        assert harness.cmdline(exec_pid) == ["/bin/sleep", "1001"]
+        info = dict(rows)
+        assert info[pid] == "-"
+        assert "ExecID:long" in info[exec_pid], rows
+        res["ps with exec"] = sorted(("<INIT>" if p == pid else "<EXEC>", i) for p, i in rows)
+        res["kill exec TERM"] = ctr(d, "task", "kill", "-s", "TERM", "--exec-id", "long", cid)
+        assert res["kill exec TERM"] == (0, "", "")
+        res["exec TERM status"] = finish(proc)
+        assert res["exec TERM status"] == (143, "", "")  # 128 + SIGTERM
+    assert task_ps(d, cid) == [(pid, "-")]
+
+    res["kill"] = ctr(d, "task", "kill", "-s", "KILL", cid)
+    assert res["kill"] == (0, "", "")
+    assert wait_status(d, cid, "STOPPED") == pid
+    res.update(remove(d, cid))
+    assert res["task rm"] == (0, "", exit_warning(137))  # 128 + SIGKILL
+    assert res["container rm"] == (0, "", "")
+    assert task_row(d, cid) is None and cid not in d.containers()
+    return res
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_detach_exec_kill(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    same_as_runc("detach", runtime,
+                 lambda r: detach_exec_kill(daemon, r, ["--rootfs", rootfs]))
+
+
+SIGNAL_CASES = [
+    # The init of a pid namespace ignores signals it has no handler for: SIGTERM needs a
+    # trap (so 143 is the shell's exit code there), SIGKILL is a true signal death.
+    pytest.param("KILL", ["/bin/sleep", "1000"], 137, id="KILL"),
+    pytest.param("TERM", ["/bin/sh", "-c", 'trap "exit 143" TERM; while :; do sleep 0.1; done'],
+                 143, id="TERM-trapped"),
+]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize(("signal", "argv", "status"), SIGNAL_CASES)
+def test_attached_run_reports_signal_exit(daemon: Containerd, rootfs: str, runtime: str,
+                                          signal: str, argv: list[str], status: int) -> None:
+    def scenario(r: str) -> dict[str, Step]:
+        cid = new_id()
+        with ctr_bg(daemon, "run", "--rm", "--runtime", r, "--rootfs", rootfs, cid,
+                    *argv) as proc:
+            wait_status(daemon, cid, "RUNNING")
+            kill = ctr(daemon, "task", "kill", "-s", signal, cid)
+            assert kill == (0, "", "")
+            step = finish(proc)
+        assert step == (status, "", ""), f"{r}: {step}"
+        assert cid not in daemon.containers()
+        return {"kill": kill, "run": step}
+
+    same_as_runc(f"signal-{signal}", runtime, scenario)
+
+
+# ------------------------------------------------------------------ 5. an imported image
+
+
+def _task_mounts(d: Containerd) -> list[str]:
+    return harness.mounts_under(os.path.join(d.state, harness.TASK_PLUGIN_DIR))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize(("argv", "expected"), [
+    pytest.param(["/bin/echo", "hi"], (0, "hi\n", ""), id="echo"),
+    # No path: found through the image config's PATH; the rootfs is the overlay.
+    pytest.param(["sh", "-c", 'grep -c " / overlay " /proc/mounts; echo err >&2; exit 3'],
+                 (3, "1\n", "err\n"), id="exit3"),
+])
+def test_image_output_and_exit_code(daemon: Containerd, busybox_image: str, runtime: str,
+                                    argv: list[str], expected: Step) -> None:
+    def scenario(r: str) -> Step:
+        cid = new_id()
+        step = ctr(daemon, "run", "--rm", "--runtime", r, busybox_image, cid, *argv)
+        assert step == expected, f"{r}: {step}"
+        assert _task_mounts(daemon) == [], "the shim left its rootfs mounted"
+        return step
+
+    same_as_runc(f"image-output-{argv}", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_image_detach_exec_kill(daemon: Containerd, busybox_image: str, runtime: str) -> None:
+    def mounted(cid: str) -> None:
+        rootfs = os.path.join(bundle_of(daemon, cid), "rootfs")
+        assert harness.mounts_under(rootfs) == [rootfs], "the image rootfs is not mounted"
+
+    def scenario(r: str) -> dict[str, Any]:
+        assert _task_mounts(daemon) == []
+        res = detach_exec_kill(daemon, r, [busybox_image], mounted)
+        assert _task_mounts(daemon) == [], "the shim left its rootfs mounted after rm"
+        return res
+
+    same_as_runc("image-detach", runtime, scenario)
+
+
+# -------------------------------------------------------- 6. containerd kill -9 and restart
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_restart_keeps_running_task(fresh: Containerd, rootfs: str, runtime: str) -> None:
+    d, cid = fresh, new_id()
+    ok(d, "run", "-d", "--runtime", runtime, "--rootfs", rootfs, cid, "/bin/sleep", "1000")
+    pid = wait_status(d, cid, "RUNNING")
+    shims = shim_pids(d, runtime)
+    assert len(shims) == 1
+
+    d.kill9()
+    assert shim_pids(d, runtime) == shims, "the shim must outlive its daemon"
+    d.restart()
+    assert task_row(d, cid) == (pid, "RUNNING")
+    assert shim_pids(d, runtime) == shims, "containerd reconnected to the same shim"
+
+    res = {"exec": ctr(d, "task", "exec", "--exec-id", "after", cid,
+                       "/bin/sh", "-c", "echo hi; exit 6")}
+    assert res["exec"] == (6, "hi\n", "")
+    assert task_ps(d, cid) == [(pid, "-")]
+    res["kill"] = ctr(d, "task", "kill", "-s", "KILL", cid)
+    assert res["kill"] == (0, "", "")
+    assert wait_status(d, cid, "STOPPED") == pid
+    res.update(remove(d, cid))
+    assert res["task rm"] == (0, "", exit_warning(137))
+    assert res["container rm"] == (0, "", "")
+    wait_for(lambda: not shim_pids(d), 10, message="the shim did not exit after delete")
+    assert d.tasks() == {} and d.containers() == []
+    compare_with_runc("restart-running", runtime, res)
+
+
+def _pid_gone(pid: int) -> bool:
+    st = harness._stat(pid)
+    return st is None or st[0] in ("Z", "X")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_exit_while_containerd_down(fresh: Containerd, rootfs: str, runtime: str) -> None:
+    # Passes with both shims: after the restart containerd asks the shim for State, and
+    # the shim delivers its queued TaskExit once containerd is back.
+    d, cid = fresh, new_id()
+    ok(d, "run", "-d", "--runtime", runtime, "--rootfs", rootfs, cid,
+       "/bin/sh", "-c", "sleep 2; exit 5")
+    pid = wait_status(d, cid, "RUNNING")
+    d.kill9()
+    wait_for(lambda: _pid_gone(pid), 10, message="the task did not exit")
+    time.sleep(0.3)  # let the shim see and queue the exit while no one listens
+    d.restart()
+    assert wait_status(d, cid, "STOPPED") == pid
+    res = remove(d, cid)
+    assert res["task rm"] == (0, "", exit_warning(5))
+    assert res["container rm"] == (0, "", "")
+    wait_for(lambda: not shim_pids(d), 10, message="the shim did not exit after delete")
+    compare_with_runc("exit-while-down", runtime, res)
+
+
+# ---------------------------------------------------------------------------- 7. events
+
+_EVENT = re.compile(r"^\S+ \S+ \S+ UTC (\S+) (/\S+) (\{.*\})\s*$")
+
+
+class EventLog:
+    """``ctr events`` in the background; lines parsed into (topic, payload)."""
+
+    def __init__(self, d: Containerd) -> None:
+        self.d = d
+        self.events: list[tuple[str, dict]] = []
+        self.raw: list[str] = []
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Self:
+        argv = [CTR, "--address", self.d.address, "-n", self.d.namespace, "events"]
+        self._proc = subprocess.Popen(argv, env=self.d.env, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        # Subscribed once an event we cause ourselves shows up.
+        marker = new_id("sub")
+
+        def subscribed() -> bool:
+            ok(self.d, "namespaces", "label", self.d.namespace, f"pyshim-e2e={marker}")
+            return any(t == "/namespaces/update" and marker in json.dumps(p)
+                       for t, p in self.snapshot())
+
+        wait_for(subscribed, 10, 0.2, message=f"ctr events never subscribed: {self.raw}")
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            m = _EVENT.match(line)
+            with self._lock:
+                self.raw.append(line)
+                if m and m.group(1) == self.d.namespace:
+                    self.events.append((m.group(2), json.loads(m.group(3))))
+
+    def snapshot(self) -> list[tuple[str, dict]]:
+        with self._lock:
+            return list(self.events)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._proc is not None and self._thread is not None
+        self._proc.kill()
+        self._proc.wait()
+        self._thread.join(5)
+
+    def of(self, cid: str) -> list[tuple[str, dict]]:
+        """Task events of one container, in arrival order."""
+        return [(t, p) for t, p in self.snapshot()
+                if t.startswith("/tasks/") and p.get("container_id") == cid]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_events_order(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    d, cid = daemon, new_id()
+    with EventLog(d) as log:
+        ok(d, "run", "-d", "--runtime", runtime, "--rootfs", rootfs, cid, "/bin/sleep", "1000")
+        pid = wait_status(d, cid, "RUNNING")
+        assert ctr(d, "task", "exec", "--exec-id", "quick", cid, "/bin/sh", "-c", "exit 2") \
+            == (2, "", "")
+        with ctr_bg(d, "task", "exec", "--exec-id", "long", cid, "/bin/sleep", "1000") as proc:
+            wait_for(lambda: len(task_ps(d, cid)) == 2, 10)
+            # Killing the init kills the exec too (same pid namespace): both exits come
+            # at once (the kernel lets the exec die first), and the exec's TaskExit must
+            # still be published before the init's.
+            ok(d, "task", "kill", "-s", "KILL", cid)
+            assert finish(proc) == (137, "", "")
+        wait_status(d, cid, "STOPPED")
+        ok(d, "task", "rm", cid)
+        ok(d, "containers", "rm", cid)
+        wait_for(lambda: any(t == "/tasks/delete" for t, _ in log.of(cid)), 10)
+        events = log.of(cid)
+
+    def index(topic: str, **match: object) -> int:
+        hits = [i for i, (t, p) in enumerate(events)
+                if t == topic and all(p.get(k) == v for k, v in match.items())]
+        assert len(hits) == 1, f"{topic} {match}: {hits} in {events}"
+        return hits[0]
+
+    create, start = index("/tasks/create", pid=pid), index("/tasks/start", pid=pid)
+    init_exit = index("/tasks/exit", id=cid, exit_status=137)
+    delete = index("/tasks/delete", exit_status=137)
+    assert create < start < init_exit < delete
+    for eid, status in (("quick", 2), ("long", 137)):
+        added = index("/tasks/exec-added", exec_id=eid)
+        started = index("/tasks/exec-started", exec_id=eid)
+        exited = index("/tasks/exit", id=eid, exit_status=status)
+        assert start < added < started < exited < init_exit, (eid, events)
+    topics = [t for t, _ in events]
+    assert topics == ["/tasks/create", "/tasks/start",
+                      "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
+                      "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
+                      "/tasks/exit", "/tasks/delete"], topics
+    compare_with_runc("events", runtime, topics)
+
+
+# ---------------------------------------------------------------------------- 4. bad input
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_missing_command(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    def scenario(r: str) -> Step:
+        cid = new_id()
+        step = norm(ctr(daemon, "run", "--rm", "--runtime", r, "--rootfs", rootfs, cid,
+                        "/bin/nope"), cid)
+        assert step[0] == 1 and step[1] == "", step
+        assert runc_error(step[2]), step[2]
+        assert 'exec: "/bin/nope"' in step[2]
+        # The Go shim copies stdio only once runc create succeeded: runc's own stderr
+        # (its error, again) must not reach the container's stderr.
+        assert step[2].startswith("ctr: failed to create shim task: OCI runtime create "
+                                  "failed: "), \
+            f"{r}: runc's stderr leaked into the task's:\n{step[2]}"
+        assert cid not in daemon.containers()
+        return step
+
+    same_as_runc("missing-command", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_exec_missing_binary(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    def scenario(r: str) -> dict[str, Step]:
+        cid = new_id()
+        ok(daemon, "run", "-d", "--runtime", r, "--rootfs", rootfs, cid, "/bin/sleep", "1000")
+        pid = wait_status(daemon, cid, "RUNNING")
+        res = {"exec": norm(ctr(daemon, "task", "exec", "--exec-id", "bad", cid, "/bin/nope"),
+                            cid)}
+        code, out, err = res["exec"]
+        assert code == 1 and out == "", res
+        assert runc_error(err) and 'exec: "/bin/nope"' in err, err
+        # As for create: runc's own stderr must not reach the exec's stderr.
+        assert err.startswith("ctr: OCI runtime exec failed: "), \
+            f"{r}: runc's stderr leaked into the exec's:\n{err}"
+        # The task is unharmed and a good exec still works.
+        assert task_row(daemon, cid) == (pid, "RUNNING")
+        assert task_ps(daemon, cid) == [(pid, "-")]
+        res["exec after"] = ctr(daemon, "task", "exec", "--exec-id", "good", cid,
+                                "/bin/echo", "fine")
+        assert res["exec after"] == (0, "fine\n", "")
+        ok(daemon, "task", "kill", "-s", "KILL", cid)
+        wait_status(daemon, cid, "STOPPED")
+        res.update(remove(daemon, cid))
+        assert res["task rm"] == (0, "", exit_warning(137))
+        return res
+
+    same_as_runc("exec-missing-binary", runtime, scenario)
+
+
+def _grpc_status(stderr: str) -> str:
+    """The gRPC status ctr appends to an error (": not found"), the shim's own wording
+    before it aside: pyshim says "process nope does not exist in container ID", the
+    Go shim "process does not exist nope"."""
+    return stderr.rstrip("\n").rsplit(": ", 1)[-1]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_bad_requests_on_running_task(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    def scenario(r: str) -> dict[str, Any]:
+        cid = new_id()
+        ok(daemon, "run", "-d", "--runtime", r, "--rootfs", rootfs, cid, "/bin/sleep", "1000")
+        pid = wait_status(daemon, cid, "RUNNING")
+        res: dict[str, Any] = {}
+        code, out, err = ctr(daemon, "task", "kill", "--exec-id", "nope", cid)
+        assert (code, out) == (1, "") and "nope" in err, err
+        res["kill unknown exec"] = (code, out, _grpc_status(err))
+        assert res["kill unknown exec"][2] == "not found"
+        res["start twice"] = norm(ctr(daemon, "task", "start", cid), cid)
+        assert res["start twice"] == (1, "", "ctr: task <ID>: already exists\n")
+        res["delete running"] = norm(ctr(daemon, "task", "rm", cid), cid)
+        assert res["delete running"][0] == 1, res["delete running"]
+        with ctr_bg(daemon, "task", "exec", "--exec-id", "dup", cid, "/bin/sleep", "1000") as bg:
+            wait_for(lambda: len(task_ps(daemon, cid)) == 2, 10)
+            code, out, err = ctr(daemon, "task", "exec", "--exec-id", "dup", cid, "/bin/true")
+            assert (code, out) == (1, "") and "dup" in err, err
+            res["exec id in use"] = (code, out, _grpc_status(err))
+            assert res["exec id in use"][2] == "already exists"
+            ok(daemon, "task", "kill", "-s", "KILL", "--exec-id", "dup", cid)
+            res["dup exec status"] = finish(bg)
+            assert res["dup exec status"] == (137, "", "")
+        res["exec after errors"] = ctr(daemon, "task", "exec", "--exec-id", "dup", cid,
+                                       "/bin/true")
+        assert res["exec after errors"] == (0, "", "")
+        assert task_row(daemon, cid) == (pid, "RUNNING")
+        ok(daemon, "task", "kill", "-s", "KILL", cid)
+        wait_status(daemon, cid, "STOPPED")
+        res["start stopped"] = (ctr(daemon, "task", "start", cid)[0],)
+        assert res["start stopped"] == (1,)
+        res.update(remove(daemon, cid))
+        assert res["task rm"] == (0, "", exit_warning(137))
+        return res
+
+    same_as_runc("bad-requests", runtime, scenario)
+
+
+# ------------------------------------------------------------------ 9. the shim's log
+
+
+_LOGRUS = re.compile(r'^time="[^"]+" level=[a-z]+ msg=')
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_shim_log_is_logrus(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    """Everything a shim writes to its log fifo lands, line by line, in containerd's log:
+    it must be logrus text, never a raw Python traceback."""
+    start = len(daemon.log_text())
+    cid = new_id()
+    assert ctr(daemon, "run", "--rm", "--runtime", runtime, "--rootfs", rootfs, cid,
+               "/bin/sh", "-c", "echo out; exit 2") == (2, "out\n", "")
+    wait_for(lambda: not shim_pids(daemon), 10, message="the shim did not exit")
+    time.sleep(0.2)  # containerd copies the shim's log asynchronously
+    new = daemon.log_text()[start:].splitlines()
+    assert any(cid in line for line in new), "no log line names the container"
+    bad = [line for line in new if line and not _LOGRUS.match(line)]
+    assert bad == [], f"{runtime}: non-logrus lines in containerd's log:\n" + "\n".join(bad)
