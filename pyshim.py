@@ -1926,6 +1926,15 @@ def socket_path(containerd_address: str, namespace: str, group: str) -> str:
     return path
 
 
+def _socket_dir() -> None:
+    """Makes SOCKET_DIR 0700. An existing one is set to 0700 too when it is
+    ours: containerd's Go shims create it 0600 (root ignores the missing x)."""
+    os.makedirs(SOCKET_DIR, 0o700, exist_ok=True)
+    st = os.lstat(SOCKET_DIR)
+    if st.st_uid == os.geteuid() and st.st_mode & 0o7777 != 0o700:
+        os.chmod(SOCKET_DIR, 0o700)
+
+
 def _can_connect(path: str) -> bool:
     try:
         os.close(unix_connect(path))
@@ -1998,7 +2007,7 @@ def action_start(flags: Flags) -> int:
     bundle = os.getcwd()
     path = socket_path(flags.address, flags.namespace, group_id(bundle, flags.id))
     address = "unix://" + path
-    os.makedirs(SOCKET_DIR, 0o700, exist_ok=True)
+    _socket_dir()
     try:
         fd = unix_listen(path)
     except OSError as e:
@@ -2228,7 +2237,7 @@ def _template_connect(path: str) -> int:
     except OSError as e:
         if e.errno not in (2, 111):  # ENOENT, ECONNREFUSED
             raise
-    os.makedirs(SOCKET_DIR, 0o700, exist_ok=True)
+    _socket_dir()
     lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -184,6 +184,21 @@ def shim_binary(runtime: str) -> str:
     return f"containerd-shim-{parts[-2]}-{parts[-1]}"
 
 
+def shim_search_path() -> str:
+    """Where the daemon looks for shim binaries: pip's scripts dir, then the usual dirs."""
+    dirs = [sysconfig.get_path("scripts"), *os.environ.get("PATH", "").split(os.pathsep),
+            "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+    return os.pathsep.join(d for d in dict.fromkeys(dirs) if d)
+
+
+def shim_binary_path(runtime: str = PYSHIM) -> str:
+    """Absolute path of the shim binary of ``runtime`` as the daemon would find it."""
+    path = shutil.which(shim_binary(runtime), path=shim_search_path())
+    if path is None:
+        raise HarnessError(f"{shim_binary(runtime)} not found on {shim_search_path()}")
+    return path
+
+
 def shim_pids(daemon: Containerd | str, runtime: str | None = None) -> list[int]:
     """Pids of live shim processes started for ``daemon`` (a Containerd or its address).
 

@@ -1,0 +1,312 @@
+"""The shim driven directly, as containerd would drive it, but without containerd.
+
+`containerd-shim-pyshim-v1 ... start` is run in a bundle made here (config.json from
+`runc spec`), and the long-lived shim it launches is called over ttrpc with pyshim's own
+client. This reaches what ctr cannot ask for: a bundle without config.json, a runc that
+does not exist, the publish-binary fallback when TTRPC_ADDRESS is unset, socket and file
+modes, grouping. Needs root and runc (real containers run), not containerd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+import uvloop
+from google.protobuf import any_pb2
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness
+import pyshim
+import pyshim_pb2 as pb
+from conftest import require
+
+NS = "pyshim-direct"
+TASK = pyshim.TASK_SERVICE
+META = {pyshim.NAMESPACE_KEY: NS}
+
+
+class Direct:
+    """A temp dir with bundles, a recording publish binary, and a subreaper helper
+    under which `start` runs (so the shims it launches are reaped, not left to PID 1)."""
+
+    def __init__(self, rootfs: str) -> None:
+        self.rootfs = rootfs
+        self.dir = tempfile.mkdtemp(prefix="pysh-d-", dir="/tmp")
+        self.address = os.path.join(self.dir, "no-containerd.sock")  # hashed, never dialled
+        self.record = os.path.join(self.dir, "published")
+        self.publisher = os.path.join(self.dir, "publish")
+        with open(self.publisher, "w") as f:
+            f.write(f"#!/bin/sh\n{{ echo \"$*\"; base64 -w0; echo; }} >> {self.record}\n")
+        os.chmod(self.publisher, 0o755)
+        self.reaper = harness._Reaper(os.path.join(self.dir, "reaper.py"), self.dir)
+        self.env = {k: v for k, v in os.environ.items() if k != "TTRPC_ADDRESS"}
+        self.env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        self.ids: list[str] = []
+
+    def bundle(self, cid: str, args: list[str], annotations: dict | None = None,
+               config: bool = True) -> str:
+        path = os.path.join(self.dir, cid)
+        os.makedirs(os.path.join(path, "rootfs"))
+        if config:
+            subprocess.run([harness.RUNC_BINARY, "spec", "--bundle", path], check=True)
+            with open(os.path.join(path, "config.json")) as f:
+                spec = json.load(f)
+            spec["process"]["terminal"] = False
+            spec["process"]["args"] = args
+            spec["root"] = {"path": self.rootfs, "readonly": True}
+            spec["linux"]["cgroupsPath"] = f"/{NS}/{cid}"
+            spec["annotations"] = annotations or {}
+            with open(os.path.join(path, "config.json"), "w") as f:
+                json.dump(spec, f)
+        self.ids.append(cid)
+        return path
+
+    def start(self, bundle: str, cid: str) -> str:
+        """Runs `shim start` in the bundle; returns the address it wrote."""
+        argv = ["/bin/sh", "-c", 'cd "$1" && shift && exec "$@" </dev/null', "sh", bundle,
+                harness.shim_binary_path(), "-namespace", NS, "-id", cid,
+                "-address", self.address, "-publish-binary", self.publisher, "start"]
+        pid = self.reaper.spawn(argv, self.env, os.path.join(self.dir, "shim.log"))
+        code = self._wait_status(pid)
+        assert code == 0, f"start exited {code}: {self.log()}"
+        with open(os.path.join(bundle, "address")) as f:
+            return f.read()
+
+    def _wait_status(self, pid: int) -> int:
+        def status():
+            s = self.reaper.exit_status(pid)
+            return (s,) if s is not None else None
+        return harness.wait_for(status, 20, 0.02)[0]
+
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.dir, "shim.log")) as f:
+                return f.read()[-4000:]
+        except OSError:
+            return ""
+
+    def published(self) -> list[tuple[list[str], any_pb2.Any]]:
+        import base64
+
+        try:
+            with open(self.record) as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for argv, data in zip(lines[0::2], lines[1::2], strict=False):
+            a = any_pb2.Any()
+            a.ParseFromString(base64.b64decode(data))
+            out.append((argv.split(), a))
+        return out
+
+    def cleanup(self) -> None:
+        root = os.path.join(pyshim.RUNC_ROOT, NS)
+        for cid in self.ids:
+            if os.path.isdir(os.path.join(root, cid)):
+                subprocess.run([harness.RUNC_BINARY, "--root", root, "delete", "--force", cid],
+                               capture_output=True, check=False)
+            harness.umount_tree(os.path.join(self.dir, cid, "rootfs"))
+        self.reaper.close()  # kills and reaps the shims left under it
+        for cid in self.ids:
+            for hier in harness.cgroup_hierarchies():
+                for p in (os.path.join(hier, NS, cid), os.path.join(hier, NS)):
+                    try:
+                        os.rmdir(p)
+                    except OSError:
+                        pass
+        for cid in self.ids:
+            sock = pyshim.socket_path(self.address, NS, cid)
+            if os.path.exists(sock):
+                os.unlink(sock)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def direct(rootfs: str) -> Iterator[Direct]:
+    require(os.geteuid() == 0, "the shim needs root")
+    require(os.access(harness.RUNC_BINARY, os.X_OK), "runc is not installed")
+    require(shutil.which("containerd-shim-pyshim-v1", path=harness.shim_search_path()),
+            "pyshim is not installed (pip install .)")
+    d = Direct(rootfs)
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+async def _call(address: str, method: str, req, resp_cls=None):
+    c = await pyshim.TtrpcClient.connect(address)
+    try:
+        body = await c.call(TASK, method, req.SerializeToString(), META, timeout=30)
+    finally:
+        c.close()
+    if resp_cls is None:
+        return body
+    out = resp_cls()
+    out.ParseFromString(body)
+    return out
+
+
+def call(address: str, method: str, req, resp_cls=None):
+    return uvloop.run(_call(address, method, req, resp_cls))
+
+
+def remote_error(address: str, method: str, req) -> pyshim.RemoteError:
+    with pytest.raises(pyshim.RemoteError) as info:
+        call(address, method, req)
+    return info.value
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+def test_start_socket_address_modes_and_title(direct: Direct) -> None:
+    cid = harness.new_id("d")
+    bundle = direct.bundle(cid, ["/bin/true"])
+    address = direct.start(bundle, cid)
+    digest = hashlib.sha256(f"{direct.address}/{NS}/{cid}".encode()).hexdigest()
+    assert address == f"unix:///run/containerd/s/{digest}"
+    path = address[len("unix://"):]
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(os.path.join(bundle, "address")).st_mode) == 0o644
+    conn = call(address, "Connect", pb.ConnectRequest(id=cid), pb.ConnectResponse)
+    argv = harness.cmdline(conn.shim_pid)
+    assert any("pyshim" in a for a in argv), argv
+    assert argv[argv.index("-id") + 1] == cid and argv[argv.index("-namespace") + 1] == NS
+    # No task: Shutdown ends the shim and removes its socket.
+    call(address, "Shutdown", pb.ShutdownRequest(id=cid))
+    harness.wait_for(lambda: not os.path.exists(path), 10, 0.02)
+
+
+def test_grouped_containers_share_one_shim(direct: Direct) -> None:
+    group = harness.new_id("g")
+    a, b, c = harness.new_id("a"), harness.new_id("b"), harness.new_id("c")
+    ann = {"io.containerd.runc.v2.group": group}
+    addr_a = direct.start(direct.bundle(a, ["/bin/true"], ann), a)
+    addr_b = direct.start(direct.bundle(b, ["/bin/true"], ann), b)
+    addr_c = direct.start(direct.bundle(c, ["/bin/true"],
+                                        {"io.kubernetes.cri.sandbox-id": group + "x"}), c)
+    assert addr_a == addr_b
+    assert addr_c != addr_a
+    digest = hashlib.sha256(f"{direct.address}/{NS}/{group}".encode()).hexdigest()
+    assert addr_a.endswith(digest)
+    pa = call(addr_a, "Connect", pb.ConnectRequest(id=a), pb.ConnectResponse).shim_pid
+    pb_ = call(addr_b, "Connect", pb.ConnectRequest(id=b), pb.ConnectResponse).shim_pid
+    assert pa == pb_
+    for addr, cid in ((addr_a, a), (addr_c, c)):
+        call(addr, "Shutdown", pb.ShutdownRequest(id=cid))
+
+
+def test_bad_inputs_get_clear_errors_and_leave_nothing(direct: Direct) -> None:
+    cid = harness.new_id("bad")
+    bundle = direct.bundle(cid, ["/bin/true"])
+    address = direct.start(bundle, cid)
+    runc_state = os.path.join(pyshim.RUNC_ROOT, NS, cid)
+
+    nocfg = direct.bundle(harness.new_id("nocfg"), ["/bin/true"], config=False)
+    e = remote_error(address, "Create", pb.CreateTaskRequest(id=cid, bundle=nocfg))
+    assert e.code == pyshim.INVALID_ARGUMENT and "config.json" in str(e)
+
+    e = remote_error(address, "Create", pb.CreateTaskRequest(id=cid, bundle="/nonexistent/bundle"))
+    assert e.code == pyshim.INVALID_ARGUMENT and "config.json" in str(e)
+
+    opts = any_pb2.Any(type_url=pyshim.URL_RUNC_OPTIONS,
+                       value=pb.RuncOptions(binary_name="/nonexistent/runc").SerializeToString())
+    e = remote_error(address, "Create", pb.CreateTaskRequest(id=cid, bundle=bundle, options=opts))
+    assert e.code == pyshim.FAILED_PRECONDITION and "runc" in str(e) and "not found" in str(e)
+
+    odd = any_pb2.Any(type_url="example.com/Unknown", value=b"")
+    e = remote_error(address, "Create", pb.CreateTaskRequest(id=cid, bundle=bundle, options=odd))
+    assert e.code == pyshim.INVALID_ARGUMENT and "example.com/Unknown" in str(e)
+
+    e = remote_error(address, "Create", pb.CreateTaskRequest(id="../escape", bundle=bundle))
+    assert e.code == pyshim.INVALID_ARGUMENT
+
+    # runc itself fails (a rootfs that does not exist): its own words reach the caller.
+    with open(os.path.join(bundle, "config.json")) as f:
+        spec = json.load(f)
+    spec["root"]["path"] = "/nonexistent/rootfs"
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(spec, f)
+    e = remote_error(address, "Create", pb.CreateTaskRequest(id=cid, bundle=bundle))
+    assert e.code == pyshim.UNKNOWN
+    assert str(e).startswith("OCI runtime create failed: ") and "rootfs" in str(e)
+
+    assert not os.path.exists(runc_state)
+    assert harness.mounts_under(direct.dir) == []
+    e = remote_error(address, "State", pb.StateRequest(id=cid))
+    assert e.code == pyshim.NOT_FOUND
+    # The shim still serves, and leaves when asked.
+    call(address, "Shutdown", pb.ShutdownRequest(id=cid))
+    harness.wait_for(lambda: not os.path.exists(address[len("unix://"):]), 10, 0.02)
+
+
+def test_lifecycle_with_publish_binary_fallback(direct: Direct) -> None:
+    cid = harness.new_id("life")
+    bundle = direct.bundle(cid, ["/bin/sh", "-c", "sleep 0.2; exit 7"])
+    address = direct.start(bundle, cid)
+    created = call(address, "Create", pb.CreateTaskRequest(id=cid, bundle=bundle),
+                   pb.CreateTaskResponse)
+    assert created.pid > 0
+    st = call(address, "State", pb.StateRequest(id=cid), pb.StateResponse)
+    assert st.status == pb.TASK_STATUS_CREATED and st.pid == created.pid
+
+    async def start_and_wait() -> tuple:
+        c = await pyshim.TtrpcClient.connect(address)
+        try:
+            wait = asyncio.ensure_future(
+                c.call(TASK, "Wait", pb.WaitRequest(id=cid).SerializeToString(), META))
+            await c.call(TASK, "Start", pb.StartRequest(id=cid).SerializeToString(), META)
+            again = None
+            try:
+                await c.call(TASK, "Start", pb.StartRequest(id=cid).SerializeToString(), META)
+            except pyshim.RemoteError as e:
+                again = e
+            w = pb.WaitResponse()
+            w.ParseFromString(await wait)
+            return w, again
+        finally:
+            c.close()
+
+    waited, again = uvloop.run(start_and_wait())
+    assert waited.exit_status == 7
+    assert again is not None and again.code == pyshim.FAILED_PRECONDITION
+    st = call(address, "State", pb.StateRequest(id=cid), pb.StateResponse)
+    assert st.status == pb.TASK_STATUS_STOPPED and st.exit_status == 7
+    deleted = call(address, "Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
+    assert deleted.exit_status == 7 and deleted.pid == created.pid
+    assert not os.path.exists(os.path.join(pyshim.RUNC_ROOT, NS, cid))
+    call(address, "Shutdown", pb.ShutdownRequest(id=cid))
+    harness.wait_for(lambda: not os.path.exists(address[len("unix://"):]), 10, 0.02)
+
+    # Every event went through `BIN --address A publish --topic T --namespace NS`, in order.
+    events = harness.wait_for(lambda: (lambda e: e if len(e) >= 4 else None)(direct.published()),
+                              10, 0.05)
+    topics = [argv[argv.index("--topic") + 1] for argv, _ in events]
+    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+    for argv, _ in events:
+        assert argv[argv.index("--address") + 1] == direct.address
+        assert argv[argv.index("--namespace") + 1] == NS
+        assert "publish" in argv
+    urls = [a.type_url for _, a in events]
+    assert urls == ["containerd.events.TaskCreate", "containerd.events.TaskStart",
+                    "containerd.events.TaskExit", "containerd.events.TaskDelete"]
+    exit_ev = pb.TaskExit()
+    exit_ev.ParseFromString(events[2][1].value)
+    assert exit_ev.container_id == cid and exit_ev.exit_status == 7 and exit_ev.pid == created.pid
