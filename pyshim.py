@@ -289,7 +289,7 @@ class Log:
     the fifo is full, a line is dropped rather than stalling the shim.
     """
 
-    __slots__ = ("fd", "level", "fields")
+    __slots__ = ("fd", "fields", "level")
 
     def __init__(self, fd: int = 2, level: str = "info") -> None:
         self.fd = fd
@@ -384,7 +384,7 @@ class Reaper:
     Loop thread only.
     """
 
-    __slots__ = ("fd", "loop", "_pids", "_codes", "_waiters", "on_exit")
+    __slots__ = ("_codes", "_pids", "_waiters", "fd", "loop", "on_exit")
 
     BATCH = 64
 
@@ -423,7 +423,7 @@ class Reaper:
                 else:
                     try:
                         self.on_exit(pid, code)
-                    except Exception as e:  # one bad exit never stops reaping
+                    except Exception as e:  # noqa: BLE001 - one bad exit never stops reaping
                         log("error", "exit handler failed", pid=pid, error=repr(e))
             if n < self.BATCH:
                 return
@@ -516,7 +516,7 @@ class TtrpcServer:
     Only peers with the shim's own euid are served (SO_PEERCRED).
     """
 
-    __slots__ = ("loop", "methods", "servers", "conns", "uid")
+    __slots__ = ("conns", "loop", "methods", "servers", "uid")
 
     def __init__(self, loop, methods: dict) -> None:
         self.loop = loop
@@ -553,7 +553,7 @@ async def _sleep(t: float) -> None:
 class ServerConnection:
     """One ttrpc connection: a reader that decodes frames and one task per request."""
 
-    __slots__ = ("server", "transport", "decoder", "last_sid", "inflight", "closed")
+    __slots__ = ("closed", "decoder", "inflight", "last_sid", "server", "transport")
 
     def __init__(self, server: TtrpcServer) -> None:
         self.server = server
@@ -568,7 +568,7 @@ class ServerConnection:
         self.transport = transport
         sock = transport.get_extra_info("socket")
         try:
-            pid, uid, gid = peer_cred(sock.fileno())
+            pid, uid, _gid = peer_cred(sock.fileno())
         except OSError as e:
             log("warning", "refusing connection: no peer credentials", error=str(e))
             transport.close()
@@ -629,7 +629,7 @@ class ServerConnection:
         req = pb.Request()
         try:
             req.ParseFromString(payload)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any parse failure is the peer's bad input
             self._send(sid, status_response(INVALID_ARGUMENT, f"unmarshal request error: {e}"))
             return
         self.inflight += 1
@@ -656,7 +656,7 @@ class ServerConnection:
         msg = cls()
         try:
             msg.ParseFromString(req.payload)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any parse failure is the peer's bad input
             return status_response(INVALID_ARGUMENT, f"unmarshal {cls.__name__}: {e}")
         meta = {kv.key: kv.value for kv in req.metadata}
         # The handler runs to completion even past the caller's deadline, so
@@ -668,9 +668,9 @@ class ServerConnection:
             else:
                 resp = await task
             body = resp.SerializeToString()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return status_response(DEADLINE_EXCEEDED, f"{req.method}: deadline exceeded")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status, never a dead connection
             code, message = _error_status(e)
             return status_response(code, message)
         return status_response(OK, "", body)
@@ -684,7 +684,7 @@ class TtrpcClient:
     is gone.
     """
 
-    __slots__ = ("loop", "transport", "decoder", "next_sid", "pending", "closed")
+    __slots__ = ("closed", "decoder", "loop", "next_sid", "pending", "transport")
 
     def __init__(self, loop) -> None:
         self.loop = loop
@@ -700,8 +700,7 @@ class TtrpcClient:
         import socket
 
         loop = loop or asyncio.get_running_loop()
-        if address.startswith("unix://"):
-            address = address[len("unix://"):]
+        address = address.removeprefix("unix://")
         fd = unix_connect(address)
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
@@ -820,7 +819,7 @@ class Copier:
     `keep_dst`) and `done` resolves. Loop thread only.
     """
 
-    __slots__ = ("loop", "src", "dst", "done", "on_close", "_waiting_dst", "_started")
+    __slots__ = ("_started", "_waiting_dst", "done", "dst", "loop", "on_close", "src")
 
     def __init__(self, loop, src: int, dst: int, on_close=None) -> None:
         self.loop = loop
@@ -891,8 +890,18 @@ class Stdio:
     shim copies the other to or from the fifo. Loop thread only.
     """
 
-    __slots__ = ("loop", "stdin", "stdout", "stderr", "terminal", "child_fds",
-                 "copiers", "stdin_keep", "_fifo_fds", "_refs")
+    __slots__ = (
+        "_fifo_fds",
+        "_refs",
+        "child_fds",
+        "copiers",
+        "loop",
+        "stderr",
+        "stdin",
+        "stdin_keep",
+        "stdout",
+        "terminal",
+    )
 
     def __init__(self, loop, stdin: str, stdout: str, stderr: str, terminal: bool = False) -> None:
         self.loop = loop
@@ -1027,7 +1036,7 @@ def _open_output(path: str) -> tuple[int, int]:
 class Runc:
     """How one container's runc is invoked (binary, root, flags)."""
 
-    __slots__ = ("binary", "root", "log", "systemd", "no_pivot", "no_new_keyring")
+    __slots__ = ("binary", "log", "no_new_keyring", "no_pivot", "root", "systemd")
 
     def __init__(self, binary: str, root: str, bundle: str, systemd: bool = False,
                  no_pivot: bool = False, no_new_keyring: bool = False) -> None:
@@ -1090,7 +1099,7 @@ def fd_forget(loop, fd: int, write: bool = False) -> None:
 class Runner:
     """Runs runc (and other helper binaries) with exits from the reaper."""
 
-    __slots__ = ("loop", "reaper", "null")
+    __slots__ = ("loop", "null", "reaper")
 
     def __init__(self, loop, reaper: Reaper) -> None:
         self.loop = loop
@@ -1220,8 +1229,19 @@ class Process:
     after the start event is published.
     """
 
-    __slots__ = ("id", "container", "pid", "state", "exit_status", "exited_at", "wait",
-                 "stdio", "spec", "starting", "pending_exit")
+    __slots__ = (
+        "container",
+        "exit_status",
+        "exited_at",
+        "id",
+        "pending_exit",
+        "pid",
+        "spec",
+        "starting",
+        "state",
+        "stdio",
+        "wait",
+    )
 
     def __init__(self, pid_id: str, container: Container, stdio: Stdio, loop, spec: bytes = b"") -> None:
         self.id = pid_id
@@ -1263,8 +1283,18 @@ class Process:
 class Container:
     """One container: bundle, runc settings, init process and its execs."""
 
-    __slots__ = ("id", "bundle", "runc", "rootfs", "mounted", "init", "execs",
-                 "running_execs", "held_init_exit", "shares_pidns")
+    __slots__ = (
+        "bundle",
+        "execs",
+        "held_init_exit",
+        "id",
+        "init",
+        "mounted",
+        "rootfs",
+        "runc",
+        "running_execs",
+        "shares_pidns",
+    )
 
     def __init__(self, cid: str, bundle: str, runc: Runc) -> None:
         self.id = cid
@@ -1756,8 +1786,19 @@ class Publisher:
     EVENT_QUEUE_MAX) and `publish` never blocks.
     """
 
-    __slots__ = ("loop", "namespace", "ttrpc_address", "binary", "address", "runner",
-                 "queue", "wake", "client", "task", "idle")
+    __slots__ = (
+        "address",
+        "binary",
+        "client",
+        "idle",
+        "loop",
+        "namespace",
+        "queue",
+        "runner",
+        "task",
+        "ttrpc_address",
+        "wake",
+    )
 
     def __init__(self, loop, runner: Runner | None, namespace: str, ttrpc_address: str,
                  binary: str, address: str) -> None:
@@ -1795,7 +1836,7 @@ class Publisher:
         try:
             await asyncio.wait_for(self.idle.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def _run(self) -> None:
@@ -1813,7 +1854,7 @@ class Publisher:
                 await self._send(*item)
             except RemoteError as e:
                 log("error", "containerd refused an event: dropped", topic=item[0], error=str(e))
-            except (OSError, ConnectionError, RuntimeFailure, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError, ConnectionError, RuntimeFailure) as e:
                 # One warning per outage; the retries after it log at debug.
                 log("warning" if backoff == 0.05 else "debug", "publishing an event failed: will retry",
                     topic=item[0], error=str(e) or repr(e))
@@ -1860,11 +1901,20 @@ class Publisher:
 class Flags:
     """The shim's command line, parsed as Go's flag package does."""
 
-    __slots__ = ("namespace", "address", "publish_binary", "id", "bundle", "debug",
-                 "socket", "version", "action")
+    __slots__ = (
+        "action",
+        "address",
+        "bundle",
+        "debug",
+        "id",
+        "namespace",
+        "publish_binary",
+        "socket",
+        "version",
+    )
 
-    STRINGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
-    BOOLS = {"debug", "v"}
+    STRINGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle", "socket"})
+    BOOLS = frozenset({"debug", "v"})
 
     def __init__(self, argv: list[str]) -> None:
         self.namespace = self.address = self.publish_binary = self.id = ""
@@ -2452,10 +2502,10 @@ def _template_child(lsock, conn, fd: int, req: dict) -> None:
 
         gc.enable()
         code = serve(Flags(argv[i:]))
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - the forked shim must reach os._exit
         try:
             log("error", "forked shim failed", error=repr(e))
-        except BaseException:
+        except BaseException:  # noqa: BLE001, S110 - logging may fail with no stderr left
             pass
     finally:
         os._exit(code)

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-import harness  # noqa: E402
+import harness
 
 
 def smaps_rollup(pid: int) -> dict[str, int]:

@@ -29,9 +29,10 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness
+from conftest import require
+
 import pyshim
 import pyshim_pb2 as pb
-from conftest import require
 
 NS = "pyshim-direct"
 TASK = pyshim.TASK_SERVICE
@@ -296,8 +297,11 @@ def test_lifecycle_with_publish_binary_fallback(direct: Direct) -> None:
     harness.wait_for(lambda: not os.path.exists(address[len("unix://"):]), 10, 0.02)
 
     # Every event went through `BIN --address A publish --topic T --namespace NS`, in order.
-    events = harness.wait_for(lambda: (lambda e: e if len(e) >= 4 else None)(direct.published()),
-                              10, 0.05)
+    def four_events():
+        events = direct.published()
+        return events if len(events) >= 4 else None
+
+    events = harness.wait_for(four_events, 10, 0.05)
     topics = [argv[argv.index("--topic") + 1] for argv, _ in events]
     assert topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
     for argv, _ in events:
