@@ -2008,13 +2008,13 @@ def shim_argv(flags: Flags) -> list[str]:
 def spawn_shim(flags: Flags, sock_fd: int) -> int:
     """Launches the long-lived shim serving `sock_fd` (as its fd 3); returns its pid.
 
-    The one place a shim process is made. With the warm template enabled it
-    is forked from the template; whenever the template cannot be had, it is
+    The one place a shim process is made. It is forked from the warm template
+    (unless PYSHIM_TEMPLATE=0); whenever the template cannot be had, it is
     spawned cold. Either way cwd (the bundle), environment and arguments are
     this process's own.
     """
     argv = shim_argv(flags)
-    if os.environ.get(TEMPLATE_ENV, "0") == "1":
+    if os.environ.get(TEMPLATE_ENV, "1") != "0":
         try:
             return template_fork(argv, sock_fd)
         except (OSError, ValueError) as e:
@@ -2196,6 +2196,9 @@ def serve(flags: Flags) -> int:
         log("error", "no listening socket on fd 3")
         return 1
 
+    # libuv would give every loop an io_uring ring (an fd and locked kernel
+    # memory) for file operations the shim never makes.
+    os.environ.setdefault("UV_USE_IO_URING", "0")
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     stop = loop.create_future()
@@ -2256,7 +2259,7 @@ def serve(flags: Flags) -> int:
 # Warm template: shims forked from a process that has imported everything.
 # =============================================================================
 
-TEMPLATE_ENV = "PYSHIM_TEMPLATE"
+TEMPLATE_ENV = "PYSHIM_TEMPLATE"  # "0" turns the template off: every shim starts cold
 TEMPLATE_IDLE_ENV = "PYSHIM_TEMPLATE_IDLE"  # seconds idle (no request, no live shim) before it exits
 TEMPLATE_IDLE_DEFAULT = 600.0
 TEMPLATE_TITLE_ROOM = 1024  # bytes of argv reserved for the forked shims' titles
@@ -2269,7 +2272,7 @@ def template_path() -> str:
     import hashlib
 
     st = os.stat(__file__)
-    key = f"{sys.executable}\0{os.path.abspath(__file__)}\0{VERSION}\0{st.st_mtime_ns}\0{st.st_size}"
+    key = f"{os.path.realpath(sys.executable)}\0{os.path.realpath(__file__)}\0{VERSION}\0{st.st_mtime_ns}\0{st.st_size}"
     return os.path.join(SOCKET_DIR, "pyshim-template-" + hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
@@ -2361,31 +2364,93 @@ def set_title(argv: list[str]) -> None:
     _ffi.memmove(_ffi.cast("char *", start), data + b"\0" * (room - len(data)), room)
 
 
-def _warm_up() -> None:
-    """Runs the shim's steady-state paths once, so that what they build
-    lazily (loop internals, protobuf classes, codec objects) is made before
-    the heap is frozen and shared with every fork."""
+def _warm_up(rounds: int = 12) -> None:
+    """Rehearses the shim's steady state on a throwaway loop, so that what it
+    builds lazily (uvloop internals, protobuf classes, quickened bytecode and
+    its caches, codec objects) is made once here, before the heap is frozen
+    and shared with every fork, instead of once per shim.
+
+    It serves the task API on an abstract socket and calls it the way
+    containerd does (Connect, State, Wait, Kill, Delete, Exec, Create with
+    bad input), forwards events to a fake containerd, and copies bytes through
+    a Copier. Nothing is left behind; a failure only costs memory.
+    """
     import asyncio
 
     import uvloop
+    from google.protobuf import empty_pb2
 
     import pyshim_pb2 as pb
 
+    tag = f"@pyshim-warm-{os.getpid()}"
     loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    fds: list[int] = []
     try:
-        a, b = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        loop.add_reader(a, lambda: None)
-        loop.remove_reader(a)
-        os.close(a)
-        os.close(b)
-        loop.run_until_complete(asyncio.sleep(0))
+        publisher = Publisher(loop, None, "warm", tag + "-events", "", "")
+        service = TaskService(loop, None, publisher, "warm", lambda: None)
+        server = TtrpcServer(loop, service.methods())
+
+        async def forward(req, meta):
+            return empty_pb2.Empty()
+
+        events = TtrpcServer(loop, {(EVENTS_SERVICE, "Forward"): (pb.ForwardRequest, forward)})
+        fds.append(unix_listen(tag))
+        fds.append(unix_listen(tag + "-events"))
+
+        async def rehearse() -> None:
+            await server.serve_fd(fds[0])
+            await events.serve_fd(fds[1])
+            publisher.start()
+            client = await TtrpcClient.connect(tag, loop)
+            calls = [
+                ("Connect", pb.ConnectRequest(id="warm")),
+                ("State", pb.StateRequest(id="warm")),
+                ("Wait", pb.WaitRequest(id="warm")),
+                ("Kill", pb.KillRequest(id="warm", signal=9)),
+                ("Pids", pb.PidsRequest(id="warm")),
+                ("CloseIO", pb.CloseIORequest(id="warm", stdin=True)),
+                ("Exec", pb.ExecProcessRequest(id="warm", exec_id="e")),
+                ("Delete", pb.DeleteRequest(id="warm")),
+                ("Create", pb.CreateTaskRequest(id="warm", bundle="/nonexistent")),
+                ("Shutdown", pb.ShutdownRequest(id="warm")),
+            ]
+            for _ in range(rounds):
+                for method, req in calls:
+                    try:
+                        await client.call(TASK_SERVICE, method, req.SerializeToString(),
+                                          {NAMESPACE_KEY: "warm"}, timeout=5)
+                    except RemoteError:
+                        pass
+                ev = pb.TaskExit(container_id="warm", id="warm", pid=1, exit_status=0)
+                _ts(ev.exited_at, time.time_ns())
+                service._publish("/tasks/exit", ev)
+                r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                r2, w2 = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                copier = Copier(loop, r, w2)
+                copier.start()
+                os.write(w, b"warm")
+                os.close(w)
+                await copier.done
+                os.close(r2)
+            await publisher.flush(5.0)
+            client.close()
+            await server.shutdown(0.5)
+            await events.shutdown(0.5)
+            publisher.task.cancel()
+            await asyncio.sleep(0)
+
+        loop.run_until_complete(rehearse())
+    except Exception as e:  # noqa: BLE001 - a failed rehearsal only costs memory
+        log("warning", "template warm-up incomplete", error=repr(e))
     finally:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         loop.close()
-    asyncio.set_event_loop(None)
-    for name in ("CreateTaskRequest", "StateResponse", "TaskExit", "ForwardRequest", "Request", "Response"):
-        getattr(pb, name)().SerializeToString()
-    FrameDecoder().feed(encode_frame(1, MSG_REQUEST, b""))
-    _error_status(NotFound("x"))
+        asyncio.set_event_loop(None)
 
 
 def serve_template() -> int:
@@ -2401,6 +2466,7 @@ def serve_template() -> int:
     import socket
 
     gc.disable()
+    os.environ.setdefault("UV_USE_IO_URING", "0")  # read once by libuv: no ring per shim
     import pyshim_pb2  # noqa: F401
     os.chdir("/")  # never pin the launching container's bundle
     try:
@@ -2490,8 +2556,14 @@ def _template_child(lsock, conn, fd: int, req: dict) -> None:
         conn.close()
         os.setsid()
         os.chdir(req["cwd"])
-        os.environ.clear()
-        os.environ.update(req["env"])
+        # Only differences: usually none, since the template was launched by
+        # the same containerd, and every write here would be a private page.
+        env = req["env"]
+        for k in [k for k in os.environ if k not in env]:
+            del os.environ[k]
+        for k, v in env.items():
+            if os.environ.get(k) != v:
+                os.environ[k] = v
         os.dup2(fd, 3)
         os.close(fd)
         argv = req["argv"]

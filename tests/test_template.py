@@ -1,0 +1,196 @@
+"""The warm template: shims forked from a process that has imported everything.
+
+Through a real containerd: a forked shim is the template's child and carries the
+cold shim's command line; killing the template leaves running shims and containers
+alone and the next start brings a new template; a template that cannot be had makes
+`start` fall back to a cold spawn; the template's socket is 0600 in a 0700 dir and
+refuses other users.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness
+from conftest import require_e2e
+
+PYSHIM = harness.PYSHIM
+
+
+def _installed(expr: str) -> str:
+    """Evaluates `expr` in the installed pyshim (the one containerd runs), whose
+    template socket name depends on its own file."""
+    out = subprocess.run([sys.executable, "-c", f"import pyshim; print({expr})"], cwd="/",
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _shim_of(daemon: harness.Containerd, cid: str) -> int:
+    for pid in harness.shim_pids(daemon, PYSHIM):
+        argv = harness.cmdline(pid)
+        if "-id" in argv and argv[argv.index("-id") + 1] == cid and argv[-1] not in ("start", "delete"):
+            return pid
+    raise AssertionError(f"no shim for {cid}")
+
+
+def _is_template(pid: int) -> bool:
+    argv = harness.cmdline(pid)
+    return len(argv) >= 3 and argv[2] == "template" and "pyshim" in argv[1]
+
+
+@pytest.fixture
+def templated(rootfs: str) -> Iterator[harness.Containerd]:
+    """A daemon whose shims come from the warm template (the default)."""
+    require_e2e()
+    saved = os.environ.get("PYSHIM_TEMPLATE")
+    os.environ["PYSHIM_TEMPLATE"] = "1"
+    daemon = harness.Containerd()
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.cleanup()
+        if saved is None:
+            os.environ.pop("PYSHIM_TEMPLATE")
+        else:
+            os.environ["PYSHIM_TEMPLATE"] = saved
+
+
+def test_template_can_be_turned_off(rootfs: str) -> None:
+    require_e2e()
+    saved = os.environ.get("PYSHIM_TEMPLATE")
+    os.environ["PYSHIM_TEMPLATE"] = "0"
+    daemon = harness.Containerd()
+    try:
+        daemon.start()
+        cid = harness.new_id("off")
+        _run_d(daemon, rootfs, cid)
+        shim = _shim_of(daemon, cid)
+        assert not _is_template(_ppid(shim))
+        assert harness.cmdline(shim)[-2:] != ["template"]
+    finally:
+        daemon.cleanup()
+        if saved is None:
+            os.environ.pop("PYSHIM_TEMPLATE")
+        else:
+            os.environ["PYSHIM_TEMPLATE"] = saved
+
+
+def _run_d(daemon: harness.Containerd, rootfs: str, cid: str) -> None:
+    daemon.ctr("run", "-d", "--runtime", PYSHIM, "--rootfs", rootfs, cid, "/bin/sleep", "1000",
+               check=True)
+
+
+def test_forked_shim_is_titled_like_a_cold_one(templated: harness.Containerd, rootfs: str) -> None:
+    cid = harness.new_id("tf")
+    _run_d(templated, rootfs, cid)
+    shim = _shim_of(templated, cid)
+    assert _is_template(_ppid(shim)), harness.cmdline(_ppid(shim))
+    argv = harness.cmdline(shim)
+    assert argv[argv.index("-namespace") + 1] == templated.namespace
+    assert argv[argv.index("-address") + 1] == templated.address
+    assert "pyshim" in " ".join(argv)
+    path = _installed("pyshim.template_path()")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    r = templated.ctr("task", "exec", "--exec-id", "e1", cid, "/bin/sh", "-c", "exit 4")
+    assert r.returncode == 4
+
+
+def test_killing_the_template_leaves_shims_alone(templated: harness.Containerd, rootfs: str) -> None:
+    first = harness.new_id("tk")
+    _run_d(templated, rootfs, first)
+    shim = _shim_of(templated, first)
+    template = _ppid(shim)
+    assert _is_template(template)
+    os.kill(template, signal.SIGKILL)
+    harness.wait_for(lambda: _ppid(shim) != template, 10, 0.02)
+    # The running shim and its container carry on.
+    assert templated.tasks()[first] == "RUNNING"
+    r = templated.ctr("task", "exec", "--exec-id", "e1", first, "/bin/sh", "-c", "echo alive; exit 3")
+    assert (r.returncode, r.stdout) == (3, "alive\n")
+    # The next start brings a new template.
+    second = harness.new_id("tk")
+    _run_d(templated, rootfs, second)
+    new_template = _ppid(_shim_of(templated, second))
+    assert _is_template(new_template) and new_template != template
+    templated.ctr("task", "kill", "-s", "KILL", first, check=True)
+    harness.wait_for(lambda: templated.tasks()[first] == "STOPPED", 10, 0.05)
+
+
+def test_unreachable_template_falls_back_to_a_cold_spawn(templated: harness.Containerd,
+                                                         rootfs: str) -> None:
+    path = _installed("pyshim.template_path()")
+    # Whatever template answers there now is replaced by a directory nobody can
+    # connect to or remove as a socket: `start` must not depend on it.
+    if os.path.exists(path):
+        os.unlink(path)
+    os.mkdir(path)
+    try:
+        cid = harness.new_id("tc")
+        r = templated.ctr("run", "--rm", "--runtime", PYSHIM, "--rootfs", rootfs, cid,
+                          "/bin/sh", "-c", "echo cold; exit 2", timeout=60)
+        assert (r.returncode, r.stdout) == (2, "cold\n"), r.stderr
+        assert "warm template unavailable" in templated.log_text()
+    finally:
+        os.rmdir(path)
+
+
+def test_template_refuses_another_user(templated: harness.Containerd, rootfs: str) -> None:
+    cid = harness.new_id("tu")
+    _run_d(templated, rootfs, cid)  # makes sure a template is up
+    path = _installed("pyshim.template_path()")
+    # Open the file modes for this test, so that the connection is made and it is
+    # the template's own peer-credential check that must refuse it.
+    dirs = [os.path.dirname(os.path.dirname(path)), os.path.dirname(path)]
+    modes = [stat.S_IMODE(os.stat(d).st_mode) for d in dirs]
+    for d in dirs:
+        os.chmod(d, 0o711)
+    os.chmod(path, 0o666)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(path)
+                s.sendall(struct.pack(">I", 2) + b"{}")
+                answer = s.recv(200)
+            except OSError as e:
+                answer = f"oserror {e.errno}".encode()
+            os.write(w, answer)
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        answer = os.read(r, 200)
+        os.waitpid(pid, 0)
+    finally:
+        os.close(r)
+        os.chmod(path, 0o600)
+        for d, mode in zip(dirs, modes, strict=True):
+            os.chmod(d, mode)
+    assert answer.startswith(b"error refused"), answer
+    # ... and it still serves its own user.
+    other = harness.new_id("tu")
+    _run_d(templated, rootfs, other)
+    assert _is_template(_ppid(_shim_of(templated, other)))
