@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -666,3 +667,58 @@ def test_shim_log_is_logrus(daemon: Containerd, rootfs: str, runtime: str) -> No
     assert any(cid in line for line in new), "no log line names the container"
     bad = [line for line in new if line and not _LOGRUS.match(line)]
     assert bad == [], f"{runtime}: non-logrus lines in containerd's log:\n" + "\n".join(bad)
+
+
+# ---------------------------------------------------------------- keep-alive and dumps
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_vanished_reader_blocks_output_not_the_shim(daemon: Containerd, rootfs: str,
+                                                    runtime: str) -> None:
+    """`ctr run -d` leaves nobody reading the stdout fifo. A container writing far more
+    than a fifo holds must block (its output is kept, not dropped), while the shim
+    neither dies of SIGPIPE nor stops serving."""
+    cid = new_id()
+    script = ("i=0; while [ $i -lt 100000 ]; do echo line $i; i=$((i+1)); done; "
+              "touch /tmp/finished; sleep 1000")
+    assert ctr(daemon, "run", "-d", "--runtime", runtime, "--rootfs", rootfs, cid,
+               "/bin/sh", "-c", script)[0] == 0
+    shims = [p for p in shim_pids(daemon, runtime) if harness.cmdline(p)[-1] not in ("start", "delete")]
+    time.sleep(1.0)
+    # The writer is blocked on a full pipe: it has not finished, and the shim answers.
+    step = ctr(daemon, "task", "exec", "--exec-id", "probe", cid, "/bin/sh", "-c",
+               "test -e /tmp/finished && exit 9; exit 5")
+    assert step[0] == 5, step
+    assert daemon.tasks()[cid] == "RUNNING"
+    assert all(harness.cmdline(p) for p in shims), "a shim died"
+    outcome = (step[0], daemon.tasks()[cid])
+    assert ctr(daemon, "task", "kill", "-s", "KILL", cid)[0] == 0
+    wait_for(lambda: daemon.tasks()[cid] == "STOPPED", 10)
+    assert ctr(daemon, "task", "rm", cid)[0] == 0
+    assert ctr(daemon, "container", "rm", cid)[0] == 0
+    compare_with_runc("vanished_reader", runtime, outcome)
+
+
+def test_usr1_dumps_stacks_and_the_shim_keeps_serving(daemon: Containerd, rootfs: str) -> None:
+    cid = new_id()
+    assert ctr(daemon, "run", "-d", "--runtime", PYSHIM, "--rootfs", rootfs, cid,
+               "/bin/sleep", "1000")[0] == 0
+    shim = next(p for p in shim_pids(daemon, PYSHIM)
+                if cid in harness.cmdline(p) and harness.cmdline(p)[-1] not in ("start", "delete"))
+    start = len(daemon.log_text())
+    os.kill(shim, signal.SIGUSR1)
+
+    def dumped() -> str | None:
+        text = daemon.log_text()[start:]
+        return text if "=== END stack dump ===" in text else None
+
+    text = wait_for(dumped, 10, message="no stack dump in the log")
+    line = next(ln for ln in text.splitlines() if "BEGIN stack dump" in ln)
+    assert _LOGRUS.match(line), line
+    assert "thread MainThread" in line and "serve" in line  # the main thread's stack
+    assert "task " in line  # asyncio tasks are listed
+    assert ctr(daemon, "task", "exec", "--exec-id", "after", cid, "/bin/sh", "-c", "exit 6")[0] == 6
+    assert ctr(daemon, "task", "kill", "-s", "KILL", cid)[0] == 0
+    wait_for(lambda: daemon.tasks()[cid] == "STOPPED", 10)
+    assert ctr(daemon, "task", "rm", cid)[0] == 0
+    assert ctr(daemon, "container", "rm", cid)[0] == 0

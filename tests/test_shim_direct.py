@@ -314,3 +314,44 @@ def test_lifecycle_with_publish_binary_fallback(direct: Direct) -> None:
     exit_ev = pb.TaskExit()
     exit_ev.ParseFromString(events[2][1].value)
     assert exit_ev.container_id == cid and exit_ev.exit_status == 7 and exit_ev.pid == created.pid
+
+
+def test_binary_name_and_root_are_honoured_also_by_delete(direct: Direct) -> None:
+    """runc is the BinaryName given in the runtime options, run with --root <Root>/<ns>;
+    and after the shim is SIGKILLed, `shim delete` uses the same runc and root to clean
+    up, reporting the task as killed (137)."""
+    cid = harness.new_id("bin")
+    bundle = direct.bundle(cid, ["/bin/sleep", "1000"])
+    calls = os.path.join(direct.dir, "runc-calls")
+    wrapper = os.path.join(direct.dir, "my-runc")
+    with open(wrapper, "w") as f:
+        f.write(f'#!/bin/sh\necho "$@" >> {calls}\nexec {harness.RUNC_BINARY} "$@"\n')
+    os.chmod(wrapper, 0o755)
+    root = os.path.join(direct.dir, "runc-root")
+    opts = any_pb2.Any(type_url=pyshim.URL_RUNC_OPTIONS,
+                       value=pb.RuncOptions(binary_name=wrapper, root=root).SerializeToString())
+    address = direct.start(bundle, cid)
+    created = call(address, "Create", pb.CreateTaskRequest(id=cid, bundle=bundle, options=opts),
+                   pb.CreateTaskResponse)
+    call(address, "Start", pb.StartRequest(id=cid))
+    assert os.path.isdir(os.path.join(root, NS, cid))
+    with open(calls) as f:
+        lines = f.read().splitlines()
+    assert any(f"--root {root}/{NS} " in ln and " create " in ln for ln in lines), lines
+    assert any(" start " in ln for ln in lines), lines
+
+    shim = call(address, "Connect", pb.ConnectRequest(id=cid), pb.ConnectResponse).shim_pid
+    os.kill(shim, 9)
+    harness.wait_for(lambda: not harness.cmdline(shim), 10, 0.02)
+    out = subprocess.run([harness.shim_binary_path(), "-namespace", NS, "-id", cid,
+                          "-address", direct.address, "-bundle", bundle, "delete"],
+                         cwd=bundle, env=direct.env, capture_output=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    resp = pb.DeleteResponse()
+    resp.ParseFromString(out.stdout)
+    assert resp.exit_status == 137 and resp.pid == created.pid
+    assert resp.exited_at.seconds > 0
+    with open(calls) as f:
+        assert any(f"--root {root}/{NS} " in ln and "delete --force" in ln for ln in f), "no delete"
+    assert not os.path.isdir(os.path.join(root, NS, cid))
+    harness.wait_for(lambda: not harness.cmdline(created.pid), 10, 0.02)
