@@ -1216,9 +1216,25 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (PAUSED, "resume"): RUNNING,
     (PAUSED, "exit"): STOPPED,
     (STOPPED, "delete"): DELETED,
+    # Update keeps the state; it is refused once the process has stopped.
+    (CREATED, "update"): CREATED,
+    (RUNNING, "update"): RUNNING,
+    (PAUSED, "update"): PAUSED,
 }
 
 STATUS_CODES = {CREATED: 1, RUNNING: 2, STOPPED: 3, PAUSED: 4}
+
+# The Go shim's words (code Unknown) for a pause, resume or update that the
+# init's state forbids; ctr prints them as they are.
+REFUSALS: dict[tuple[str, str], str] = {
+    (CREATED, "pause"): "cannot pause task in created state",
+    (CREATED, "resume"): "cannot resume task in created state",
+    (RUNNING, "resume"): "cannot resume a running process",
+    (PAUSED, "pause"): "cannot pause a paused container",
+    (STOPPED, "pause"): "cannot pause a stopped container",
+    (STOPPED, "resume"): "cannot resume a stopped container",
+    (STOPPED, "update"): "cannot update a stopped container",
+}
 
 
 class Process:
@@ -1261,9 +1277,12 @@ class Process:
         return self.container.init is self
 
     def check(self, event: str) -> str:
-        """The state `event` leads to; FailedPrecondition if it is illegal now."""
+        """The state `event` leads to; FailedPrecondition if it is illegal now
+        (or the Go shim's own refusal, for pause, resume and update)."""
         new = TRANSITIONS.get((self.state, event))
         if new is None:
+            if (self.state, event) in REFUSALS:
+                raise ShimError(REFUSALS[self.state, event])
             if self.state == STOPPED and event in ("start", "pause", "resume"):
                 raise FailedPrecondition(f"cannot {event} a stopped process")
             raise FailedPrecondition(f"cannot {event} a {self.state} process")
@@ -1315,6 +1334,391 @@ class Container:
         if p is None:
             raise NotFound(f"process {exec_id} does not exist in container {self.id}")
         return p
+
+
+# =============================================================================
+# cgroups: a container's metrics and its OOM notifications, read from the
+# cgroup files themselves (only Stats and Start come here).
+# =============================================================================
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+URL_CGROUPS_V1_METRICS = "io.containerd.cgroups.v1.Metrics"
+URL_CGROUPS_V2_METRICS = "io.containerd.cgroups.v2.Metrics"
+CLOCK_TICKS = 100  # USER_HZ: the unit of cpuacct.stat
+MAX_UINT64 = (1 << 64) - 1
+
+# memory.stat keys (v1) that are fields of V1MemoryStat under another name.
+_V1_MEMORY_RENAMES = {"pgpgin": "pg_pg_in", "pgpgout": "pg_pg_out", "pgfault": "pg_fault",
+                      "pgmajfault": "pg_maj_fault", "hierarchical_memsw_limit": "hierarchical_swap_limit"}
+# blkio files (v1) and the V1BlkIOStat field each fills; the throttle files
+# stand in when the CFQ ones are empty, as containerd's cgroups library does.
+_V1_BLKIO_FILES = (
+    ("io_service_bytes_recursive", "io_service_bytes_recursive"),
+    ("io_serviced_recursive", "io_serviced_recursive"),
+    ("io_queued_recursive", "io_queued_recursive"),
+    ("io_service_time_recursive", "io_service_time_recursive"),
+    ("io_wait_time_recursive", "io_wait_time_recursive"),
+    ("io_merged_recursive", "io_merged_recursive"),
+    ("time_recursive", "io_time_recursive"),
+    ("sectors_recursive", "sectors_recursive"),
+)
+
+
+def _cg_read(path: str) -> str | None:
+    """A cgroup file's text, or None when it does not exist (IgnoreNotExist)."""
+    try:
+        return _read_small(path).decode()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _cg_uint(path: str, default: int = 0) -> int:
+    text = _cg_read(path)
+    if text is None:
+        return default
+    text = text.strip()
+    if text == "max":
+        return MAX_UINT64
+    try:
+        return int(text)
+    except ValueError:
+        return default
+
+
+def _cg_keyed(path: str) -> dict[str, int]:
+    """`key value` lines (memory.stat, cpu.stat, memory.events) as a dict."""
+    return _parse_keyed(_cg_read(path) or "")
+
+
+def _parse_keyed(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            continue
+    return out
+
+
+def cgroup_paths(pid: int, root: str = CGROUP_ROOT) -> tuple[dict[str, str], str]:
+    """({v1 controller: dir}, v2 dir or "") of a process, from /proc/PID/cgroup.
+
+    A v1 controller's dir is that of its hierarchy (`cpu,cpuacct` or `cpu`),
+    as mounted under `root`. The v2 dir is under `root` on a pure v2 host and
+    under `root`/unified on a hybrid one.
+    """
+    try:
+        text = _read_small(f"/proc/{pid}/cgroup").decode()
+    except OSError:
+        raise NotFound(f"cgroup of pid {pid} does not exist") from None
+    v1: dict[str, str] = {}
+    v2 = ""
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        path = path.lstrip("/")
+        if not controllers:
+            unified = root if os.path.exists(os.path.join(root, "cgroup.controllers")) \
+                else os.path.join(root, "unified")
+            v2 = os.path.join(unified, path)
+            continue
+        for name in controllers.split(","):
+            if name.startswith("name="):
+                continue
+            base = os.path.join(root, controllers)
+            if not os.path.isdir(base):
+                base = os.path.join(root, name)
+            v1[name] = os.path.join(base, path)
+    return v1, v2
+
+
+def _counter_fields(cls) -> set[str]:
+    """Names of the uint64 fields of a metrics message (not its sub-messages)."""
+    return {f.name for f in cls.DESCRIPTOR.fields if f.message_type is None}
+
+
+def _v1_blkio_entries(text: str, field, devices: dict[tuple[int, int], str]) -> None:
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 2 or ":" not in parts[0]:
+            continue  # "Total N"
+        major, _, minor = parts[0].partition(":")
+        try:
+            key = (int(major), int(minor))
+            value = int(parts[-1])
+        except ValueError:
+            continue
+        field.add(op=parts[1] if len(parts) == 3 else "", device=devices.get(key, ""),
+                  major=key[0], minor=key[1], value=value)
+
+
+def block_devices(dev: str = "/dev") -> dict[tuple[int, int], str]:
+    """(major, minor) -> /dev path of the block devices, as containerd names them."""
+    import stat
+
+    out: dict[tuple[int, int], str] = {}
+    try:
+        names = os.listdir(dev)
+    except OSError:
+        return out
+    for name in names:
+        path = os.path.join(dev, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISBLK(st.st_mode):
+            out.setdefault((os.major(st.st_rdev), os.minor(st.st_rdev)), path)
+    return out
+
+
+def v1_metrics(dirs: dict[str, str], devices: dict[tuple[int, int], str] | None = None):
+    """CgroupsV1Metrics from the v1 controller dirs of one cgroup; files that
+    do not exist are skipped, and so is a controller without a dir. As in
+    containerd's cgroups library, a controller that exists is present in the
+    answer even when all its figures are zero."""
+    import pyshim_pb2 as pb
+
+    m = pb.CgroupsV1Metrics()
+    d = dirs.get("pids")
+    if d and os.path.isdir(d):
+        m.pids.SetInParent()
+        m.pids.current = _cg_uint(os.path.join(d, "pids.current"))
+        limit = _cg_uint(os.path.join(d, "pids.max"))
+        m.pids.limit = 0 if limit == MAX_UINT64 else limit
+    d = dirs.get("cpuacct")
+    if d and os.path.isdir(d):
+        usage = m.cpu.usage
+        usage.SetInParent()
+        usage.total = _cg_uint(os.path.join(d, "cpuacct.usage"))
+        ticks = _cg_keyed(os.path.join(d, "cpuacct.stat"))
+        usage.user = ticks.get("user", 0) * 1_000_000_000 // CLOCK_TICKS
+        usage.kernel = ticks.get("system", 0) * 1_000_000_000 // CLOCK_TICKS
+        usage.per_cpu.extend(int(v) for v in (_cg_read(os.path.join(d, "cpuacct.usage_percpu")) or "").split())
+    d = dirs.get("cpu")
+    if d and os.path.isdir(d):
+        st = _cg_keyed(os.path.join(d, "cpu.stat"))
+        t = m.cpu.throttling
+        t.SetInParent()
+        t.periods = st.get("nr_periods", 0)
+        t.throttled_periods = st.get("nr_throttled", 0)
+        t.throttled_time = st.get("throttled_time", 0)
+    d = dirs.get("memory")
+    if d and os.path.isdir(d):
+        mem = m.memory
+        mem.SetInParent()
+        fields = _counter_fields(pb.V1MemoryStat)
+        for key, value in _cg_keyed(os.path.join(d, "memory.stat")).items():
+            name = _V1_MEMORY_RENAMES.get(key, key)
+            if key.startswith("total_") and key[6:] in _V1_MEMORY_RENAMES:
+                name = "total_" + _V1_MEMORY_RENAMES[key[6:]]
+            if name in fields:
+                setattr(mem, name, value)
+        for entry, prefix in ((mem.usage, "memory."), (mem.swap, "memory.memsw."),
+                              (mem.kernel, "memory.kmem."), (mem.kernel_tcp, "memory.kmem.tcp.")):
+            if not os.path.exists(os.path.join(d, prefix + "usage_in_bytes")):
+                continue
+            entry.SetInParent()
+            entry.usage = _cg_uint(os.path.join(d, prefix + "usage_in_bytes"))
+            entry.limit = _cg_uint(os.path.join(d, prefix + "limit_in_bytes"))
+            entry.max = _cg_uint(os.path.join(d, prefix + "max_usage_in_bytes"))
+            entry.failcnt = _cg_uint(os.path.join(d, prefix + "failcnt"))
+        oom = _cg_keyed(os.path.join(d, "memory.oom_control"))
+        if oom:
+            m.memory_oom_control.SetInParent()
+            m.memory_oom_control.oom_kill_disable = oom.get("oom_kill_disable", 0)
+            m.memory_oom_control.under_oom = oom.get("under_oom", 0)
+            m.memory_oom_control.oom_kill = oom.get("oom_kill", 0)
+    d = dirs.get("hugetlb")
+    if d and os.path.isdir(d):
+        for name in sorted(os.listdir(d)):
+            if name.startswith("hugetlb.") and name.endswith(".usage_in_bytes"):
+                size = name[len("hugetlb."):-len(".usage_in_bytes")]
+                m.hugetlb.add(pagesize=size, usage=_cg_uint(os.path.join(d, name)),
+                              max=_cg_uint(os.path.join(d, f"hugetlb.{size}.max_usage_in_bytes")),
+                              failcnt=_cg_uint(os.path.join(d, f"hugetlb.{size}.failcnt")))
+    d = dirs.get("blkio")
+    if d and os.path.isdir(d):
+        m.blkio.SetInParent()
+        texts = {f: _cg_read(os.path.join(d, "blkio." + f)) or "" for f, _ in _V1_BLKIO_FILES}
+        if not any(t.strip() for t in texts.values()):
+            texts = {f: _cg_read(os.path.join(d, "blkio.throttle." + f)) or "" for f, _ in _V1_BLKIO_FILES[:2]}
+        if devices is None and any(t.strip() for t in texts.values()):
+            devices = block_devices()
+        for f, field in _V1_BLKIO_FILES:
+            if texts.get(f):
+                _v1_blkio_entries(texts[f], getattr(m.blkio, field), devices or {})
+    return m
+
+
+def v2_metrics(d: str):
+    """CgroupsV2Metrics from one cgroup v2 dir; absent files are skipped."""
+    import pyshim_pb2 as pb
+
+    if not os.path.isdir(d):
+        raise NotFound(f"cgroup {d} does not exist")
+    m = pb.CgroupsV2Metrics()
+    if os.path.exists(os.path.join(d, "pids.current")):
+        m.pids.SetInParent()
+        m.pids.current = _cg_uint(os.path.join(d, "pids.current"))
+        limit = _cg_uint(os.path.join(d, "pids.max"))
+        m.pids.limit = 0 if limit == MAX_UINT64 else limit
+    cpu = _cg_keyed(os.path.join(d, "cpu.stat"))
+    if cpu:
+        m.cpu.SetInParent()
+    for name in ("usage_usec", "user_usec", "system_usec", "nr_periods", "nr_throttled", "throttled_usec"):
+        setattr(m.cpu, name, cpu.get(name, 0))
+    if os.path.exists(os.path.join(d, "memory.current")):
+        mem = m.memory
+        mem.SetInParent()
+        m.memory_events.SetInParent()
+        fields = _counter_fields(pb.V2MemoryStat) - {"usage", "usage_limit", "swap_usage", "swap_limit"}
+        for key, value in _cg_keyed(os.path.join(d, "memory.stat")).items():
+            if key in fields:
+                setattr(mem, key, value)
+        mem.usage = _cg_uint(os.path.join(d, "memory.current"))
+        mem.usage_limit = _cg_uint(os.path.join(d, "memory.max"))
+        mem.swap_usage = _cg_uint(os.path.join(d, "memory.swap.current"))
+        mem.swap_limit = _cg_uint(os.path.join(d, "memory.swap.max"))
+        events = _cg_keyed(os.path.join(d, "memory.events"))
+        for name in ("low", "high", "max", "oom", "oom_kill"):
+            setattr(m.memory_events, name, events.get(name, 0))
+    io_stat = _cg_read(os.path.join(d, "io.stat"))
+    if io_stat is not None:
+        m.io.SetInParent()
+    for line in (io_stat or "").splitlines():
+        dev, *pairs = line.split()
+        major, _, minor = dev.partition(":")
+        kv = dict(p.split("=", 1) for p in pairs if "=" in p)
+        try:
+            m.io.usage.add(major=int(major), minor=int(minor), rbytes=int(kv.get("rbytes", 0)),
+                           wbytes=int(kv.get("wbytes", 0)), rios=int(kv.get("rios", 0)),
+                           wios=int(kv.get("wios", 0)))
+        except ValueError:
+            continue
+    for name in sorted(os.listdir(d)):
+        if name.startswith("hugetlb.") and name.endswith(".current") and name.count(".") == 2:
+            size = name.split(".")[1]
+            m.hugetlb.add(pagesize=size, current=_cg_uint(os.path.join(d, name)),
+                          max=_cg_uint(os.path.join(d, f"hugetlb.{size}.max")))
+    return m
+
+
+def container_metrics(pid: int) -> tuple[str, bytes]:
+    """(type url, serialized metrics) of the cgroup that `pid` is in: v1 when
+    its memory or cpu controllers are in v1 hierarchies, else v2."""
+    v1, v2 = cgroup_paths(pid)
+    if any(k in v1 for k in ("memory", "cpuacct", "pids")):
+        return URL_CGROUPS_V1_METRICS, v1_metrics(v1).SerializeToString()
+    if not v2:
+        raise NotFound(f"cgroup of pid {pid} does not exist")
+    return URL_CGROUPS_V2_METRICS, v2_metrics(v2).SerializeToString()
+
+
+class OomWatcher:
+    """Publishes TaskOOM for the containers whose cgroup reports an OOM kill.
+
+    cgroup v1: one eventfd per container, registered on its memory cgroup's
+    memory.oom_control through cgroup.event_control and watched by the loop.
+    cgroup v2: one fd of memory.events per container in a shared epoll (the
+    kernel flags a change with EPOLLPRI), and the oom_kill counter is compared
+    with the last one seen. Nothing runs while no OOM happens. Loop thread only.
+    """
+
+    __slots__ = ("epoll", "fds", "loop", "on_oom", "watches")
+
+    def __init__(self, loop, on_oom) -> None:
+        self.loop = loop
+        self.on_oom = on_oom
+        self.watches: dict[str, list] = {}   # container id -> [fd, cgroup dir, is v2, oom_kill seen]
+        self.fds: dict[int, str] = {}        # fd -> container id
+        self.epoll = None
+
+    def watch(self, cid: str, pid: int) -> None:
+        """Starts watching the memory cgroup of `pid` for container `cid`."""
+        v1, v2 = cgroup_paths(pid)
+        mem = v1.get("memory")
+        if mem:
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            try:
+                ctl = os.open(os.path.join(mem, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    reg = os.open(os.path.join(mem, "cgroup.event_control"), os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        os.write(reg, f"{fd} {ctl}".encode())
+                    finally:
+                        os.close(reg)
+                finally:
+                    os.close(ctl)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.loop.add_reader(fd, self._fire, fd)
+            self.watches[cid] = [fd, mem, False, 0]
+        elif v2 and os.path.exists(os.path.join(v2, "memory.events")):
+            import select
+
+            fd = os.open(os.path.join(v2, "memory.events"), os.O_RDONLY | os.O_CLOEXEC)
+            if self.epoll is None:
+                self.epoll = select.epoll(flags=select.EPOLL_CLOEXEC)
+                self.loop.add_reader(self.epoll.fileno(), self._v2_ready)
+            self.epoll.register(fd, select.EPOLLPRI | select.EPOLLET)
+            self.watches[cid] = [fd, v2, True, 0]
+            self.watches[cid][3] = self._oom_kills(fd)
+        else:
+            return
+        self.fds[self.watches[cid][0]] = cid
+
+    def check(self, cid: str) -> None:
+        """Publishes an OOM of `cid` not yet seen: called before its init's
+        exit is published, so that TaskOOM comes first."""
+        w = self.watches.get(cid)
+        if w is not None:
+            self._fire(w[0])
+
+    def forget(self, cid: str) -> None:
+        w = self.watches.pop(cid, None)
+        if w is None:
+            return
+        fd = w[0]
+        self.fds.pop(fd, None)
+        if w[2]:
+            self.epoll.unregister(fd)
+        else:
+            self.loop.remove_reader(fd)
+        os.close(fd)
+
+    @staticmethod
+    def _oom_kills(fd: int) -> int:
+        """oom_kill of memory.events, read through the watched fd: reading it
+        is what re-arms the kernel's change notification for that fd."""
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            return _parse_keyed(os.read(fd, 4096).decode()).get("oom_kill", 0)
+        except OSError:
+            return 0
+
+    def _v2_ready(self) -> None:
+        for fd, _ in self.epoll.poll(0):
+            self._fire(fd)
+
+    def _fire(self, fd: int) -> None:
+        cid = self.fds.get(fd)
+        if cid is None:
+            return
+        w = self.watches[cid]
+        if w[2]:
+            count = self._oom_kills(fd)
+            fired, w[3] = count > w[3], count
+        else:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                return
+            # The eventfd also fires when the cgroup is removed: no OOM then.
+            fired = os.path.exists(os.path.join(w[1], "memory.oom_control"))
+        if fired:
+            self.on_oom(cid)
 
 
 # =============================================================================
@@ -1388,6 +1792,7 @@ class TaskService:
         self.containers: dict[str, Container] = {}
         self.pids: dict[int, Process] = {}
         self.stash: dict[int, tuple[int, int]] = {}
+        self.oom: OomWatcher | None = None  # made at the first Start
 
     def methods(self) -> dict:
         import pyshim_pb2 as pb
@@ -1398,16 +1803,16 @@ class TaskService:
             "Start": (pb.StartRequest, self.start),
             "Delete": (pb.DeleteRequest, self.delete),
             "Pids": (pb.PidsRequest, self.pids_),
-            "Pause": (pb.PauseRequest, self.unimplemented("Pause")),
-            "Resume": (pb.ResumeRequest, self.unimplemented("Resume")),
+            "Pause": (pb.PauseRequest, self.pause),
+            "Resume": (pb.ResumeRequest, self.resume),
             "Checkpoint": (pb.CheckpointTaskRequest, self.unimplemented("Checkpoint")),
             "Kill": (pb.KillRequest, self.kill),
             "Exec": (pb.ExecProcessRequest, self.exec_),
             "ResizePty": (pb.ResizePtyRequest, self.unimplemented("ResizePty")),
             "CloseIO": (pb.CloseIORequest, self.close_io),
-            "Update": (pb.UpdateTaskRequest, self.unimplemented("Update")),
+            "Update": (pb.UpdateTaskRequest, self.update),
             "Wait": (pb.WaitRequest, self.wait),
-            "Stats": (pb.StatsRequest, self.unimplemented("Stats")),
+            "Stats": (pb.StatsRequest, self.stats),
             "Connect": (pb.ConnectRequest, self.connect),
             "Shutdown": (pb.ShutdownRequest, self.shutdown),
         }
@@ -1519,6 +1924,7 @@ class TaskService:
                     p.starting = False
                 p.transition("start")
                 self._publish("/tasks/start", pb.TaskStart(container_id=c.id, pid=p.pid))
+                self._watch_oom(c)
             else:
                 await self._start_exec(c, p)
         finally:
@@ -1571,6 +1977,20 @@ class TaskService:
         if early is not None and p.pending_exit is None:
             p.pending_exit = early
 
+    def _watch_oom(self, c: Container) -> None:
+        if self.oom is None:
+            self.oom = OomWatcher(self.loop, self._publish_oom)
+        try:
+            self.oom.watch(c.id, c.init.pid)
+        except (OSError, ShimError) as e:
+            log("warning", "cannot watch the container for OOM kills", id=c.id, error=str(e))
+
+    def _publish_oom(self, cid: str) -> None:
+        import pyshim_pb2 as pb
+
+        self._publish("/tasks/oom", pb.TaskOOM(container_id=cid))
+        log("info", "container OOM-killed a process", id=cid)
+
     # --- exits ---------------------------------------------------------------
 
     def on_exit(self, pid: int, code: int, at: int | None = None) -> None:
@@ -1593,13 +2013,14 @@ class TaskService:
         self.pids.pop(p.pid, None)
         c = p.container
         if p.is_init:
-            if c.running_execs > 0:
-                # Exec exits go first: hold the init exit until they are in.
-                c.held_init_exit = (code, at)
-                if c.shares_pidns:
-                    self.loop.create_task(self._kill_all(c))
+            if self.oom is not None:
+                self.oom.check(c.id)  # TaskOOM goes before the exit it caused
+            if p.state == PAUSED:
+                # As the Go shim does: thaw a container whose init died paused,
+                # so that the rest of it can die and runc can delete it.
+                self.loop.create_task(self._thaw_then_exit(p, code, at))
                 return
-            self._publish_exit(p, code, at)
+            self._init_exited(p, code, at)
             return
         self._publish_exit(p, code, at)
         c.running_execs -= 1
@@ -1607,6 +2028,23 @@ class TaskService:
             code, at = c.held_init_exit
             c.held_init_exit = None
             self._publish_exit(c.init, code, at)
+
+    async def _thaw_then_exit(self, p: Process, code: int, at: int) -> None:
+        try:
+            await self.runner.runc(p.container.runc, "resume", p.container.id, what="resume")
+        except ShimError as e:
+            log("debug", "resuming a container whose init exited paused", id=p.id, error=str(e))
+        self._init_exited(p, code, at)
+
+    def _init_exited(self, p: Process, code: int, at: int) -> None:
+        c = p.container
+        if c.running_execs > 0:
+            # Exec exits go first: hold the init exit until they are in.
+            c.held_init_exit = (code, at)
+            if c.shares_pidns:
+                self.loop.create_task(self._kill_all(c))
+            return
+        self._publish_exit(p, code, at)
 
     def _publish_exit(self, p: Process, code: int, at: int) -> None:
         import pyshim_pb2 as pb
@@ -1670,6 +2108,61 @@ class TaskService:
                 raise NotFound(f"process {p.id}: process already finished") from None
         return empty_pb2.Empty()
 
+    async def pause(self, req, meta):
+        from google.protobuf import empty_pb2
+
+        import pyshim_pb2 as pb
+
+        c = self.container(req.id)
+        c.init.check("pause")
+        await self.runner.runc(c.runc, "pause", c.id, what="OCI runtime pause failed")
+        c.init.transition("pause")
+        self._publish("/tasks/paused", pb.TaskPaused(container_id=c.id))
+        return empty_pb2.Empty()
+
+    async def resume(self, req, meta):
+        from google.protobuf import empty_pb2
+
+        import pyshim_pb2 as pb
+
+        c = self.container(req.id)
+        c.init.check("resume")
+        await self.runner.runc(c.runc, "resume", c.id, what="OCI runtime resume failed")
+        c.init.transition("resume")
+        self._publish("/tasks/resumed", pb.TaskResumed(container_id=c.id))
+        return empty_pb2.Empty()
+
+    async def update(self, req, meta):
+        """Passes the OCI LinuxResources JSON in `resources` to `runc update`."""
+        import json
+
+        from google.protobuf import empty_pb2
+
+        c = self.container(req.id)
+        c.init.check("update")
+        try:
+            valid = isinstance(json.loads(req.resources.value), dict)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise InvalidArgument(f"resources of {c.id}: not the JSON of an OCI LinuxResources")
+        await self.runner.runc(c.runc, "update", "--resources", "-", c.id,
+                               what="OCI runtime update failed", input=req.resources.value)
+        return empty_pb2.Empty()
+
+    async def stats(self, req, meta):
+        import pyshim_pb2 as pb
+
+        c = self.container(req.id)
+        p = c.init
+        if p.pid not in self.pids:  # reaped: the pid may be another process's now
+            raise NotFound(f"cgroup of {c.id} does not exist")
+        url, value = container_metrics(p.pid)
+        resp = pb.StatsResponse()
+        resp.stats.type_url = url
+        resp.stats.value = value
+        return resp
+
     async def exec_(self, req, meta):
         from google.protobuf import empty_pb2
 
@@ -1681,6 +2174,8 @@ class TaskService:
             raise AlreadyExists(f"id {eid}: already exists")
         if c.init.state in (STOPPED, DELETED):
             raise FailedPrecondition(f"container {c.id} is stopped: cannot exec")
+        if c.init.state == PAUSED:
+            raise ShimError("cannot exec in a paused state")  # Unknown, as the Go shim
         if req.terminal:
             raise Unimplemented("pyshim: exec with a terminal (-t) is not implemented yet")
         stdio = Stdio(self.loop, req.stdin, req.stdout, req.stderr, req.terminal)
@@ -1700,6 +2195,8 @@ class TaskService:
         if p.is_init:
             if c.execs and any(e.state == RUNNING for e in c.execs.values()):
                 raise FailedPrecondition(f"container {c.id} still has running execs")
+            if self.oom is not None:
+                self.oom.forget(c.id)  # before runc removes the cgroup
             try:
                 await self.runner.runc(c.runc, "delete", c.id, what="failed to delete task")
             except RuntimeFailure as e:

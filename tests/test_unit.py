@@ -413,12 +413,24 @@ def test_reaper_reaps_more_than_a_batch_at_once() -> None:
 # =============================================================================
 
 C, R, P, S, D = pyshim.CREATED, pyshim.RUNNING, pyshim.PAUSED, pyshim.STOPPED, pyshim.DELETED
-EVENTS = ("start", "exit", "delete", "pause", "resume")
+EVENTS = ("start", "exit", "delete", "pause", "resume", "update")
 LEGAL = {
     (C, "start"): R, (C, "exit"): S, (C, "delete"): D,
     (R, "exit"): S, (R, "pause"): P,
     (P, "resume"): R, (P, "exit"): S,
     (S, "delete"): D,
+    # Update leaves the state as it is.
+    (C, "update"): C, (R, "update"): R, (P, "update"): P,
+}
+# Illegal pause/resume/update calls answer as the Go shim does: code Unknown, its words.
+GO_REFUSALS = {
+    (C, "pause"): "cannot pause task in created state",
+    (C, "resume"): "cannot resume task in created state",
+    (R, "resume"): "cannot resume a running process",
+    (P, "pause"): "cannot pause a paused container",
+    (S, "pause"): "cannot pause a stopped container",
+    (S, "resume"): "cannot resume a stopped container",
+    (S, "update"): "cannot update a stopped container",
 }
 
 
@@ -449,6 +461,11 @@ def test_every_transition(loop, state: str, event: str) -> None:
         assert p.check(event) == LEGAL[state, event]
         p.transition(event)
         assert p.state == LEGAL[state, event]
+    elif (state, event) in GO_REFUSALS:
+        with pytest.raises(pyshim.ShimError) as ei:
+            p.transition(event)
+        assert p.state == state
+        assert (ei.value.code, str(ei.value)) == (pyshim.UNKNOWN, GO_REFUSALS[state, event])
     else:
         with pytest.raises(pyshim.FailedPrecondition) as ei:
             p.transition(event)

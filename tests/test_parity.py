@@ -1,0 +1,505 @@
+"""Parity: Pause/Resume, Update, Stats and OOM events, pyshim against the Go runc shim.
+
+Same pattern as test_e2e.py: every scenario runs once per runtime through a real
+containerd, asserts concrete values itself, and pyshim's normalized outcome must equal
+the Go shim's (``same_as_runc``). ctr 1.6 has no ``task update``, so Update (and the raw
+Stats answer) is driven through pyshim's own TtrpcClient on the shim's socket, for both
+shims alike. The pure parts (metrics parsers, the OOM counter, the refusal table) have
+unit tests at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import harness
+import pytest
+from harness import CTR, Containerd, new_id, wait_for
+from test_e2e import (
+    RUNTIMES,
+    _checked,
+    bundle_of,
+    ctr,
+    exit_warning,
+    norm,
+    ok,
+    remove,
+    same_as_runc,
+    task_row,
+    wait_status,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pyshim
+import pyshim_pb2 as pb
+
+MEMORY_CG = os.path.join(harness.CGROUP_ROOT, "memory")
+CPU_CG = os.path.join(harness.CGROUP_ROOT, "cpu")
+
+
+@pytest.fixture
+def daemon(containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[Containerd]:
+    """The session daemon; checked for leftover shims and zombies, as in test_e2e."""
+    with _checked(containerd, request) as d:
+        yield d
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def events(d: Containerd) -> Iterator[Callable[[str, str], list[str]]]:
+    """``ctr events`` in the background. Yields ``topics(cid, until)``: waits until
+    topic ``until`` was seen for container ``cid``, then returns that container's
+    /tasks/* topics in the order containerd delivered them."""
+    proc = subprocess.Popen([CTR, "--address", d.address, "events"], env=d.env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+
+    def topics(cid: str, until: str) -> list[str]:
+        def seen() -> list[str] | None:
+            mine = [ln.split()[5] for ln in lines
+                    if len(ln.split()) > 6 and f'"{cid}"' in ln and ln.split()[5].startswith("/tasks/")]
+            return mine if until in mine else None
+
+        return wait_for(seen, 10, 0.05, message=f"no {until} event for {cid}: {lines[-10:]}")
+
+    try:
+        time.sleep(0.3)  # ctr events has subscribed
+        yield topics
+    finally:
+        proc.kill()
+        proc.wait()
+        reader.join(5)
+        proc.stdout.close()
+
+
+def task_call(d: Containerd, cid: str, method: str, req) -> bytes | tuple[int, str]:
+    """One task API call on the container's shim socket (either shim); returns the
+    response payload, or (status code, message) when the shim refuses."""
+    with open(os.path.join(bundle_of(d, cid), "address")) as f:
+        address = f.read().strip()
+
+    async def call() -> bytes | tuple[int, str]:
+        client = await pyshim.TtrpcClient.connect(address)
+        try:
+            return await client.call(pyshim.TASK_SERVICE, method, req.SerializeToString(),
+                                     {pyshim.NAMESPACE_KEY: d.namespace}, timeout=10)
+        except pyshim.RemoteError as e:
+            return e.code, str(e)
+        finally:
+            client.close()
+
+    return asyncio.run(call())
+
+
+def cgroup_file(d: Containerd, controller: str, cid: str, name: str) -> str:
+    with open(os.path.join(harness.CGROUP_ROOT, controller, d.namespace, cid, name)) as f:
+        return f.read().strip()
+
+
+def run_sleeper(d: Containerd, runtime: str, rootfs: str, *flags: str) -> tuple[str, int]:
+    cid = new_id()
+    assert ctr(d, "run", "-d", "--runtime", runtime, *flags, "--rootfs", rootfs, cid,
+               "/bin/sleep", "1000") == (0, "", "")
+    return cid, wait_status(d, cid, "RUNNING")
+
+
+def kill_and_remove(d: Containerd, cid: str) -> dict:
+    assert ctr(d, "task", "kill", "-s", "KILL", cid) == (0, "", "")
+    wait_status(d, cid, "STOPPED")
+    res = remove(d, cid)
+    assert res["task rm"] == (0, "", exit_warning(137))
+    return res
+
+
+# ------------------------------------------------------------------- Pause / Resume
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_pause_resume(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    """pause -> PAUSED (and frozen), refusals while paused, resume -> RUNNING,
+    refusal of a second resume, events /tasks/paused and /tasks/resumed."""
+    def scenario(r: str) -> dict:
+        with events(daemon) as topics:
+            cid, pid = run_sleeper(daemon, r, rootfs)
+            res = {"pause": ctr(daemon, "task", "pause", cid)}
+            assert res["pause"] == (0, "", "")
+            assert task_row(daemon, cid) == (pid, "PAUSED")
+            assert cgroup_file(daemon, "freezer", cid, "freezer.state") == "FROZEN"
+            res["pause again"] = norm(ctr(daemon, "task", "pause", cid), cid)
+            assert res["pause again"] == (1, "", "ctr: cannot pause a paused container: unknown\n")
+            res["exec paused"] = norm(ctr(daemon, "task", "exec", "--exec-id", "e1", cid, "/bin/true"), cid)
+            assert res["exec paused"] == (1, "", "ctr: cannot exec in a paused state: unknown\n")
+            res["resume"] = ctr(daemon, "task", "resume", cid)
+            assert res["resume"] == (0, "", "")
+            assert task_row(daemon, cid) == (pid, "RUNNING")
+            assert cgroup_file(daemon, "freezer", cid, "freezer.state") == "THAWED"
+            res["resume again"] = norm(ctr(daemon, "task", "resume", cid), cid)
+            assert res["resume again"] == (1, "", "ctr: cannot resume a running process: unknown\n")
+            res["exec"] = norm(ctr(daemon, "task", "exec", "--exec-id", "e2", cid, "/bin/echo", "hi"), cid)
+            assert res["exec"] == (0, "hi\n", "")
+            res.update(kill_and_remove(daemon, cid))
+            res["events"] = topics(cid, "/tasks/delete")
+        assert res["events"] == ["/tasks/create", "/tasks/start", "/tasks/paused", "/tasks/resumed",
+                                 "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
+                                 "/tasks/exit", "/tasks/delete"], res["events"]
+        return res
+
+    same_as_runc("pause-resume", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_kill_paused(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    """A paused task is killed by SIGKILL (runc thaws it), exits 137, STOPPED;
+    pause/resume of the stopped task are refused as the Go shim words it."""
+    def scenario(r: str) -> dict:
+        with events(daemon) as topics:
+            cid, pid = run_sleeper(daemon, r, rootfs)
+            assert ctr(daemon, "task", "pause", cid) == (0, "", "")
+            assert task_row(daemon, cid) == (pid, "PAUSED")
+            res = {"kill": ctr(daemon, "task", "kill", "-s", "KILL", cid)}
+            assert res["kill"] == (0, "", "")
+            assert wait_status(daemon, cid, "STOPPED") == pid
+            res["pause stopped"] = norm(ctr(daemon, "task", "pause", cid), cid)
+            assert res["pause stopped"] == (1, "", "ctr: cannot pause a stopped container: unknown\n")
+            res["resume stopped"] = norm(ctr(daemon, "task", "resume", cid), cid)
+            assert res["resume stopped"] == (1, "", "ctr: cannot resume a stopped container: unknown\n")
+            res.update(remove(daemon, cid))
+            assert res["task rm"] == (0, "", exit_warning(137))
+            res["events"] = topics(cid, "/tasks/delete")
+        assert res["events"] == ["/tasks/create", "/tasks/start", "/tasks/paused", "/tasks/exit",
+                                 "/tasks/delete"], res["events"]
+        return res
+
+    same_as_runc("kill-paused", runtime, scenario)
+
+
+# ---------------------------------------------------------------------------- Update
+
+
+def update_request(cid: str, resources: dict | bytes) -> pb.UpdateTaskRequest:
+    req = pb.UpdateTaskRequest(id=cid)
+    req.resources.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+    req.resources.value = resources if isinstance(resources, bytes) else json.dumps(resources).encode()
+    return req
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_update(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    """Update through the shim socket changes the cgroup (memory limit, cpu shares),
+    also while paused; a stopped task's Update is refused."""
+    def scenario(r: str) -> dict:
+        cid, _ = run_sleeper(daemon, r, rootfs, "--memory-limit", "50000000")
+        res = {"limit before": cgroup_file(daemon, "memory", cid, "memory.limit_in_bytes")}
+        assert res["limit before"] == str(50000000 // 4096 * 4096)
+        res["update"] = task_call(daemon, cid, "Update", update_request(
+            cid, {"memory": {"limit": 104857600}, "cpu": {"shares": 512}}))
+        assert res["update"] == b""
+        res["limit"] = cgroup_file(daemon, "memory", cid, "memory.limit_in_bytes")
+        res["shares"] = cgroup_file(daemon, "cpu", cid, "cpu.shares")
+        assert (res["limit"], res["shares"]) == ("104857600", "512")
+        assert ctr(daemon, "task", "pause", cid) == (0, "", "")
+        res["update paused"] = task_call(daemon, cid, "Update", update_request(
+            cid, {"cpu": {"shares": 256}}))
+        assert res["update paused"] == b""
+        assert cgroup_file(daemon, "cpu", cid, "cpu.shares") == "256"
+        assert ctr(daemon, "task", "resume", cid) == (0, "", "")
+        res["update unknown"] = task_call(daemon, cid, "Update", update_request("nope", {}))
+        assert res["update unknown"][0] == pyshim.NOT_FOUND
+        res["update unknown"] = res["update unknown"][0]
+        assert ctr(daemon, "task", "kill", "-s", "KILL", cid) == (0, "", "")
+        wait_status(daemon, cid, "STOPPED")
+        res["update stopped"] = task_call(daemon, cid, "Update", update_request(cid, {"cpu": {"shares": 128}}))
+        assert res["update stopped"] == (pyshim.UNKNOWN, "cannot update a stopped container")
+        res.update(remove(daemon, cid))
+        return res
+
+    same_as_runc("update", runtime, scenario)
+
+
+# ----------------------------------------------------------------------------- Stats
+
+
+def metric_rows(out: str) -> list[str]:
+    """The METRIC column of ``ctr task metrics`` (values differ between runs)."""
+    lines = out.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("METRIC"))
+    return [ln.split()[0] for ln in lines[start + 1:] if ln.strip()]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_stats(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    """``ctr task metrics`` prints the same rows; the raw Stats answer is a v1 Metrics
+    with pids, cpu and memory figures of the container's own cgroup."""
+    def scenario(r: str) -> dict:
+        cid, _ = run_sleeper(daemon, r, rootfs, "--memory-limit", "50000000")
+        out = ok(daemon, "task", "metrics", cid)
+        res = {"rows": metric_rows(out)}
+        assert res["rows"] == ["memory.usage_in_bytes", "memory.limit_in_bytes", "memory.stat.cache",
+                               "cpuacct.usage", "cpuacct.usage_percpu", "pids.current", "pids.limit"]
+        assert cid in out
+        raw = task_call(daemon, cid, "Stats", pb.StatsRequest(id=cid))
+        resp = pb.StatsResponse.FromString(raw)
+        res["type_url"] = resp.stats.type_url
+        assert res["type_url"] == pyshim.URL_CGROUPS_V1_METRICS
+        m = pb.CgroupsV1Metrics.FromString(resp.stats.value)
+        assert m.pids.current == 1
+        assert m.memory.usage.limit == 50000000 // 4096 * 4096
+        assert 0 < m.memory.usage.usage <= m.memory.usage.max
+        assert m.cpu.usage.total > 0 and len(m.cpu.usage.per_cpu) == os.cpu_count()
+        assert m.memory.hierarchical_memory_limit == 50000000 // 4096 * 4096
+        res["fields"] = sorted(f.name for f, _ in m.ListFields())
+        res["memory entries"] = sorted(f.name for f, _ in m.memory.ListFields()
+                                       if f.message_type is not None)
+        res["stats unknown"] = task_call(daemon, cid, "Stats", pb.StatsRequest(id="nope"))[0]
+        assert res["stats unknown"] == pyshim.NOT_FOUND
+        res.update(kill_and_remove(daemon, cid))
+        return res
+
+    same_as_runc("stats", runtime, scenario)
+
+
+# ------------------------------------------------------------------------------- OOM
+
+OOM_PROGRAM = ["/bin/sh", "-c", "x=a; while :; do x=$x$x; done"]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_oom_event(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    """A task over its memory limit is OOM-killed: /tasks/oom comes before /tasks/exit
+    (137), once; a task that stays under its limit gets no /tasks/oom."""
+    def scenario(r: str) -> dict:
+        with events(daemon) as topics:
+            cid = new_id()
+            res = {"run": ctr(daemon, "run", "--rm", "--runtime", r, "--memory-limit", "20000000",
+                              "--rootfs", rootfs, cid, *OOM_PROGRAM)}
+            assert res["run"] == (137, "", "")
+            res["events"] = topics(cid, "/tasks/delete")
+            quiet = new_id()
+            res["quiet run"] = ctr(daemon, "run", "--rm", "--runtime", r, "--memory-limit", "20000000",
+                                   "--rootfs", rootfs, quiet, "/bin/true")
+            assert res["quiet run"] == (0, "", "")
+            res["quiet events"] = topics(quiet, "/tasks/delete")
+        assert res["events"] == ["/tasks/create", "/tasks/start", "/tasks/oom", "/tasks/exit",
+                                 "/tasks/delete"], res["events"]
+        assert "/tasks/oom" not in res["quiet events"]
+        return res
+
+    same_as_runc("oom", runtime, scenario)
+
+
+# ------------------------------------------------------------------------ unit tests
+
+
+def _write(root: str, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+
+V1_FILES = {
+    "pids/pids.current": "3\n",
+    "pids/pids.max": "max\n",
+    "cpuacct/cpuacct.usage": "123456789\n",
+    "cpuacct/cpuacct.stat": "user 250\nsystem 50\n",
+    "cpuacct/cpuacct.usage_percpu": "100 200 300 \n",
+    "cpu/cpu.stat": "nr_periods 10\nnr_throttled 2\nthrottled_time 3000\n",
+    "memory/memory.stat": "cache 4096\nrss 8192\nswap 0\npgfault 7\npgmajfault 1\n"
+                          "hierarchical_memory_limit 20000768\nhierarchical_memsw_limit 40000000\n"
+                          "total_cache 4096\ntotal_pgfault 9\n",
+    "memory/memory.usage_in_bytes": "12288\n",
+    "memory/memory.limit_in_bytes": "20000768\n",
+    "memory/memory.max_usage_in_bytes": "65536\n",
+    "memory/memory.failcnt": "5\n",
+    "memory/memory.memsw.usage_in_bytes": "12288\n",
+    "memory/memory.memsw.limit_in_bytes": "40000000\n",
+    "memory/memory.memsw.max_usage_in_bytes": "70000\n",
+    "memory/memory.memsw.failcnt": "0\n",
+    "memory/memory.kmem.usage_in_bytes": "1000\n",
+    "memory/memory.kmem.limit_in_bytes": "9223372036854771712\n",
+    "memory/memory.kmem.max_usage_in_bytes": "2000\n",
+    "memory/memory.kmem.failcnt": "0\n",
+    "memory/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 4\n",
+    "blkio/blkio.io_service_bytes_recursive": "",
+    "blkio/blkio.throttle.io_service_bytes_recursive": "8:0 Read 4096\n8:0 Write 8192\nTotal 12288\n",
+    "blkio/blkio.throttle.io_serviced_recursive": "8:0 Read 1\n8:0 Write 2\nTotal 3\n",
+}
+
+
+def test_v1_metrics_from_files(tmp_path) -> None:
+    root = str(tmp_path)
+    _write(root, V1_FILES)
+    dirs = {c: os.path.join(root, c) for c in ("pids", "cpuacct", "cpu", "memory", "blkio", "hugetlb")}
+    m = pyshim.v1_metrics(dirs, devices={(8, 0): "/dev/sda"})
+    assert (m.pids.current, m.pids.limit) == (3, 0)  # "max" is no limit
+    u = m.cpu.usage
+    assert (u.total, u.user, u.kernel, list(u.per_cpu)) == (123456789, 2_500_000_000, 500_000_000,
+                                                             [100, 200, 300])
+    t = m.cpu.throttling
+    assert (t.periods, t.throttled_periods, t.throttled_time) == (10, 2, 3000)
+    mem = m.memory
+    assert (mem.cache, mem.rss, mem.pg_fault, mem.pg_maj_fault, mem.total_pg_fault) == (4096, 8192, 7, 1, 9)
+    assert (mem.hierarchical_memory_limit, mem.hierarchical_swap_limit) == (20000768, 40000000)
+    assert (mem.usage.usage, mem.usage.limit, mem.usage.max, mem.usage.failcnt) == (12288, 20000768, 65536, 5)
+    assert (mem.swap.limit, mem.swap.max) == (40000000, 70000)
+    assert (mem.kernel.usage, mem.kernel.max) == (1000, 2000)
+    assert not mem.HasField("kernel_tcp")  # no such files: skipped, as IgnoreNotExist
+    assert m.memory_oom_control.oom_kill == 4
+    # The CFQ file is empty, so the throttle files stand in.
+    assert [(e.op, e.device, e.major, e.minor, e.value) for e in m.blkio.io_service_bytes_recursive] == [
+        ("Read", "/dev/sda", 8, 0, 4096), ("Write", "/dev/sda", 8, 0, 8192)]
+    assert [e.value for e in m.blkio.io_serviced_recursive] == [1, 2]
+    assert not m.hugetlb  # no hugetlb dir
+
+
+def test_v1_metrics_skip_missing_controllers(tmp_path) -> None:
+    m = pyshim.v1_metrics({"memory": str(tmp_path / "gone")})
+    assert m.ListFields() == []
+
+
+V2_FILES = {
+    "pids.current": "2\n",
+    "pids.max": "100\n",
+    "cpu.stat": "usage_usec 500\nuser_usec 300\nsystem_usec 200\nnr_periods 4\nnr_throttled 1\n"
+                "throttled_usec 9\n",
+    "memory.current": "65536\n",
+    "memory.max": "max\n",
+    "memory.swap.current": "0\n",
+    "memory.swap.max": "1048576\n",
+    "memory.stat": "anon 4096\nfile 8192\nslab 100\npgfault 11\nthp_fault_alloc 1\nunknown_key 5\n",
+    "memory.events": "low 0\nhigh 1\nmax 2\noom 3\noom_kill 3\n",
+    "io.stat": "8:0 rbytes=10 wbytes=20 rios=1 wios=2 dbytes=0 dios=0\n",
+    "hugetlb.2MB.current": "0\n",
+    "hugetlb.2MB.max": "max\n",
+}
+
+
+def test_v2_metrics_from_files(tmp_path) -> None:
+    _write(str(tmp_path), V2_FILES)
+    m = pyshim.v2_metrics(str(tmp_path))
+    assert (m.pids.current, m.pids.limit) == (2, 100)
+    c = m.cpu
+    assert (c.usage_usec, c.user_usec, c.system_usec, c.nr_periods, c.nr_throttled, c.throttled_usec) == (
+        500, 300, 200, 4, 1, 9)
+    mem = m.memory
+    assert (mem.anon, mem.file, mem.slab, mem.pgfault, mem.thp_fault_alloc) == (4096, 8192, 100, 11, 1)
+    assert (mem.usage, mem.usage_limit, mem.swap_usage, mem.swap_limit) == (65536, 2**64 - 1, 0, 1048576)
+    e = m.memory_events
+    assert (e.low, e.high, e.max, e.oom, e.oom_kill) == (0, 1, 2, 3, 3)
+    assert [(i.major, i.minor, i.rbytes, i.wbytes, i.rios, i.wios) for i in m.io.usage] == [(8, 0, 10, 20, 1, 2)]
+    assert [(h.pagesize, h.current, h.max) for h in m.hugetlb] == [("2MB", 0, 2**64 - 1)]
+    with pytest.raises(pyshim.NotFound):
+        pyshim.v2_metrics(str(tmp_path / "gone"))
+
+
+def test_cgroup_paths_of_this_process(tmp_path) -> None:
+    """v1 controllers map to their hierarchy dir under the root (joined or not), v2
+    to root/unified on a hybrid layout, or to root itself on a pure v2 one."""
+    with open(f"/proc/{os.getpid()}/cgroup") as f:
+        entries = [ln.split(":", 2) for ln in f.read().splitlines()]
+    root = str(tmp_path)
+    v1, v2 = pyshim.cgroup_paths(os.getpid(), root)
+    for _, controllers, path in entries:
+        if controllers:
+            for name in controllers.split(","):
+                if not name.startswith("name="):
+                    assert v1[name] == os.path.join(root, name, path.lstrip("/"))
+        else:
+            assert v2 == os.path.join(root, "unified", path.lstrip("/"))
+    _write(root, {"cgroup.controllers": ""})
+    _, v2 = pyshim.cgroup_paths(os.getpid(), root)
+    if v2:
+        assert not v2.startswith(os.path.join(root, "unified"))
+    with pytest.raises(pyshim.NotFound):
+        pyshim.cgroup_paths(2**22 + 1, root)
+
+
+def test_oom_watcher_v2_counts_only_new_oom_kills(tmp_path) -> None:
+    """cgroup v2: a change of memory.events is an OOM only if oom_kill grew."""
+    fired: list[str] = []
+    w = pyshim.OomWatcher(None, fired.append)
+    path = tmp_path / "memory.events"
+    path.write_text("oom 1\noom_kill 1\n")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        w.watches["c1"] = [fd, str(tmp_path), True, 1]
+        w.fds[fd] = "c1"
+        w._fire(fd)
+        assert fired == []  # the kill seen when the watch began
+        path.write_text("oom 2\noom_kill 2\nlow 0\n")  # read through the same fd
+        w._fire(fd)
+        w._fire(fd)
+        assert fired == ["c1"]
+        w._fire(fd + 1000)  # an fd nobody watches
+        assert fired == ["c1"]
+    finally:
+        os.close(fd)
+
+
+def test_oom_watcher_v1_eventfd(tmp_path) -> None:
+    """cgroup v1: a signalled eventfd is an OOM while the cgroup exists, and nothing
+    once it is gone (the kernel signals its removal too); check() drains it."""
+    fired: list[str] = []
+    w = pyshim.OomWatcher(None, fired.append)
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        _write(str(tmp_path), {"memory.oom_control": "oom_kill 0\n"})
+        w.watches["c1"] = [efd, str(tmp_path), False, 0]
+        w.fds[efd] = "c1"
+        w.check("c1")
+        assert fired == []  # not signalled
+        os.eventfd_write(efd, 1)
+        w.check("c1")
+        w.check("c1")
+        assert fired == ["c1"]
+        os.unlink(tmp_path / "memory.oom_control")
+        os.eventfd_write(efd, 1)
+        w._fire(efd)
+        assert fired == ["c1"]
+    finally:
+        os.close(efd)
+
+
+def test_pause_resume_update_transitions() -> None:
+    """The TRANSITIONS table and the Go shim's refusals for pause/resume/update."""
+    T = pyshim.TRANSITIONS
+    assert T[pyshim.RUNNING, "pause"] == pyshim.PAUSED
+    assert T[pyshim.PAUSED, "resume"] == pyshim.RUNNING
+    assert T[pyshim.PAUSED, "exit"] == pyshim.STOPPED
+    for state in (pyshim.CREATED, pyshim.RUNNING, pyshim.PAUSED):
+        assert T[state, "update"] == state
+    loop = asyncio.new_event_loop()
+    try:
+        c = pyshim.Container("c", "/nonexistent", None)
+        p = pyshim.Process("c", c, None, loop)
+        for state, event, words in [
+            (pyshim.CREATED, "pause", "cannot pause task in created state"),
+            (pyshim.RUNNING, "resume", "cannot resume a running process"),
+            (pyshim.PAUSED, "pause", "cannot pause a paused container"),
+            (pyshim.STOPPED, "resume", "cannot resume a stopped container"),
+            (pyshim.STOPPED, "update", "cannot update a stopped container"),
+        ]:
+            p.state = state
+            with pytest.raises(pyshim.ShimError) as e:
+                p.check(event)
+            assert (e.value.code, str(e.value)) == (pyshim.UNKNOWN, words)
+        p.state = pyshim.STOPPED
+        with pytest.raises(pyshim.FailedPrecondition):
+            p.check("start")
+    finally:
+        loop.close()
