@@ -2799,6 +2799,7 @@ def _template_connect(path: str) -> int:
             os.unlink(path)
         except FileNotFoundError:
             pass
+        _remove_dead_templates(path)
         lfd = unix_listen(path)
         try:
             os.chmod(path, 0o600)
@@ -2815,6 +2816,41 @@ def _template_connect(path: str) -> int:
         return unix_connect(path)
     finally:
         os.close(lock)
+
+
+def _remove_dead_templates(keep: str) -> None:
+    """Removes the sockets (and lock files) of templates nobody answers on
+    any more: killed ones, and those of pyshim builds since upgraded. Run
+    only when a template is launched, which is rare. A live template of
+    another build is left alone, and so is a lock someone holds."""
+    import fcntl
+
+    prefix = os.path.join(SOCKET_DIR, "pyshim-template-")
+    try:
+        names = os.listdir(SOCKET_DIR)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(SOCKET_DIR, name)
+        if not path.startswith(prefix) or path.endswith(".lock") or path == keep:
+            continue
+        if _can_connect(path):
+            continue
+        try:
+            lock = os.open(path + ".lock", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            lock = -1
+        try:
+            if lock >= 0:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+            if lock >= 0:
+                os.unlink(path + ".lock")
+        except OSError:
+            pass  # being launched right now, or already gone
+        finally:
+            if lock >= 0:
+                os.close(lock)
 
 
 def template_fork(argv: list[str], sock_fd: int, timeout: float = 3.0) -> int:
@@ -2922,6 +2958,10 @@ def _warm_up(rounds: int = 12) -> None:
                 ev = pb.TaskExit(container_id="warm", id="warm", pid=1, exit_status=0)
                 _ts(ev.exited_at, time.time_ns())
                 service._publish("/tasks/exit", ev)
+                try:  # Stats: parse the template's own cgroup, read-only
+                    container_metrics(os.getpid())
+                except (ShimError, OSError):
+                    pass
                 r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
                 r2, w2 = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
                 copier = Copier(loop, r, w2)
@@ -2975,6 +3015,29 @@ def serve_template() -> int:
     lsock = socket.socket(fileno=3)
     lsock.setblocking(True)
     path = lsock.getsockname()
+    # The launcher bound the file before starting us: its inode now is ours.
+    # (fstat of the socket fd would give the socket's inode, not the file's.)
+    try:
+        own_ino = os.stat(path).st_ino
+    except OSError:
+        own_ino = -1
+
+    def remove_socket() -> None:
+        """Unlinks our socket file, unless a newer template has replaced it."""
+        try:
+            if os.stat(path).st_ino == own_ino:
+                os.unlink(path)
+        except OSError:
+            pass
+
+    def leave(signo: int, frame: object) -> None:
+        # Stopped on purpose: the socket goes too, so the next start
+        # launches a new template at once instead of finding a dead socket.
+        remove_socket()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, leave)
     gc.freeze()
     uid = os.geteuid()
     children: set[int] = set()
@@ -2992,11 +3055,7 @@ def serve_template() -> int:
         if not select.select([lsock], [], [], min(5.0, idle_limit))[0]:
             if not children and time.monotonic() - last_used >= idle_limit:
                 # Idle with no shim to reap: leave, unless a start already queued.
-                try:
-                    if os.stat(path).st_ino == os.fstat(lsock.fileno()).st_ino:
-                        os.unlink(path)
-                except OSError:
-                    pass
+                remove_socket()
                 if not select.select([lsock], [], [], 0)[0]:
                     return 0
             else:
@@ -3047,10 +3106,14 @@ def serve_template() -> int:
 
 def _template_child(lsock, conn, fd: int, req: dict) -> None:
     """In the forked shim: become the process a cold spawn would have made."""
+    import signal
+
     code = 1
     try:
         lsock.close()
         conn.close()
+        for signo in (signal.SIGTERM, signal.SIGINT):  # the template's, not ours
+            signal.signal(signo, signal.SIG_DFL)
         os.setsid()
         os.chdir(req["cwd"])
         # Only differences: usually none, since the template was launched by

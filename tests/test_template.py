@@ -16,6 +16,7 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -197,3 +198,54 @@ def test_template_refuses_another_user(templated: harness.Containerd, rootfs: st
     other = harness.new_id("tu")
     _run_d(templated, rootfs, other)
     assert _is_template(_ppid(_shim_of(templated, other)))
+
+
+def test_dead_templates_are_cleared_and_sigterm_removes_the_socket(templated: harness.Containerd,
+                                                                   rootfs: str) -> None:
+    path = _installed("pyshim.template_path()")
+    # A template socket nobody answers on (as a SIGKILLed or upgraded build leaves).
+    dead = os.path.join(os.path.dirname(path), "pyshim-template-0000deadbeef0000")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(dead)
+    s.close()
+    open(dead + ".lock", "w").close()
+    cid = harness.new_id("tg")
+    _run_d(templated, rootfs, cid)
+    template = _ppid(_shim_of(templated, cid))
+    assert _is_template(template)
+    # SIGTERM: the template leaves and takes its socket with it; shims carry on.
+    os.kill(template, signal.SIGTERM)
+    harness.wait_for(lambda: not os.path.exists(path), 10, 0.02)
+    assert templated.tasks()[cid] == "RUNNING"
+    # The next start launches a new template, clearing dead sockets on the way.
+    other = harness.new_id("tg")
+    _run_d(templated, rootfs, other)
+    assert _is_template(_ppid(_shim_of(templated, other)))
+    assert not os.path.exists(dead) and not os.path.exists(dead + ".lock")
+
+
+def test_idle_template_exits_and_removes_its_socket(rootfs: str) -> None:
+    require_e2e()
+    saved = {k: os.environ.get(k) for k in ("PYSHIM_TEMPLATE", "PYSHIM_TEMPLATE_IDLE")}
+    os.environ["PYSHIM_TEMPLATE"] = "1"
+    os.environ["PYSHIM_TEMPLATE_IDLE"] = "1"
+    daemon = harness.Containerd()  # its shims (and template) get this environment
+    try:
+        daemon.start()
+        path = _installed("pyshim.template_path()")
+        cid = harness.new_id("ti")
+        _run_d(daemon, rootfs, cid)
+        template = _ppid(_shim_of(daemon, cid))
+        assert _is_template(template)
+        time.sleep(2.5)
+        assert harness.cmdline(template), "left while a shim it forked was alive"
+        daemon.remove_all()  # the shim exits; the template is idle from now on
+        harness.wait_for(lambda: not harness.cmdline(template), 15, 0.05)
+        assert not os.path.exists(path)
+    finally:
+        daemon.cleanup()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
