@@ -1014,18 +1014,40 @@ class Stdio:
 
 
 def _open_output(path: str) -> tuple[int, int]:
-    """(write fd, keep-alive fd or -1) for an output path: a fifo, or a file
-    appended to."""
+    """(write fd, keep-alive fd or -1) for an output: a fifo path (plain or
+    `fifo://`), or a `file://` URI or plain file, appended to."""
     import stat
 
+    scheme, sep, rest = path.partition("://")
+    if sep:
+        if scheme == "fifo":
+            path = rest
+        elif scheme == "file":
+            path = rest.split("?", 1)[0]
+            if not path.startswith("/"):
+                raise InvalidArgument(f"stdio URI {path!r}: file:// needs an absolute path")
+            os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+            return _open_append(path), -1
+        elif scheme == "binary":
+            raise Unimplemented("pyshim: binary:// stdio (logging binaries) is not implemented yet")
+        else:
+            raise InvalidArgument(f"stdio URI {path!r}: unsupported scheme {scheme!r}")
     try:
         st = os.stat(path)
     except FileNotFoundError:
         st = None
     if st is not None and stat.S_ISFIFO(st.st_mode):
         return _open_fifo_pair(path, write=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
-    return fd, -1
+    return _open_append(path, 0o600), -1
+
+
+def _open_append(path: str, mode: int = 0o644) -> int:
+    """A file opened for appending, without O_APPEND: splice(2) refuses an
+    O_APPEND destination (EINVAL), so the offset starts at the end instead.
+    stdout and stderr naming one file share this fd, and so its offset."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, mode)
+    os.lseek(fd, 0, os.SEEK_END)
+    return fd
 
 
 # =============================================================================
@@ -1983,7 +2005,12 @@ class TaskService:
         try:
             self.oom.watch(c.id, c.init.pid)
         except (OSError, ShimError) as e:
-            log("warning", "cannot watch the container for OOM kills", id=c.id, error=str(e))
+            # A task that has already exited (/bin/true) has no cgroup left to
+            # watch: that is normal, not worth a warning.
+            gone = c.init.state == STOPPED or c.init.pending_exit is not None or not os.path.exists(
+                f"/proc/{c.init.pid}")
+            log("debug" if gone else "warning", "cannot watch the container for OOM kills",
+                id=c.id, error=str(e))
 
     def _publish_oom(self, cid: str) -> None:
         import pyshim_pb2 as pb

@@ -722,3 +722,32 @@ def test_usr1_dumps_stacks_and_the_shim_keeps_serving(daemon: Containerd, rootfs
     wait_for(lambda: daemon.tasks()[cid] == "STOPPED", 10)
     assert ctr(daemon, "task", "rm", cid)[0] == 0
     assert ctr(daemon, "container", "rm", cid)[0] == 0
+
+
+# ---------------------------------------------------------------------- stdio URIs
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_log_uri_file(daemon: Containerd, rootfs: str, runtime: str, tmp_path) -> None:
+    """`--log-uri file:///path`: stdout and stderr are appended to the file, whose
+    directory is created; ctr still gets the exit code."""
+    path = tmp_path / "logs" / "out.log"
+    cid = new_id()
+    for _ in range(2):  # appended, not truncated
+        code = ctr(daemon, "run", "--rm", "--runtime", runtime, "--log-uri", f"file://{path}",
+                   "--rootfs", rootfs, cid, "/bin/sh", "-c", "echo to-file; echo err-to-file >&2; exit 4")
+        assert code[0] == 4, code
+    # The Go shim may still be copying when ctr returns: wait (bounded) for all lines.
+    def four_lines() -> list[str] | None:
+        got = sorted(path.read_text().splitlines())
+        return got if len(got) >= 4 else None
+
+    lines = wait_for(four_lines, 10, 0.05, message=f"{runtime}: lines missing from {path}")
+    assert lines == ["err-to-file", "err-to-file", "to-file", "to-file"]
+    compare_with_runc("log_uri_file", runtime, (code[0], lines))
+
+
+def test_log_uri_binary_is_refused_clearly(daemon: Containerd, rootfs: str) -> None:
+    code, _, err = ctr(daemon, "run", "--rm", "--runtime", PYSHIM, "--log-uri", "binary:///bin/true",
+                       "--rootfs", rootfs, new_id(), "/bin/true")
+    assert code == 1 and "binary:// stdio" in err and "not implemented" in err, err
