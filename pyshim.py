@@ -2136,27 +2136,22 @@ class TaskService:
         return empty_pb2.Empty()
 
     async def pause(self, req, meta):
-        from google.protobuf import empty_pb2
-
-        import pyshim_pb2 as pb
-
-        c = self.container(req.id)
-        c.init.check("pause")
-        await self.runner.runc(c.runc, "pause", c.id, what="OCI runtime pause failed")
-        c.init.transition("pause")
-        self._publish("/tasks/paused", pb.TaskPaused(container_id=c.id))
-        return empty_pb2.Empty()
+        return await self._freeze(req.id, "pause", "/tasks/paused", "TaskPaused")
 
     async def resume(self, req, meta):
+        return await self._freeze(req.id, "resume", "/tasks/resumed", "TaskResumed")
+
+    async def _freeze(self, cid: str, event: str, topic: str, event_name: str):
+        """Pause or resume: `runc <event>`, the state transition, its event."""
         from google.protobuf import empty_pb2
 
         import pyshim_pb2 as pb
 
-        c = self.container(req.id)
-        c.init.check("resume")
-        await self.runner.runc(c.runc, "resume", c.id, what="OCI runtime resume failed")
-        c.init.transition("resume")
-        self._publish("/tasks/resumed", pb.TaskResumed(container_id=c.id))
+        c = self.container(cid)
+        c.init.check(event)
+        await self.runner.runc(c.runc, event, c.id, what=f"OCI runtime {event} failed")
+        c.init.transition(event)
+        self._publish(topic, getattr(pb, event_name)(container_id=c.id))
         return empty_pb2.Empty()
 
     async def update(self, req, meta):

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -55,42 +56,40 @@ def _is_template(pid: int) -> bool:
     return len(argv) >= 3 and argv[2] == "template" and "pyshim" in argv[1]
 
 
-@pytest.fixture
-def templated(rootfs: str) -> Iterator[harness.Containerd]:
-    """A daemon whose shims come from the warm template (the default)."""
+@contextmanager
+def daemon_with(**env: str) -> Iterator[harness.Containerd]:
+    """A private containerd whose environment (and so its shims' and template's)
+    has these variables; os.environ is restored afterwards."""
     require_e2e()
-    saved = os.environ.get("PYSHIM_TEMPLATE")
-    os.environ["PYSHIM_TEMPLATE"] = "1"
-    daemon = harness.Containerd()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    daemon = harness.Containerd()  # copies os.environ
     try:
         daemon.start()
         yield daemon
     finally:
         daemon.cleanup()
-        if saved is None:
-            os.environ.pop("PYSHIM_TEMPLATE")
-        else:
-            os.environ["PYSHIM_TEMPLATE"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def templated(rootfs: str) -> Iterator[harness.Containerd]:
+    """A daemon whose shims come from the warm template (the default)."""
+    with daemon_with(PYSHIM_TEMPLATE="1") as daemon:
+        yield daemon
 
 
 def test_template_can_be_turned_off(rootfs: str) -> None:
-    require_e2e()
-    saved = os.environ.get("PYSHIM_TEMPLATE")
-    os.environ["PYSHIM_TEMPLATE"] = "0"
-    daemon = harness.Containerd()
-    try:
-        daemon.start()
+    with daemon_with(PYSHIM_TEMPLATE="0") as daemon:
         cid = harness.new_id("off")
         _run_d(daemon, rootfs, cid)
         shim = _shim_of(daemon, cid)
         assert not _is_template(_ppid(shim))
         assert harness.cmdline(shim)[-2:] != ["template"]
-    finally:
-        daemon.cleanup()
-        if saved is None:
-            os.environ.pop("PYSHIM_TEMPLATE")
-        else:
-            os.environ["PYSHIM_TEMPLATE"] = saved
 
 
 def _run_d(daemon: harness.Containerd, rootfs: str, cid: str) -> None:
@@ -225,13 +224,7 @@ def test_dead_templates_are_cleared_and_sigterm_removes_the_socket(templated: ha
 
 
 def test_idle_template_exits_and_removes_its_socket(rootfs: str) -> None:
-    require_e2e()
-    saved = {k: os.environ.get(k) for k in ("PYSHIM_TEMPLATE", "PYSHIM_TEMPLATE_IDLE")}
-    os.environ["PYSHIM_TEMPLATE"] = "1"
-    os.environ["PYSHIM_TEMPLATE_IDLE"] = "1"
-    daemon = harness.Containerd()  # its shims (and template) get this environment
-    try:
-        daemon.start()
+    with daemon_with(PYSHIM_TEMPLATE="1", PYSHIM_TEMPLATE_IDLE="1") as daemon:
         path = _installed("pyshim.template_path()")
         cid = harness.new_id("ti")
         _run_d(daemon, rootfs, cid)
@@ -242,10 +235,3 @@ def test_idle_template_exits_and_removes_its_socket(rootfs: str) -> None:
         daemon.remove_all()  # the shim exits; the template is idle from now on
         harness.wait_for(lambda: not harness.cmdline(template), 15, 0.05)
         assert not os.path.exists(path)
-    finally:
-        daemon.cleanup()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
