@@ -1345,7 +1345,7 @@ class Container:
         self.mounted = False
         self.init: Process | None = None
         self.execs: dict[str, Process] = {}
-        self.running_execs = 0
+        self.running_execs = 0  # execs starting or running: the init's exit waits for them
         self.held_init_exit: tuple[int, int] | None = None
         self.shares_pidns = False
 
@@ -1966,6 +1966,9 @@ class TaskService:
         spec_path = os.path.join(c.bundle, f".exec-{p.id}.json")
         pid_path = os.path.join(c.bundle, f"{p.id}.pid")
         p.starting = True
+        # Counted from now, not from when runc exec returns: an init that dies
+        # meanwhile must hold its exit until this exec's exit (or failure).
+        c.running_execs += 1
         try:
             fds = p.stdio.open(0, 0)
             fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -1981,6 +1984,7 @@ class TaskService:
             p.starting = False
             p.stdio.close()
             p.set_exited(255, time.time_ns())
+            self._exec_done(c)
             raise
         finally:
             for path in (spec_path, pid_path):
@@ -1992,7 +1996,6 @@ class TaskService:
         p.pid = pid
         p.starting = False
         self.pids[pid] = p
-        c.running_execs += 1
         p.transition("start")
         self._publish("/tasks/exec-started", pb.TaskExecStarted(container_id=c.id, exec_id=p.id, pid=pid))
         early = self.stash.pop(pid, None)
@@ -2050,6 +2053,11 @@ class TaskService:
             self._init_exited(p, code, at)
             return
         self._publish_exit(p, code, at)
+        self._exec_done(c)
+
+    def _exec_done(self, c: Container) -> None:
+        """An exec has exited or failed to start: the last one releases a held
+        init exit."""
         c.running_execs -= 1
         if c.running_execs == 0 and c.held_init_exit is not None:
             code, at = c.held_init_exit
@@ -2535,7 +2543,7 @@ def spawn_shim(flags: Flags, sock_fd: int) -> int:
     argv = shim_argv(flags)
     if os.environ.get(TEMPLATE_ENV, "1") != "0":
         try:
-            return template_fork(argv, sock_fd)
+            return template_fork(argv, sock_fd, flags.address)
         except (OSError, ValueError) as e:
             log("warning", "warm template unavailable: starting the shim cold", error=str(e))
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -2785,13 +2793,16 @@ TEMPLATE_TITLE_ROOM = 1024  # bytes of argv reserved for the forked shims' title
 _LEN = struct.Struct(">I")
 
 
-def template_path() -> str:
-    """The template socket of this interpreter and this pyshim build, so that
-    an upgrade never forks shims from old code."""
+def template_path(containerd_address: str) -> str:
+    """The template socket of one containerd, this interpreter and this
+    pyshim build: an upgrade never forks shims from old code, and a shim is
+    always a descendant of its own containerd's `start` (process tree and
+    cgroup), never of another containerd's."""
     import hashlib
 
     st = os.stat(__file__)
-    key = f"{os.path.realpath(sys.executable)}\0{os.path.realpath(__file__)}\0{VERSION}\0{st.st_mtime_ns}\0{st.st_size}"
+    key = (f"{os.path.realpath(sys.executable)}\0{os.path.realpath(__file__)}\0{VERSION}\0"
+           f"{st.st_mtime_ns}\0{st.st_size}\0{containerd_address}")
     return os.path.join(SOCKET_DIR, "pyshim-template-" + hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
@@ -2875,7 +2886,7 @@ def _remove_dead_templates(keep: str) -> None:
                 os.close(lock)
 
 
-def template_fork(argv: list[str], sock_fd: int, timeout: float = 3.0) -> int:
+def template_fork(argv: list[str], sock_fd: int, containerd_address: str, timeout: float = 3.0) -> int:
     """Asks the warm template to fork a shim running `argv` on `sock_fd`.
 
     One request per connection: a length-prefixed JSON body (argv, env, cwd)
@@ -2884,7 +2895,7 @@ def template_fork(argv: list[str], sock_fd: int, timeout: float = 3.0) -> int:
     import json
     import select
 
-    fd = _template_connect(template_path())
+    fd = _template_connect(template_path(containerd_address))
     try:
         body = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
         msg = _LEN.pack(len(body)) + body

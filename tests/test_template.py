@@ -38,6 +38,11 @@ def _installed(expr: str) -> str:
     return out.stdout.strip()
 
 
+def _template_socket(daemon: harness.Containerd) -> str:
+    """The warm template socket that this daemon's shims use."""
+    return _installed(f"pyshim.template_path({daemon.address!r})")
+
+
 def _ppid(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
@@ -106,7 +111,7 @@ def test_forked_shim_is_titled_like_a_cold_one(templated: harness.Containerd, ro
     assert argv[argv.index("-namespace") + 1] == templated.namespace
     assert argv[argv.index("-address") + 1] == templated.address
     assert "pyshim" in " ".join(argv)
-    path = _installed("pyshim.template_path()")
+    path = _template_socket(templated)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
     r = templated.ctr("task", "exec", "--exec-id", "e1", cid, "/bin/sh", "-c", "exit 4")
@@ -136,7 +141,7 @@ def test_killing_the_template_leaves_shims_alone(templated: harness.Containerd, 
 
 def test_unreachable_template_falls_back_to_a_cold_spawn(templated: harness.Containerd,
                                                          rootfs: str) -> None:
-    path = _installed("pyshim.template_path()")
+    path = _template_socket(templated)
     # Whatever template answers there now is replaced by a directory nobody can
     # connect to or remove as a socket: `start` must not depend on it.
     if os.path.exists(path):
@@ -155,7 +160,7 @@ def test_unreachable_template_falls_back_to_a_cold_spawn(templated: harness.Cont
 def test_template_refuses_another_user(templated: harness.Containerd, rootfs: str) -> None:
     cid = harness.new_id("tu")
     _run_d(templated, rootfs, cid)  # makes sure a template is up
-    path = _installed("pyshim.template_path()")
+    path = _template_socket(templated)
     # Open the file modes for this test, so that the connection is made and it is
     # the template's own peer-credential check that must refuse it.
     dirs = [os.path.dirname(os.path.dirname(path)), os.path.dirname(path)]
@@ -201,7 +206,7 @@ def test_template_refuses_another_user(templated: harness.Containerd, rootfs: st
 
 def test_dead_templates_are_cleared_and_sigterm_removes_the_socket(templated: harness.Containerd,
                                                                    rootfs: str) -> None:
-    path = _installed("pyshim.template_path()")
+    path = _template_socket(templated)
     # A template socket nobody answers on (as a SIGKILLed or upgraded build leaves).
     dead = os.path.join(os.path.dirname(path), "pyshim-template-0000deadbeef0000")
     s = socket.socket(socket.AF_UNIX)
@@ -225,7 +230,7 @@ def test_dead_templates_are_cleared_and_sigterm_removes_the_socket(templated: ha
 
 def test_idle_template_exits_and_removes_its_socket(rootfs: str) -> None:
     with daemon_with(PYSHIM_TEMPLATE="1", PYSHIM_TEMPLATE_IDLE="1") as daemon:
-        path = _installed("pyshim.template_path()")
+        path = _template_socket(daemon)
         cid = harness.new_id("ti")
         _run_d(daemon, rootfs, cid)
         template = _ppid(_shim_of(daemon, cid))
@@ -235,3 +240,15 @@ def test_idle_template_exits_and_removes_its_socket(rootfs: str) -> None:
         daemon.remove_all()  # the shim exits; the template is idle from now on
         harness.wait_for(lambda: not harness.cmdline(template), 15, 0.05)
         assert not os.path.exists(path)
+
+
+def test_each_containerd_has_its_own_template(templated: harness.Containerd, rootfs: str) -> None:
+    """A shim must descend from its own containerd's `start` (process tree and
+    cgroup), never from a template another containerd launched."""
+    with daemon_with(PYSHIM_TEMPLATE="1") as other:
+        a, b = harness.new_id("ta"), harness.new_id("tb")
+        _run_d(templated, rootfs, a)
+        _run_d(other, rootfs, b)
+        ta, tb = _ppid(_shim_of(templated, a)), _ppid(_shim_of(other, b))
+        assert _is_template(ta) and _is_template(tb) and ta != tb
+        assert _template_socket(templated) != _template_socket(other)
