@@ -55,8 +55,8 @@ def rootfs() -> Iterator[str]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def containerd() -> Iterator[harness.Containerd]:
+def _private_daemon() -> Iterator[harness.Containerd]:
+    """A started private containerd, cleaned up when the generator closes."""
     require_e2e()
     daemon = harness.Containerd()
     try:
@@ -64,6 +64,11 @@ def containerd() -> Iterator[harness.Containerd]:
         yield daemon
     finally:
         daemon.cleanup()
+
+
+@pytest.fixture(scope="session")
+def containerd() -> Iterator[harness.Containerd]:
+    yield from _private_daemon()
 
 
 @pytest.fixture(autouse=True)
@@ -97,13 +102,7 @@ def busybox_image(containerd: harness.Containerd, busybox_tar: str) -> str:
 
 @pytest.fixture
 def fresh_containerd() -> Iterator[harness.Containerd]:
-    require_e2e()
-    daemon = harness.Containerd()
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.cleanup()
+    yield from _private_daemon()
 
 
 @pytest.hookimpl(hookwrapper=True)
