@@ -751,3 +751,24 @@ def test_log_uri_binary_is_refused_clearly(daemon: Containerd, rootfs: str) -> N
     code, _, err = ctr(daemon, "run", "--rm", "--runtime", PYSHIM, "--log-uri", "binary:///bin/true",
                        "--rootfs", rootfs, new_id(), "/bin/true")
     assert code == 1 and "binary:// stdio" in err and "not implemented" in err, err
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_shim_oom_score_is_containerds_plus_one(daemon: Containerd, rootfs: str,
+                                                runtime: str) -> None:
+    """The shim is a little more killable than containerd, as the Go shim sets it."""
+    cid = new_id()
+    assert ctr(daemon, "run", "-d", "--runtime", runtime, "--rootfs", rootfs, cid,
+               "/bin/sleep", "1000")[0] == 0
+    shim = next(p for p in shim_pids(daemon, runtime)
+                if cid in harness.cmdline(p) and harness.cmdline(p)[-1] not in ("start", "delete"))
+    with open(f"/proc/{daemon.pid}/oom_score_adj") as f:
+        base = int(f.read())
+    with open(f"/proc/{shim}/oom_score_adj") as f:
+        score = int(f.read())
+    assert score == min(base + 1, 1000)
+    assert ctr(daemon, "task", "kill", "-s", "KILL", cid)[0] == 0
+    wait_for(lambda: daemon.tasks()[cid] == "STOPPED", 10)
+    assert ctr(daemon, "task", "rm", cid)[0] == 0
+    assert ctr(daemon, "container", "rm", cid)[0] == 0
+    compare_with_runc("oom_score", runtime, score - base)
