@@ -819,9 +819,9 @@ class Copier:
     `keep_dst`) and `done` resolves. Loop thread only.
     """
 
-    __slots__ = ("_started", "_waiting_dst", "done", "dst", "loop", "on_close", "src")
+    __slots__ = ("_pending", "_started", "_waiting_dst", "done", "dst", "loop", "on_close", "splice", "src")
 
-    def __init__(self, loop, src: int, dst: int, on_close=None) -> None:
+    def __init__(self, loop, src: int, dst: int, on_close=None, splice: bool = True) -> None:
         self.loop = loop
         self.src = src
         self.dst = dst
@@ -829,6 +829,10 @@ class Copier:
         self.done = loop.create_future()
         self._waiting_dst = False
         self._started = False
+        # A pty is no pipe: splice(2) cannot be counted on for it, so a copy
+        # to or from a terminal reads and writes through one small buffer.
+        self.splice = splice
+        self._pending = b""
 
     def start(self) -> None:
         if not self._started and self.src >= 0:
@@ -836,6 +840,9 @@ class Copier:
             self.loop.add_reader(self.src, self._readable)
 
     def _readable(self) -> None:
+        if not self.splice:
+            self._read_write()
+            return
         moved = 0
         while True:
             try:
@@ -862,7 +869,40 @@ class Copier:
     def _writable(self) -> None:
         self.loop.remove_writer(self.dst)
         self._waiting_dst = False
+        if self._pending and not self._flush():
+            return
         self.loop.add_reader(self.src, self._readable)
+
+    def _read_write(self) -> None:
+        try:
+            data = os.read(self.src, _SPLICE_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""  # EIO: the terminal's other side has closed
+        if not data:
+            self.close()
+            return
+        self._pending = data
+        self._flush()
+
+    def _flush(self) -> bool:
+        """Writes what is pending; False (and waiting for the destination) if
+        it could not all be written now."""
+        while self._pending:
+            try:
+                n = os.write(self.dst, self._pending)
+            except BlockingIOError:
+                self.loop.remove_reader(self.src)
+                self.loop.add_writer(self.dst, self._writable)
+                self._waiting_dst = True
+                return False
+            except OSError as e:
+                log("debug", "copy ended", error=str(e))
+                self.close()
+                return False
+            self._pending = self._pending[n:]
+        return True
 
     def close(self) -> None:
         """Stops copying and closes both ends (idempotent)."""
@@ -894,8 +934,11 @@ class Stdio:
         "_fifo_fds",
         "_refs",
         "child_fds",
+        "console_dir",
+        "console_sock",
         "copiers",
         "loop",
+        "master",
         "stderr",
         "stdin",
         "stdin_keep",
@@ -911,6 +954,9 @@ class Stdio:
         self.stdin_keep = -1
         self._fifo_fds: dict[str, tuple[int, int]] = {}
         self._refs: dict[int, int] = {}
+        self.master = -1  # the pty master, with a terminal
+        self.console_sock = -1
+        self.console_dir = ""
 
     def open(self, uid: int = 0, gid: int = 0) -> tuple[int, int, int]:
         """Makes the pipes and opens the fifos; returns the fds runc gets."""
@@ -921,6 +967,8 @@ class Stdio:
             raise
 
     def _open(self, uid: int, gid: int) -> tuple[int, int, int]:
+        if self.terminal:
+            return self._open_console()
         null = -1
         fds = []
         if self.stdin:
@@ -952,6 +1000,68 @@ class Stdio:
             for fd in fds:
                 os.fchown(fd, uid, gid)
         return fds[0], fds[1], fds[2]
+
+    def _open_console(self) -> tuple[int, int, int]:
+        """With a terminal, runc makes the pty and sends its master to a
+        console socket (in a fresh 0700 dir); runc itself gets /dev/null."""
+        import tempfile
+
+        self.console_dir = tempfile.mkdtemp(prefix="pyshim-pty-")
+        self.console_sock = unix_listen(self.console_path, 1)
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        self.child_fds.append(null)
+        return null, null, null
+
+    @property
+    def console_path(self) -> str:
+        return os.path.join(self.console_dir, "pty.sock")
+
+    def receive_console(self) -> None:
+        """After runc create/exec succeeded: takes the pty master runc sent,
+        and sets up the copies stdin fifo -> master -> stdout fifo."""
+        import select
+        import socket
+
+        if not select.select([self.console_sock], [], [], 5.0)[0]:
+            raise RuntimeFailure("runc did not send the terminal to the console socket")
+        lsock = socket.socket(fileno=self.console_sock)
+        self.console_sock = -1
+        try:
+            conn, _ = lsock.accept()
+            with conn:
+                conn.settimeout(5.0)
+                _, master = recv_fd(conn.fileno())
+        finally:
+            lsock.close()
+            self._remove_console_dir()
+        if master < 0:
+            raise RuntimeFailure("runc sent no terminal on the console socket")
+        os.set_blocking(master, False)
+        self.master = master
+        if self.stdin:
+            src, keep = _open_fifo_pair(self.stdin, write=False)
+            self.stdin_keep = keep
+            # stdin's EOF must not hang up the terminal: the master stays open.
+            self.copiers.append(Copier(self.loop, src, master, on_close=_keep_fd, splice=False))
+        if self.stdout:
+            dst = self._fifo_writer(self.stdout)
+            self.copiers.append(Copier(self.loop, os.dup(master), dst, on_close=self._release, splice=False))
+
+    def resize(self, width: int, height: int) -> None:
+        import fcntl
+        import termios
+
+        if self.master >= 0:
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+    def _remove_console_dir(self) -> None:
+        if self.console_dir:
+            for path in (self.console_path, self.console_dir):
+                try:
+                    (os.rmdir if path == self.console_dir else os.unlink)(path)
+                except OSError:
+                    pass
+            self.console_dir = ""
 
     def _fifo_writer(self, path: str) -> int:
         # stdout and stderr may name one fifo: open it once, share the fd.
@@ -994,7 +1104,7 @@ class Stdio:
         """Waits (bounded) for the output copiers to reach EOF."""
         import asyncio
 
-        outs = [c.done for c in self.copiers[1 if self.stdin else 0:]]
+        outs = [c.done for c in self.copiers if c.on_close == self._release]  # the outputs
         if outs:
             await asyncio.wait(outs, timeout=timeout)
 
@@ -1002,6 +1112,10 @@ class Stdio:
         for fd in self.child_fds:
             os.close(fd)
         self.child_fds.clear()
+        if self.console_sock >= 0:
+            os.close(self.console_sock)
+            self.console_sock = -1
+        self._remove_console_dir()
         self.close_stdin()
         for c in self.copiers:
             c.close()
@@ -1011,6 +1125,13 @@ class Stdio:
             if keep >= 0:
                 os.close(keep)
         self._fifo_fds.clear()
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
+
+
+def _keep_fd(fd: int) -> None:
+    """on_close for a copy whose destination outlives it (the pty master)."""
 
 
 def _open_output(path: str) -> tuple[int, int]:
@@ -1830,7 +1951,7 @@ class TaskService:
             "Checkpoint": (pb.CheckpointTaskRequest, self.unimplemented("Checkpoint")),
             "Kill": (pb.KillRequest, self.kill),
             "Exec": (pb.ExecProcessRequest, self.exec_),
-            "ResizePty": (pb.ResizePtyRequest, self.unimplemented("ResizePty")),
+            "ResizePty": (pb.ResizePtyRequest, self.resize_pty),
             "CloseIO": (pb.CloseIORequest, self.close_io),
             "Update": (pb.UpdateTaskRequest, self.update),
             "Wait": (pb.WaitRequest, self.wait),
@@ -1865,8 +1986,6 @@ class TaskService:
         cid = _valid_id("container id", req.id)
         if cid in self.containers:
             raise AlreadyExists(f"container {cid}: already exists")
-        if req.terminal:
-            raise Unimplemented("pyshim: terminals (ctr run -t) are not implemented yet")
         if req.checkpoint:
             raise Unimplemented("pyshim: restoring from a checkpoint is not implemented yet")
         bundle = req.bundle
@@ -1903,7 +2022,11 @@ class TaskService:
                 args.append("--no-pivot")
             if rc.no_new_keyring:
                 args.append("--no-new-keyring")
+            if stdio.terminal:
+                args += ["--console-socket", stdio.console_path]
             await self.runner.runc(rc, *args, cid, what="OCI runtime create failed", stdio=fds)
+            if stdio.terminal:
+                stdio.receive_console()
             pid = int(_read_small(os.path.join(bundle, "init.pid")).strip() or 0)
         except BaseException:
             stdio.close()
@@ -1976,9 +2099,12 @@ class TaskService:
                 os.write(fd, p.spec)
             finally:
                 os.close(fd)
+            console = ["--console-socket", p.stdio.console_path] if p.stdio.terminal else []
             await self.runner.runc(c.runc, "exec", "--process", spec_path, "--detach",
-                                   "--pid-file", pid_path, c.id,
+                                   "--pid-file", pid_path, *console, c.id,
                                    what="OCI runtime exec failed", stdio=fds)
+            if p.stdio.terminal:
+                p.stdio.receive_console()
             pid = int(_read_small(pid_path).strip() or 0)
         except BaseException:
             p.starting = False
@@ -2206,8 +2332,6 @@ class TaskService:
             raise FailedPrecondition(f"container {c.id} is stopped: cannot exec")
         if c.init.state == PAUSED:
             raise ShimError("cannot exec in a paused state")  # Unknown, as the Go shim
-        if req.terminal:
-            raise Unimplemented("pyshim: exec with a terminal (-t) is not implemented yet")
         stdio = Stdio(self.loop, req.stdin, req.stdout, req.stderr, req.terminal)
         c.execs[eid] = Process(eid, c, stdio, self.loop, spec=req.spec.value)
         self._publish("/tasks/exec-added", pb.TaskExecAdded(container_id=c.id, exec_id=eid))
@@ -2274,6 +2398,17 @@ class TaskService:
                 info.info.type_url = URL_PROCESS_DETAILS
                 info.info.value = pb.ProcessDetails(exec_id=by_pid[pid]).SerializeToString()
         return resp
+
+    async def resize_pty(self, req, meta):
+        """Sets the terminal's size; a process without one is left alone, as
+        the Go shim does."""
+        from google.protobuf import empty_pb2
+
+        p = self.container(req.id).process(req.exec_id)
+        if p.state in (STOPPED, DELETED):
+            raise ShimError("cannot resize a stopped container")  # the Go shim's words
+        p.stdio.resize(req.width, req.height)
+        return empty_pb2.Empty()
 
     async def close_io(self, req, meta):
         from google.protobuf import empty_pb2

@@ -27,6 +27,7 @@ from test_e2e import (
     RUNTIMES,
     _checked,
     bundle_of,
+    compare_with_runc,
     ctr,
     exit_warning,
     norm,
@@ -503,3 +504,66 @@ def test_pause_resume_update_transitions() -> None:
             p.check("start")
     finally:
         loop.close()
+
+
+# ------------------------------------------------------------------------- terminals
+
+
+def _under_pty(d, *ctr_args: str, timeout: float = 60) -> tuple[int, str]:
+    """Runs ctr inside a pseudo-terminal (script(1)), as a person at a terminal
+    would; returns (exit code, what the terminal showed, CRs dropped)."""
+    import shlex
+
+    cmd = " ".join(shlex.quote(a) for a in [harness.CTR, "--address", d.address, "-n", d.namespace,
+                                            *ctr_args])
+    r = subprocess.run(["script", "-qec", cmd, "/dev/null"],
+                       capture_output=True, text=True, timeout=timeout, env=d.env,
+                       stdin=subprocess.DEVNULL, check=False)
+    # A NUL echoed by the terminal shows as "^@" (both shims): not the program's output.
+    return r.returncode, r.stdout.replace("\r", "").replace("\x00", "").replace("^@", "")
+
+
+def _program_lines(out: str) -> list[str]:
+    """The program's own lines: not ctr's log lines about resizing, whose
+    timing (before or after the exit) varies from run to run."""
+    return [ln for ln in out.splitlines() if ln.strip() and "resize pty" not in ln]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_run_with_a_terminal(daemon, rootfs: str, runtime: str) -> None:
+    """`ctr run -t`: the process has a tty, its output reaches the terminal, and ctr
+    exits with its code."""
+    cid = new_id()
+    code, out = _under_pty(daemon, "run", "-t", "--rm", "--runtime", runtime, "--rootfs", rootfs,
+                           cid, "/bin/sh", "-c", "tty; echo on-tty; exit 5")
+    lines = _program_lines(out)
+    assert code == 5, out
+    assert lines == ["/dev/pts/0", "on-tty"], out
+    compare_with_runc("run_tty", runtime, (code, lines))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_exec_with_a_terminal(daemon, rootfs: str, runtime: str) -> None:
+    cid = new_id()
+    assert ctr(daemon, "run", "-d", "--runtime", runtime, "--rootfs", rootfs, cid,
+               "/bin/sleep", "1000")[0] == 0
+    code, out = _under_pty(daemon, "task", "exec", "-t", "--exec-id", "t1", cid,
+                           "/bin/sh", "-c", "tty; echo in-exec-tty; exit 3")
+    lines = _program_lines(out)
+    assert code == 3, out
+    assert lines == ["/dev/pts/0", "in-exec-tty"], out
+    assert ctr(daemon, "task", "kill", "-s", "KILL", cid)[0] == 0
+    wait_for(lambda: daemon.tasks()[cid] == "STOPPED", 10)
+    assert ctr(daemon, "task", "rm", cid)[0] == 0
+    assert ctr(daemon, "container", "rm", cid)[0] == 0
+    compare_with_runc("exec_tty", runtime, (code, lines))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_megabyte_through_a_terminal_loses_no_byte(daemon, rootfs: str, runtime: str) -> None:
+    cid = new_id()
+    code, out = _under_pty(daemon, "run", "-t", "--rm", "--runtime", runtime, "--rootfs", rootfs, cid,
+                           "/bin/sh", "-c", "head -c 1000000 /dev/zero | tr '\\0' x; exit 0")
+    assert code == 0
+    assert out.count("x") == 1_000_000, out.count("x")
+    compare_with_runc("tty_megabyte", runtime, (code, out.count("x")))
