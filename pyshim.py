@@ -2709,13 +2709,93 @@ def _log_to_bundle() -> None:
         log.fd = -1
 
 
+def _pb_strings(data: bytes) -> dict[int, bytes]:
+    """The length-delimited fields of a protobuf message (last one wins),
+    skipping the others: enough to read a string option without importing
+    protobuf on the lean `start` path. ValueError on malformed input."""
+    def varint(i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            if i >= len(data) or shift > 63:
+                raise ValueError("truncated varint")
+            b = data[i]
+            value |= (b & 0x7F) << shift
+            i += 1
+            if not b & 0x80:
+                return value, i
+            shift += 7
+
+    out: dict[int, bytes] = {}
+    i = 0
+    while i < len(data):
+        key, i = varint(i)
+        wire = key & 7
+        if wire == 0:
+            _, i = varint(i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, i = varint(i)
+            out[key >> 3] = data[i:i + n]
+            i += n
+        else:
+            raise ValueError(f"wire type {wire}")
+        if i > len(data):
+            raise ValueError("truncated field")
+    return out
+
+
+def _shim_cgroup(any_bytes: bytes) -> str:
+    """ShimCgroup from the runtime options `start` gets on stdin (an Any of
+    containerd.runc.v1.Options, field 3, or containerd.linux.runc.CreateOptions,
+    field 9); "" when absent or unreadable (Create decodes the options fully)."""
+    if not any_bytes:
+        return ""
+    try:
+        fields = _pb_strings(any_bytes)
+        url = fields.get(1, b"").decode().rsplit("/", 1)[-1]
+        number = {URL_RUNC_OPTIONS: 3, URL_LINUX_CREATE_OPTIONS: 9}.get(url)
+        if number is None:
+            return ""
+        return _pb_strings(fields.get(2, b"")).get(number, b"").decode()
+    except (ValueError, UnicodeDecodeError) as e:
+        log("warning", "unreadable runtime options on stdin", error=str(e))
+        return ""
+
+
+def _join_cgroup(pid: int, path: str) -> None:
+    """Moves the shim into the existing cgroup `path`, in every hierarchy that
+    has it (cgroup v1 controllers, and v2 / unified), as the Go shim does for
+    ShimCgroup. None having it is an error: the operator asked for it."""
+    root = "/sys/fs/cgroup"
+    rel = path.strip("/")
+    if not rel or ".." in rel.split("/"):
+        raise InvalidArgument(f"shim cgroup {path!r}: not a cgroup path")
+    dirs = [root] if os.path.exists(os.path.join(root, "cgroup.controllers")) else [
+        os.path.join(root, d) for d in sorted(os.listdir(root))
+        if os.path.isdir(os.path.join(root, d)) and not os.path.islink(os.path.join(root, d))]
+    joined = 0
+    for d in dirs:
+        procs = os.path.join(d, rel, "cgroup.procs")
+        if not os.path.exists(procs):
+            continue
+        with open(procs, "w") as f:
+            f.write(str(pid))
+        joined += 1
+    if not joined:
+        raise FailedPrecondition(f"shim cgroup {path!r} does not exist in any cgroup hierarchy")
+
+
 def action_start(flags: Flags) -> int:
     _log_to_bundle()
     log.fields = f" namespace={_quote(flags.namespace)} id={_quote(flags.id)} runtime={RUNTIME_NAME}"
     try:
-        sys.stdin.buffer.read()  # runtime options: Create brings them again
+        options = sys.stdin.buffer.read()  # an Any of the runtime options, or nothing
     except (OSError, ValueError, AttributeError):
-        pass
+        options = b""
+    shim_cgroup = _shim_cgroup(options)
     bundle = os.getcwd()
     path = socket_path(flags.address, flags.namespace, group_id(bundle, flags.id))
     address = "unix://" + path
@@ -2741,6 +2821,17 @@ def action_start(flags: Flags) -> int:
     finally:
         os.close(fd)
     _adjust_oom_score(pid)
+    if shim_cgroup:
+        try:
+            _join_cgroup(pid, shim_cgroup)
+        except BaseException:
+            # As the Go shim: no shim is left running outside the cgroup asked for.
+            os.kill(pid, 9)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
     _atomic_write(bundle, "address", address.encode())
     sys.stdout.write(address)
     return 0
@@ -3327,7 +3418,12 @@ def main(argv: list[str] | None = None) -> int:
         print("shim namespace cannot be empty", file=sys.stderr)
         return 1
     if flags.action == "start":
-        return action_start(flags)
+        try:
+            return action_start(flags)
+        except (ShimError, OSError) as e:
+            # containerd shows start's output as the error: one clear line.
+            print(f"pyshim start: {e}", file=sys.stderr)
+            return 1
     if flags.action == "delete":
         return action_delete(flags)
     print(f"unknown action {flags.action!r}", file=sys.stderr)

@@ -75,14 +75,20 @@ class Direct:
         self.ids.append(cid)
         return path
 
-    def start(self, bundle: str, cid: str) -> str:
-        """Runs `shim start` in the bundle; returns the address it wrote."""
-        argv = ["/bin/sh", "-c", 'cd "$1" && shift && exec "$@" </dev/null', "sh", bundle,
+    def start(self, bundle: str, cid: str, options: bytes = b"", expect: int = 0) -> str:
+        """Runs `shim start` in the bundle with `options` (an Any) on stdin;
+        returns the address it wrote ("" when it was expected to fail)."""
+        stdin = os.path.join(self.dir, f"{cid}.options")
+        with open(stdin, "wb") as f:
+            f.write(options)
+        argv = ["/bin/sh", "-c", 'cd "$1" && shift && exec "$@" <"$0"', stdin, bundle,
                 harness.shim_binary_path(), "-namespace", NS, "-id", cid,
                 "-address", self.address, "-publish-binary", self.publisher, "start"]
         pid = self.reaper.spawn(argv, self.env, os.path.join(self.dir, "shim.log"))
         code = self._wait_status(pid)
-        assert code == 0, f"start exited {code}: {self.log()}"
+        assert code == expect, f"start exited {code}: {self.log()}"
+        if expect:
+            return ""
         with open(os.path.join(bundle, "address")) as f:
             return f.read()
 
@@ -355,3 +361,52 @@ def test_binary_name_and_root_are_honoured_also_by_delete(direct: Direct) -> Non
         assert any(f"--root {root}/{NS} " in ln and "delete --force" in ln for ln in f), "no delete"
     assert not os.path.isdir(os.path.join(root, NS, cid))
     harness.wait_for(lambda: not harness.cmdline(created.pid), 10, 0.02)
+
+
+def test_shim_cgroup_from_the_start_options(direct: Direct) -> None:
+    """ShimCgroup (runtime options on start's stdin): the shim joins that cgroup in
+    every hierarchy that has it; one that does not exist fails start, and no shim is
+    left running."""
+    group = f"pyshim-shimcg-{os.getpid()}"
+    made = []
+    for hier in harness.cgroup_hierarchies():
+        if os.path.basename(hier) in ("memory", "pids"):
+            os.mkdir(os.path.join(hier, group))
+            made.append(os.path.join(hier, group))
+    require(made, "no memory/pids cgroup v1 hierarchy here")
+    try:
+        cid = harness.new_id("cg")
+        bundle = direct.bundle(cid, ["/bin/true"])
+        opts = any_pb2.Any(type_url=pyshim.URL_RUNC_OPTIONS,
+                           value=pb.RuncOptions(shim_cgroup="/" + group).SerializeToString())
+        address = direct.start(bundle, cid, opts.SerializeToString())
+        shim = call(address, "Connect", pb.ConnectRequest(id=cid), pb.ConnectResponse).shim_pid
+        with open(f"/proc/{shim}/cgroup") as f:
+            lines = f.read().splitlines()
+        joined = [ln for ln in lines if ln.endswith(":/" + group)]
+        assert any(":memory:" in ln for ln in joined) and any(":pids:" in ln for ln in joined), lines
+        call(address, "Shutdown", pb.ShutdownRequest(id=cid))
+        harness.wait_for(lambda: not harness.cmdline(shim), 10, 0.02)
+
+        # The linux.runc CreateOptions carry it too (field 9); a missing cgroup fails start.
+        bad = harness.new_id("cg")
+        bad_bundle = direct.bundle(bad, ["/bin/true"])
+        lin = any_pb2.Any(type_url=pyshim.URL_LINUX_CREATE_OPTIONS,
+                          value=pb.LinuxCreateOptions(shim_cgroup="/no-such-cgroup-x").SerializeToString())
+        direct.start(bad_bundle, bad, lin.SerializeToString(), expect=1)
+        assert "no-such-cgroup-x" in direct.log() and "does not exist" in direct.log()
+        assert not os.path.exists(pyshim.socket_path(direct.address, NS, bad))
+        assert not [p for p in harness.shim_pids(direct.address) if bad in harness.cmdline(p)]
+    finally:
+        for d in made:
+            harness.wait_for(lambda d=d: _rmdir(d), 10, 0.05)
+
+
+def _rmdir(path: str) -> bool:
+    try:
+        os.rmdir(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
