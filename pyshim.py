@@ -364,13 +364,14 @@ _SPAWN_SIGDEF = (13, 25)  # SIGPIPE, SIGXFSZ: Python ignores them; children must
 
 
 def spawn(argv: list[str], fds: tuple[int, int, int], env: dict[str, str] | None = None,
-          setpgroup: bool = False, extra: tuple[tuple[int, int], ...] = ()) -> int:
+          setpgroup: bool = False, extra: tuple[tuple[int, int], ...] = (),
+          setsid: bool = False) -> int:
     """posix_spawn(argv) with stdio dup'd from `fds` (and `extra` (fd, target)
     pairs); returns the pid. The caller must register the pid with the reaper
     before it yields to the event loop."""
     actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds)]
     actions += [(os.POSIX_SPAWN_DUP2, fd, target) for fd, target in extra]
-    kw = {"setpgroup": 0} if setpgroup else {}
+    kw = {"setsid": True} if setsid else {"setpgroup": 0} if setpgroup else {}
     return os.posix_spawn(argv[0], argv, os.environ if env is None else env,
                           file_actions=actions, setsigdef=_SPAWN_SIGDEF, **kw)
 
@@ -1544,6 +1545,11 @@ def _parse_keyed(text: str) -> dict[str, int]:
     return out
 
 
+def _pure_v2(root: str = CGROUP_ROOT) -> bool:
+    """A cgroup v2-only host (the v2 hierarchy mounted at `root` itself)."""
+    return os.path.exists(os.path.join(root, "cgroup.controllers"))
+
+
 def cgroup_paths(pid: int, root: str = CGROUP_ROOT) -> tuple[dict[str, str], str]:
     """({v1 controller: dir}, v2 dir or "") of a process, from /proc/PID/cgroup.
 
@@ -1561,8 +1567,7 @@ def cgroup_paths(pid: int, root: str = CGROUP_ROOT) -> tuple[dict[str, str], str
         _, controllers, path = line.split(":", 2)
         path = path.lstrip("/")
         if not controllers:
-            unified = root if os.path.exists(os.path.join(root, "cgroup.controllers")) \
-                else os.path.join(root, "unified")
+            unified = root if _pure_v2(root) else os.path.join(root, "unified")
             v2 = os.path.join(unified, path)
             continue
         for name in controllers.split(","):
@@ -2769,11 +2774,11 @@ def _join_cgroup(pid: int, path: str) -> None:
     """Moves the shim into the existing cgroup `path`, in every hierarchy that
     has it (cgroup v1 controllers, and v2 / unified), as the Go shim does for
     ShimCgroup. None having it is an error: the operator asked for it."""
-    root = "/sys/fs/cgroup"
+    root = CGROUP_ROOT
     rel = path.strip("/")
     if not rel or ".." in rel.split("/"):
         raise InvalidArgument(f"shim cgroup {path!r}: not a cgroup path")
-    dirs = [root] if os.path.exists(os.path.join(root, "cgroup.controllers")) else [
+    dirs = [root] if _pure_v2(root) else [
         os.path.join(root, d) for d in sorted(os.listdir(root))
         if os.path.isdir(os.path.join(root, d)) and not os.path.islink(os.path.join(root, d))]
     joined = 0
@@ -3065,9 +3070,7 @@ def _template_connect(path: str) -> int:
             argv = shim_argv(Flags([]))[:2] + ["template", " " * TEMPLATE_TITLE_ROOM]
             null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:
-                os.posix_spawn(argv[0], argv, os.environ, setsid=True, setsigdef=_SPAWN_SIGDEF,
-                               file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1),
-                                             (os.POSIX_SPAWN_DUP2, null, 2), (os.POSIX_SPAWN_DUP2, lfd, 3)])
+                spawn(argv, (null, null, null), setsid=True, extra=((lfd, 3),))
             finally:
                 os.close(null)
         finally:

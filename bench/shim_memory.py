@@ -24,49 +24,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness
 
-
-def smaps_rollup(pid: int) -> dict[str, int]:
-    """kB figures of /proc/PID/smaps_rollup, plus uss and threads."""
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3 and parts[-1] == "kB":
-                out[parts[0].rstrip(":").lower()] = int(parts[1])
-    out["uss"] = out.get("private_clean", 0) + out.get("private_dirty", 0)
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                out["threads"] = int(line.split()[1])
-    return out
-
-
-def long_lived_shims(daemon: harness.Containerd, runtime: str) -> list[int]:
-    """Shim server processes (not the short start/delete runs) of `runtime`."""
-    pids = []
-    for pid in harness.shim_pids(daemon, runtime):
-        argv = harness.cmdline(pid)
-        if argv and argv[-1] not in ("start", "delete"):
-            pids.append(pid)
-    return pids
-
-
-def templates(shims: list[int]) -> list[int]:
-    """The warm template processes these shims were forked from (their parents)."""
-    out = set()
-    for pid in shims:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError):
-            continue
-        argv = harness.cmdline(ppid)
-        if len(argv) >= 3 and argv[2] == "template" and "pyshim" in argv[1]:
-            out.add(ppid)
-    return sorted(out)
+from bench import long_lived_shims, smaps_rollup, templates_of
 
 
 def measure(daemon: harness.Containerd, rootfs: str, runtime: str, n: int) -> dict:
@@ -82,9 +44,9 @@ def measure(daemon: harness.Containerd, rootfs: str, runtime: str, n: int) -> di
         ids.append(cid)
     time.sleep(1.0)  # let start-up garbage settle as it would on a node
     pids = long_lived_shims(daemon, runtime)
-    figures = [smaps_rollup(p) for p in pids]
+    figures = [f for f in map(smaps_rollup, pids) if f]
     # The template is part of what pyshim costs: its PSS counts in the sum.
-    extra = [smaps_rollup(p) for p in templates(pids)]
+    extra = [f for f in map(smaps_rollup, templates_of(pids)) if f]
     daemon.remove_all()
     pss = sum(f["pss"] for f in figures + extra)
     return {
