@@ -63,6 +63,11 @@ EVENT_URL = "containerd.events."
 
 # How long Delete waits for a process's output to drain, as the Go shim does.
 IO_DRAIN_SECONDS = 2.0
+# A logging binary (binary:// stdio) must signal ready within this (the Go
+# shim waits without limit), and gets this long to exit after SIGTERM at
+# Delete before SIGKILL (as the Go shim's 12 s).
+LOGGER_READY_SECONDS = 10.0
+LOGGER_STOP_SECONDS = 12.0
 EVENT_QUEUE_MAX = 4096
 STASH_MAX = 1024
 EXEC_ID_MAX = 76
@@ -938,6 +943,7 @@ class Stdio:
         "console_dir",
         "console_sock",
         "copiers",
+        "logger",
         "loop",
         "master",
         "stderr",
@@ -958,6 +964,7 @@ class Stdio:
         self.master = -1  # the pty master, with a terminal
         self.console_sock = -1
         self.console_dir = ""
+        self.logger: Logger | None = None  # with a binary:// stdout
 
     def open(self, uid: int = 0, gid: int = 0) -> tuple[int, int, int]:
         """Makes the pipes and opens the fifos; returns the fds runc gets."""
@@ -968,8 +975,17 @@ class Stdio:
             raise
 
     def _open(self, uid: int, gid: int) -> tuple[int, int, int]:
+        binary = self.stdout.startswith("binary://")
+        if self.stderr.startswith("binary://") and not binary:
+            raise InvalidArgument(f"stdio URI {self.stderr!r}: a logging binary must be named by stdout")
         if self.terminal:
+            if binary:
+                raise Unimplemented("pyshim: a terminal with a binary:// logging binary is not implemented yet")
             return self._open_console()
+        if binary:
+            # As the Go shim: stdout's URI decides, and the logging binary
+            # gets both output pipes (ctr --log-uri names it for both).
+            self.logger = Logger(self.stdout)
         null = -1
         fds = []
         if self.stdin:
@@ -985,6 +1001,14 @@ class Stdio:
             self.child_fds.append(null)
             fds.append(null)
         for path in (self.stdout, self.stderr):
+            if self.logger is not None:
+                # The read end goes to the logging binary, never to a copier:
+                # the shim moves no byte of this output.
+                r, w = os.pipe2(os.O_CLOEXEC)
+                self.logger.fds.append(r)
+                self.child_fds.append(w)
+                fds.append(w)
+                continue
             if not path:
                 if null < 0:
                     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -997,7 +1021,7 @@ class Stdio:
             dst = self._fifo_writer(path)
             self.copiers.append(Copier(self.loop, r, dst, on_close=self._release))
             fds.append(w)
-        if uid or gid:
+        if (uid or gid) and self.logger is None:  # the Go shim leaves a logger's pipes as they are
             for fd in fds:
                 os.fchown(fd, uid, gid)
         return fds[0], fds[1], fds[2]
@@ -1129,6 +1153,8 @@ class Stdio:
         if self.master >= 0:
             os.close(self.master)
             self.master = -1
+        if self.logger is not None:
+            self.logger.close()
 
 
 def _keep_fd(fd: int) -> None:
@@ -1151,7 +1177,7 @@ def _open_output(path: str) -> tuple[int, int]:
             os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
             return _open_append(path), -1
         elif scheme == "binary":
-            raise Unimplemented("pyshim: binary:// stdio (logging binaries) is not implemented yet")
+            raise InvalidArgument(f"stdio URI {path!r}: a logging binary must be named by stdout")
         else:
             raise InvalidArgument(f"stdio URI {path!r}: unsupported scheme {scheme!r}")
     try:
@@ -1170,6 +1196,126 @@ def _open_append(path: str, mode: int = 0o644) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, mode)
     os.lseek(fd, 0, os.SEEK_END)
     return fd
+
+
+class Logger:
+    """A logging binary named by a `binary:///path?key=value` stdout URI,
+    run as the Go shim runs it.
+
+    The binary gets the read ends of the container's stdout and stderr pipes
+    as fds 3 and 4 (the shim keeps no read end) and a pipe as fd 5 that it
+    writes to, or closes, once it is ready; /dev/null as stdio; an
+    environment of CONTAINER_ID and CONTAINER_NAMESPACE only; and, as
+    arguments, each query key followed by its first value. It is spawned
+    with `spawn` and its exit comes from the reaper. Loop thread only.
+    """
+
+    __slots__ = ("argv", "exited", "fds", "pid", "ready")
+
+    def __init__(self, uri: str) -> None:
+        from urllib.parse import parse_qsl, unquote, urlsplit
+
+        u = urlsplit(uri)
+        path = unquote(u.path)
+        if not path.startswith("/"):
+            raise InvalidArgument(f"stdio URI {uri!r}: binary:// needs an absolute path")
+        argv = [path]
+        seen = set()
+        for key, value in parse_qsl(u.query, keep_blank_values=True):
+            if key not in seen:
+                seen.add(key)
+                argv += [key, value]
+        self.argv = argv
+        self.fds: list[int] = []  # the pipes' read ends, until the binary holds them
+        self.pid = 0
+        self.exited = None  # the reaper's future for pid
+        # fd 5's read end stays open while the binary lives: one that writes
+        # to it again must not die of SIGPIPE.
+        self.ready = -1
+
+    async def start(self, loop, reaper: Reaper, cid: str, namespace: str,
+                    timeout: float = LOGGER_READY_SECONDS) -> None:
+        """Spawns the binary and waits (without blocking the loop) until it
+        writes to or closes fd 5; RuntimeFailure if it cannot be started or
+        does not get ready within `timeout` (it is killed then)."""
+        import asyncio
+        import fcntl
+
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self.ready = r
+        owned = [w]
+        try:
+            # posix_spawn dup2s in order: a source fd below 6 could be
+            # overwritten by an earlier dup2 to 0..5 before its own turn.
+            srcs = []
+            for fd in (*self.fds, w):
+                if fd < 6:
+                    fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 6)
+                    owned.append(fd)
+                srcs.append(fd)
+            null_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            owned.append(null_r)
+            null_w = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            owned.append(null_w)
+            env = {"CONTAINER_ID": cid, "CONTAINER_NAMESPACE": namespace}
+            try:
+                self.pid = spawn(self.argv, (null_r, null_w, null_w), env, extra=tuple(zip(srcs, (3, 4, 5))))
+            except OSError as e:
+                raise RuntimeFailure(f"failed to start logging binary {self.argv[0]}: "
+                                     f"{(e.strerror or str(e)).lower()}") from None
+            self.exited = reaper.watch(self.pid)
+        finally:
+            for fd in owned:
+                os.close(fd)
+            self._close_fds()
+        fut = fd_ready(loop, r)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            self.close()
+            raise RuntimeFailure(f"logging binary {self.argv[0]} did not signal ready on fd 5 "
+                                 f"within {timeout:g}s: killed") from None
+        finally:
+            fd_forget(loop, r)
+        log("debug", "logging binary ready", id=cid, pid=self.pid, binary=self.argv[0])
+
+    async def stop(self, timeout: float = LOGGER_STOP_SECONDS) -> None:
+        """At Delete: SIGTERM, then SIGKILL if it has not exited within
+        `timeout`, as the Go shim does."""
+        import asyncio
+        import signal
+
+        if self._signal(signal.SIGTERM):
+            try:
+                await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+            except TimeoutError:
+                log("warning", "logging binary still running after SIGTERM: killed", pid=self.pid)
+        self.close()
+
+    def _signal(self, sig: int) -> bool:
+        """Signals the binary if it has not been reaped yet (its pid cannot
+        have been reused before that); True if it was signalled."""
+        if self.exited is None or self.exited.done():
+            return False
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _close_fds(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+    def close(self) -> None:
+        """Kills the binary if it still runs (the reaper reaps it) and closes
+        the shim's fds (idempotent)."""
+        self._close_fds()
+        self._signal(9)  # SIGKILL
+        if self.ready >= 0:
+            os.close(self.ready)
+            self.ready = -1
 
 
 # =============================================================================
@@ -2022,6 +2168,8 @@ class TaskService:
             _atomic_write(bundle, "options.json",
                           json.dumps({"binary_name": binary, "root": opts.root or RUNC_ROOT}).encode())
             fds = stdio.open(opts.io_uid, opts.io_gid)
+            if stdio.logger is not None:
+                await stdio.logger.start(self.loop, self.runner.reaper, cid, ns)
             args = ["create", "--bundle", bundle, "--pid-file", os.path.join(bundle, "init.pid")]
             if rc.no_pivot:
                 args.append("--no-pivot")
@@ -2099,6 +2247,8 @@ class TaskService:
         c.running_execs += 1
         try:
             fds = p.stdio.open(0, 0)
+            if p.stdio.logger is not None:
+                await p.stdio.logger.start(self.loop, self.runner.reaper, p.id, self.namespace)
             fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, p.spec)
@@ -2361,6 +2511,8 @@ class TaskService:
             except RuntimeFailure as e:
                 if "does not exist" not in str(e) and "not exist" not in str(e):
                     raise
+            if p.stdio.logger is not None:
+                await p.stdio.logger.stop()
             p.stdio.close()
             for e in c.execs.values():
                 e.stdio.close()
@@ -2376,6 +2528,8 @@ class TaskService:
             _ts(ev.exited_at, p.exited_at)
             self._publish("/tasks/delete", ev)
         else:
+            if p.stdio.logger is not None:
+                await p.stdio.logger.stop()
             p.stdio.close()
             p.transition("delete")
             del c.execs[p.id]

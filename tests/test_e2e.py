@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -748,10 +749,181 @@ def test_log_uri_file(daemon: Containerd, rootfs: str, runtime: str, tmp_path) -
     assert lines == want, lines
 
 
-def test_log_uri_binary_is_refused_clearly(daemon: Containerd, rootfs: str) -> None:
-    code, _, err = ctr(daemon, "run", "--rm", "--runtime", PYSHIM, "--log-uri", "binary:///bin/true",
-                       "--rootfs", rootfs, new_id(), "/bin/true")
-    assert code == 1 and "binary:// stdio" in err and "not implemented" in err, err
+# A logging binary for `binary://` URIs: records how it was started (argv, environment,
+# cwd, its fds 0-5), copies fd 3 and fd 4 into files, signals ready on fd 5, ignores
+# SIGTERM so that it flushes and exits at EOF, and marks that it finished.
+LOGGER = r"""#!/bin/sh
+trap '' TERM
+d=$2
+env | sort > "$d/env"
+pwd > "$d/cwd"
+echo $$ > "$d/pid"
+echo "$#" "$@" > "$d/args"
+for fd in 0 1 2 3 4 5; do
+    echo "$fd $(ls -lL /proc/$$/fd/$fd | cut -c1) $(ls -l /proc/$$/fd/$fd | cut -c2-4)" >> "$d/fds"
+done
+cat <&3 > "$d/stdout" &
+cat <&4 > "$d/stderr" &
+exec 3<&- 4<&-
+echo ready >&5
+exec 5>&-
+wait
+echo done > "$d/done"
+"""
+
+
+def write_logger(directory, name: str, text: str, mode: int = 0o755) -> str:
+    path = os.path.join(str(directory), name)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    return path
+
+
+def logger_record(out: str, *replace: tuple[str, str]) -> dict[str, str]:
+    """Every file the logger wrote into ``out``, with the given replacements."""
+    rec = {}
+    for name in sorted(os.listdir(out)):
+        with open(os.path.join(out, name)) as f:
+            text = f.read()
+        for old, new in replace:
+            text = text.replace(old, new)
+        rec[name] = text
+    rec.pop("pid", None)
+    return rec
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_log_uri_binary(daemon: Containerd, rootfs: str, runtime: str, tmp_path) -> None:
+    """`ctr run --log-uri binary:///logger?dir=D`: the logger gets the container's
+    stdout and stderr on fds 3 and 4, signals ready on fd 5, sees only CONTAINER_ID and
+    CONTAINER_NAMESPACE, runs in the bundle, and has written everything and exited when
+    `ctr run --rm` returns (Delete waits for it)."""
+    logger = write_logger(tmp_path, "logger", LOGGER)
+
+    def scenario(r: str) -> dict:
+        cid, out = new_id(), tempfile.mkdtemp(dir=tmp_path)
+        step = ctr(daemon, "run", "--rm", "--runtime", r, "--log-uri", f"binary://{logger}?dir={out}",
+                   "--rootfs", rootfs, cid, "/bin/sh", "-c",
+                   "echo out1; echo err1 >&2; seq 1 20000; echo err2 >&2; exit 3")
+        assert step == (3, "", ""), step
+        rec = logger_record(out, (bundle_of(daemon, cid), "<BUNDLE>"), (cid, "<ID>"), (out, "<DIR>"))
+        want_out = "out1\n" + "".join(f"{i}\n" for i in range(1, 20001))
+        assert rec.pop("stdout") == want_out and rec.pop("stderr") == "err1\nerr2\n"
+        assert rec["done"] == "done\n"
+        assert rec["args"] == "2 dir <DIR>\n"
+        assert rec["env"] == ("CONTAINER_ID=<ID>\nCONTAINER_NAMESPACE=pyshim-test\n"
+                              "PWD=<BUNDLE>\n"), rec["env"]
+        assert rec["cwd"] == "<BUNDLE>\n"
+        assert rec["fds"].splitlines()[3:] == ["3 p r-x", "4 p r-x", "5 p -wx"], rec["fds"]
+        assert cid not in daemon.containers()
+        return rec
+
+    same_as_runc("log-uri-binary", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_log_uri_binary_for_an_exec(daemon: Containerd, rootfs: str, runtime: str,
+                                    tmp_path) -> None:
+    """`ctr task exec --log-uri binary://...`: the exec's own logger, named after the
+    exec id, gets the exec's output; the init's logger gets the init's."""
+    logger = write_logger(tmp_path, "logger", LOGGER)
+
+    def scenario(r: str) -> dict:
+        cid, init_out, exec_out = new_id(), tempfile.mkdtemp(dir=tmp_path), tempfile.mkdtemp(dir=tmp_path)
+        ok(daemon, "run", "-d", "--runtime", r, "--log-uri", f"binary://{logger}?dir={init_out}",
+           "--rootfs", rootfs, cid, "/bin/sh", "-c", "echo init-out; exec /bin/sleep 1000")
+        wait_status(daemon, cid, "RUNNING")
+        step = ctr(daemon, "task", "exec", "--exec-id", "lx", "--log-uri",
+                   f"binary://{logger}?dir={exec_out}", cid, "/bin/sh", "-c",
+                   "echo exec-out; echo exec-err >&2; exit 5")
+        wait_for(lambda: os.path.exists(os.path.join(exec_out, "done")), 10,
+                 message="the exec's logger never finished")
+        with open(os.path.join(exec_out, "pid")) as f:
+            pid = int(f.read())
+        # It exited at EOF while the container runs on: reaped, no zombie.
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10,
+                 message=f"the exec's logger {pid} was not reaped")
+        ok(daemon, "task", "kill", "-s", "KILL", cid)
+        wait_status(daemon, cid, "STOPPED")
+        rm = remove(daemon, cid)
+        assert rm["task rm"] == (0, "", exit_warning(137)), rm
+        subs = ((bundle_of(daemon, cid), "<BUNDLE>"), (cid, "<ID>"))
+        rec = {"exec": step,
+               "init": logger_record(init_out, *subs, (init_out, "<DIR>")),
+               "exec logger": logger_record(exec_out, *subs, (exec_out, "<DIR>"))}
+        assert rec["init"]["stdout"] == "init-out\n" and rec["init"]["done"] == "done\n"
+        assert rec["exec logger"]["stdout"] == "exec-out\n"
+        assert rec["exec logger"]["stderr"] == "exec-err\n"
+        assert rec["exec logger"]["env"].startswith("CONTAINER_ID=lx\n"), rec["exec logger"]["env"]
+        assert rec["exec"] == (5, "", ""), rec["exec"]
+        return rec
+
+    same_as_runc("log-uri-binary-exec", runtime, scenario)
+
+
+BAD_LOGGERS = [
+    pytest.param("missing", None, 0o755, id="missing"),
+    pytest.param("not-executable", LOGGER, 0o644, id="not-executable"),
+]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize(("name", "text", "mode"), BAD_LOGGERS)
+def test_log_uri_binary_that_cannot_start(daemon: Containerd, rootfs: str, runtime: str,
+                                          tmp_path, name: str, text: str | None,
+                                          mode: int) -> None:
+    """A logging binary that does not exist or is not executable: the task is not
+    created, ctr says why, and no shim or process is left."""
+    path = os.path.join(str(tmp_path), name)
+    if text is not None:
+        write_logger(tmp_path, name, text, mode)
+    why = "no such file or directory" if text is None else "permission denied"
+
+    def scenario(r: str) -> tuple:
+        cid = new_id()
+        code, _, err = ctr(daemon, "run", "--rm", "--runtime", r, "--log-uri",
+                           f"binary://{path}?dir=/nonexistent", "--rootfs", rootfs, cid, "/bin/true")
+        assert code == 1 and path in err and why in err.lower(), (code, err)
+        assert cid not in daemon.tasks()
+        return code, path in err, why in err.lower()
+
+    same_as_runc(f"log-uri-binary-{name}", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_log_uri_binary_that_dies_at_once(daemon: Containerd, rootfs: str, runtime: str,
+                                          tmp_path) -> None:
+    """A logger that exits without a word: its closed fd 5 counts as ready (EOF), so the
+    task is created; its output has no reader, so the writes fail (EPIPE: the container's
+    PID 1 does not die of SIGPIPE) and the exit code still reaches ctr."""
+    logger = write_logger(tmp_path, "logger", "#!/bin/sh\nexit 1\n")
+
+    def scenario(r: str) -> Step:
+        cid = new_id()
+        step = ctr(daemon, "run", "--rm", "--runtime", r, "--log-uri", f"binary://{logger}",
+                   "--rootfs", rootfs, cid, "/bin/sh", "-c", "sleep 0.2; echo lost; exit 3")
+        assert step == (3, "", ""), step
+        assert cid not in daemon.containers()
+        return step
+
+    same_as_runc("log-uri-binary-dies", runtime, scenario)
+
+
+def test_log_uri_binary_that_never_gets_ready(daemon: Containerd, rootfs: str, tmp_path) -> None:
+    """pyshim only (the Go shim's Create waits as long as fd 5 stays open): a logger
+    that never signals ready fails Create after pyshim's limit with a clear error, is
+    killed and reaped, and the shim does not hang."""
+    pidfile = os.path.join(str(tmp_path), "pid")
+    logger = write_logger(tmp_path, "logger", f"#!/bin/sh\necho $$ > {pidfile}\nexec /bin/sleep 1000\n")
+    cid = new_id()
+    code, _, err = ctr(daemon, "run", "--rm", "--runtime", PYSHIM, "--log-uri", f"binary://{logger}",
+                       "--rootfs", rootfs, cid, "/bin/true")
+    assert code == 1 and "did not signal ready" in err and logger in err, err
+    with open(pidfile) as f:
+        pid = int(f.read())
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, message="the logger was not killed and reaped")
+    assert cid not in daemon.tasks()
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

@@ -963,3 +963,39 @@ def test_unknown_flag_fails_clearly(tmp_path, how: str) -> None:
     res = _run([*_shim(how), "-bogus", "start"], cwd=str(tmp_path), stdin=subprocess.DEVNULL)
     assert res.returncode != 0
     assert "flag provided but not defined: -bogus" in res.stderr
+
+
+# ------------------------------------------------------------------ binary:// stdio
+
+
+def test_logger_argv_from_the_uri() -> None:
+    """Each query key, then its first value (empty if none); the path unescaped."""
+    lg = pyshim.Logger("binary:///opt/my%20log/bin?tag=a+b&flag&tag=ignored&dir=%2Ftmp")
+    assert lg.argv == ["/opt/my log/bin", "tag", "a b", "flag", "", "dir", "/tmp"]
+    assert pyshim.Logger("binary:///bin/logger").argv == ["/bin/logger"]
+
+
+@pytest.mark.parametrize("uri", ["binary://", "binary:logger", "binary:?x=1"])
+def test_logger_needs_an_absolute_path(uri: str) -> None:
+    with pytest.raises(pyshim.InvalidArgument, match="absolute path"):
+        pyshim.Logger(uri)
+
+
+def test_binary_stdio_refusals(loop) -> None:
+    with pytest.raises(pyshim.InvalidArgument, match="named by stdout"):
+        pyshim.Stdio(loop, "", "", "binary:///bin/logger").open()
+    with pytest.raises(pyshim.Unimplemented, match="terminal"):
+        pyshim.Stdio(loop, "", "binary:///bin/logger", "", terminal=True).open()
+
+
+def test_binary_stdio_gives_the_container_write_ends_and_keeps_no_read_end(loop) -> None:
+    s = pyshim.Stdio(loop, "", "binary:///bin/logger", "binary:///bin/logger")
+    _, out, err = s.open()
+    try:
+        assert s.copiers == [] and len(s.logger.fds) == 2
+        for w, r in zip((out, err), s.logger.fds):
+            assert stat.S_ISFIFO(os.fstat(w).st_mode)
+            assert os.fstat(w).st_ino == os.fstat(r).st_ino
+    finally:
+        s.close()
+    assert s.logger.fds == [] and s.child_fds == []
