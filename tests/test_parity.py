@@ -567,3 +567,58 @@ def test_a_megabyte_through_a_terminal_loses_no_byte(daemon, rootfs: str, runtim
     assert code == 0
     assert out.count("x") == 1_000_000, out.count("x")
     compare_with_runc("tty_megabyte", runtime, (code, out.count("x")))
+
+
+# ------------------------------------------------------------------ grouped containers
+
+GROUP_ANNOTATION = "io.containerd.runc.v2.group"
+
+
+def serving_shims(d: Containerd, runtime: str) -> list[int]:
+    """The long-lived shims of ``runtime`` (not a `start`/`delete` invocation)."""
+    return [p for p in harness.shim_pids(d, runtime) if harness.cmdline(p)[-1:] not in (["start"], ["delete"])]
+
+
+def run_sleeper_id(d: Containerd, runtime: str, rootfs: str, cid: str, *flags: str) -> int:
+    assert ctr(d, "run", "-d", "--runtime", runtime, *flags, "--rootfs", rootfs, cid,
+               "/bin/sleep", "1000") == (0, "", "")
+    return wait_status(d, cid, "RUNNING")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_grouped_containers_share_one_shim(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    """`ctr run -d --annotation io.containerd.runc.v2.group=G` three times: one shim
+    serves all three (one socket in every bundle's `address`); deleting one leaves the
+    others running, with exec and kill working; the shim exits after the last delete."""
+    def scenario(r: str) -> dict:
+        group = new_id("grp")
+        names = {new_id(): n for n in "ABC"}
+        a, b, c = names
+        flags = ("--annotation", f"{GROUP_ANNOTATION}={group}")
+        for cid in names:
+            run_sleeper_id(daemon, r, rootfs, cid, *flags)
+        shims = wait_for(lambda: (s := serving_shims(daemon, r)) and len(s) == 1 and s, 10,
+                         message=f"not one shim for the group: {serving_shims(daemon, r)}")
+        argv = harness.cmdline(shims[0])
+        addresses = set()
+        for cid in names:
+            with open(os.path.join(bundle_of(daemon, cid), "address")) as f:
+                addresses.add(f.read())
+        res: dict = {"shim -id": names.get(argv[argv.index("-id") + 1]), "sockets": len(addresses)}
+        res["rm B"] = kill_and_remove(daemon, b)
+        res["after rm B"] = {names[k]: v for k, v in daemon.tasks().items() if k in names}
+        res["exec A"] = ctr(daemon, "task", "exec", "--exec-id", "e1", a, "/bin/sh", "-c", "echo in-a; exit 7")
+        res["exec C"] = ctr(daemon, "task", "exec", "--exec-id", "e1", c, "/bin/sh", "-c", "echo in-c >&2")
+        res["ps C"] = len(ok(daemon, "task", "ps", c).splitlines()) - 1
+        res["rm C"] = kill_and_remove(daemon, c)
+        res["shims with A only"] = serving_shims(daemon, r) == shims
+        res["rm A"] = kill_and_remove(daemon, a)
+        wait_for(lambda: not harness.shim_pids(daemon, r), 10,
+                 message="the group's shim did not exit after its last container")
+        assert res["shim -id"] == "A" and res["sockets"] == 1, res
+        assert res["after rm B"] == {"A": "RUNNING", "C": "RUNNING"}, res
+        assert res["exec A"] == (7, "in-a\n", "") and res["exec C"] == (0, "", "in-c\n"), res
+        assert res["ps C"] == 1 and res["shims with A only"], res
+        return res
+
+    same_as_runc("grouped", runtime, scenario)
