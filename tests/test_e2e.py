@@ -826,7 +826,8 @@ def test_log_uri_binary(daemon: Containerd, rootfs: str, runtime: str, tmp_path)
 def test_log_uri_binary_for_an_exec(daemon: Containerd, rootfs: str, runtime: str,
                                     tmp_path) -> None:
     """`ctr task exec --log-uri binary://...`: the exec's own logger, named after the
-    exec id, gets the exec's output; the init's logger gets the init's."""
+    exec id, gets the exec's output; the init's logger gets the init's, and sees EOF
+    when the container dies (pyshim) or only at Delete (the Go shim)."""
     logger = write_logger(tmp_path, "logger", LOGGER)
 
     def scenario(r: str) -> dict:
@@ -846,6 +847,16 @@ def test_log_uri_binary_for_an_exec(daemon: Containerd, rootfs: str, runtime: st
                  message=f"the exec's logger {pid} was not reaped")
         ok(daemon, "task", "kill", "-s", "KILL", cid)
         wait_status(daemon, cid, "STOPPED")
+        done = os.path.join(init_out, "done")
+        if r == PYSHIM:
+            # pyshim keeps no write end of the output pipes after runc create: the
+            # init's logger sees EOF once the container is gone, before Delete.
+            wait_for(lambda: os.path.exists(done), 10, message="the init's logger got no EOF")
+        else:
+            # Recorded difference: the Go shim holds the write ends until Delete, so
+            # its logger is still waiting for EOF here.
+            time.sleep(0.5)
+            assert not os.path.exists(done)
         rm = remove(daemon, cid)
         assert rm["task rm"] == (0, "", exit_warning(137)), rm
         subs = ((bundle_of(daemon, cid), "<BUNDLE>"), (cid, "<ID>"))
