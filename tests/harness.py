@@ -870,6 +870,20 @@ disabled_plugins = [{cri_disabled}
                 socks.add(raw[len(b"unix://"):].decode().strip())
         return {s for s in socks if s.startswith(SHIM_SOCKET_DIR + "/")}
 
+    def _template_sockets(self) -> set[str]:
+        """Socket and lock file of pyshim's warm template(s) below our reaper: a template
+        serves one containerd only, and SIGKILLed it cannot remove its socket."""
+        if self._reaper is None:
+            return set()
+        out = set()
+        for pid in _descendants(self._reaper.pid):
+            argv = cmdline(pid)
+            if len(argv) >= 3 and argv[2] == "template" and "pyshim" in argv[1]:
+                for path in _unix_socket_paths(pid):
+                    if path.startswith(SHIM_SOCKET_DIR + "/pyshim-template-"):
+                        out |= {path, path + ".lock"}
+        return out
+
     def _kill_shims(self) -> None:
         """SIGKILL every shim of this daemon, then every non-daemon process under the
         reaper (orphaned container processes), and wait until they are gone."""
@@ -967,7 +981,7 @@ disabled_plugins = [{cri_disabled}
             errors.append(str(e))
         owned |= self._bundle_ids() | self._live_shim_ids()
         known = owned | self._logged_ids()
-        sockets = self._shim_sockets(known)
+        sockets = self._shim_sockets(known) | self._template_sockets()
         self._kill_shims()
         if self._reaper is not None:
             self._reaper.close()
@@ -1016,6 +1030,30 @@ disabled_plugins = [{cri_disabled}
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+def _unix_socket_paths(pid: int) -> list[str]:
+    """Paths of the named unix sockets a process holds open (its fds' socket inodes,
+    looked up in /proc/net/unix)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:["):-1])
+    except OSError:
+        return []
+    paths = []
+    with open("/proc/net/unix") as f:
+        next(f, None)  # Num RefCount Protocol Flags Type St Inode Path
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[6] in inodes and fields[7].startswith("/"):
+                paths.append(fields[7])
+    return paths
 
 
 def _toml_key(key: str) -> str:

@@ -19,6 +19,8 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -119,6 +121,14 @@ def _bundles(daemon: harness.Containerd) -> set[str]:
 def _socket(daemon: harness.Containerd, group: str) -> str:
     digest = hashlib.sha256(f"{daemon.address}/{NS}/{group}".encode()).hexdigest()
     return os.path.join(harness.SHIM_SOCKET_DIR, digest)
+
+
+def _template_socket(daemon: harness.Containerd) -> str:
+    """The warm template socket of this daemon's pyshim shims, as the installed pyshim
+    (the one containerd runs, whose file is part of the name) computes it."""
+    code = f"import pyshim; print(pyshim.template_path({daemon.address!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True,
+                          text=True, check=True).stdout.strip()
 
 
 def _status(c: Cri, cid: str) -> tuple[int, int]:
@@ -238,3 +248,42 @@ def test_bad_settings_file_fails_the_pod_clearly(crid: Cri) -> None:
     assert crid.bad_path in text and "unknown key 'colour'" in text, text
     harness.wait_for(lambda: not harness.shim_pids(crid.daemon), 15)
     assert not harness.mounts_under(crid.daemon.dir)
+
+
+@pytest.mark.parametrize("handler", list(HANDLERS))
+def test_daemon_cleanup_with_a_live_pod_leaves_nothing(handler: str) -> None:
+    """The harness's cleanup() of a CRI daemon whose pod still runs (a test that failed
+    half way): no process, mount (the pod's /dev/shm tmpfs, rootfs overlays), shim
+    socket or runc state is left, and the temp dir is gone."""
+    require_e2e()
+    require(cri is not None, f"the CRI client needs grpcio: {globals().get('_import_error')}")
+    d = harness.Containerd(cri={handler: HANDLERS[handler]})
+    tmp = tempfile.mkdtemp(prefix="pysh-cri-")
+    try:
+        d.start()
+        for tar, build in (("pause.tar", harness.build_sandbox_image),
+                           ("busybox.tar", harness.build_busybox_image)):
+            build(os.path.join(tmp, tar))
+            d.import_image(os.path.join(tmp, tar), namespace=NS)
+        with cri.CriClient(d.address) as client:
+            pod, _, cids = _run_pod(Cri(d, client, "", "", ""), handler, "left-running")
+        shm = [m for m in harness.mounts_under(d.dir) if m.endswith("/shm")]
+        assert len(shm) == 1, harness.mounts_under(d.dir)  # the pod's IPC namespace /dev/shm
+        assert d._reaper is not None
+        pids = [d.pid, d._reaper.pid, *harness.shim_pids(d)]
+        paths = [_socket(d, pod)] + [os.path.join(harness.RUNC_ROOT, NS, c) for c in (pod, *cids[:2])]
+        assert all(os.path.exists(p) for p in paths)
+        if handler == "pyshim":  # and the warm template's socket and lock file
+            sock = _template_socket(d)
+            paths += [sock, sock + ".lock"]
+            assert os.path.exists(sock) and os.path.exists(sock + ".lock")
+    finally:
+        d.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert not os.path.exists(d.dir)
+    assert harness.mounts_under(d.dir) == []
+    assert harness.daemon_pids(d.address) == []
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}"), (pid, harness.cmdline(pid))
+    for path in paths:
+        assert not os.path.exists(path), path
