@@ -13,10 +13,12 @@ Public surface:
     Process, Container          per-process state machines
     TaskService                 containerd.task.v2.Task
     Publisher                   ordered, retrying event delivery to containerd
+    Settings                    pyshim's settings file (a CRI handler's ConfigPath)
     ShimError and subclasses    errors that carry a ttrpc status code
 
 Sections, in dependency order: constants, errors, C bindings, log, reaper,
-ttrpc, stdio, runc, processes, task service, events, start/delete CLI, main.
+ttrpc, stdio, runc, processes, settings, task service, events, start/delete
+CLI, main.
 """
 
 from __future__ import annotations
@@ -2953,15 +2955,6 @@ def action_start(flags: Flags) -> int:
     except (OSError, ValueError, AttributeError):
         options = b""
     shim_cgroup = _shim_cgroup(options)
-    try:
-        settings = _cri_settings(options) if options else None
-    except ValueError as e:  # malformed protobuf: Create will say more
-        log("warning", "unreadable runtime options on stdin", error=str(e))
-        settings = None
-    if settings is not None:
-        if settings.log_level:
-            log.level = _LEVELS[settings.log_level]
-        flags.settings = settings.to_json()
     bundle = os.getcwd()
     path = socket_path(flags.address, flags.namespace, group_id(bundle, flags.id))
     address = "unix://" + path
@@ -2980,6 +2973,17 @@ def action_start(flags: Flags) -> int:
         fd = unix_listen(path)
     try:
         os.chmod(path, 0o600)
+        # Only a new shim reads the settings file: a container joining its group's
+        # shim above is served with the settings that shim started with.
+        try:
+            settings = _cri_settings(options) if options else None
+        except ValueError as e:  # malformed protobuf: Create will say more
+            log("warning", "unreadable runtime options on stdin", error=str(e))
+            settings = None
+        if settings is not None:
+            if settings.log_level:
+                log.level = _LEVELS[settings.log_level]
+            flags.settings = settings.to_json()
         pid = spawn_shim(flags, fd, settings is None or settings.template)
     except BaseException:
         os.unlink(path)
