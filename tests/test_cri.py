@@ -41,9 +41,8 @@ HANDLERS = {"pyshim": harness.PYSHIM, "runc": harness.RUNC}
 SLEEP = ["/bin/sleep", "100000"]
 EXIT_CODE = 7
 SETTINGS = """\
-# pyshim settings of the pyshim-conf handler: every value differs from the default
+# pyshim settings of the pyshim-conf handler (template = false: test_shim_direct.py)
 runc_root = "{root}"
-template = false
 log_level = "warning"
 memory_release_interval = 5
 """
@@ -216,8 +215,9 @@ def test_pod_of_three_containers(crid: Cri, handler: str) -> None:
 
 
 def test_handler_settings_file(crid: Cri) -> None:
-    """options.ConfigPath of the handler names pyshim's settings: runc runs with its
-    runc_root, the shim is spawned cold (template = false) and logs at warning only."""
+    """options.ConfigPath of the handler names pyshim's settings: the shim forked from
+    the warm template gets them (-settings), runc runs with their runc_root, and the
+    shim logs at warning only."""
     d = crid.daemon
     pod, _, cids = _run_pod(crid, "pyshim-conf", "settings")
     harness.wait_for(lambda: _status(crid, cids[2]) == (cri.pb.CONTAINER_EXITED, EXIT_CODE), 15)
@@ -226,7 +226,7 @@ def test_handler_settings_file(crid: Cri) -> None:
     argv = harness.cmdline(shims[0])
     assert crid.settings_path in _flag(argv, "-settings")
     parent = harness.cmdline(_ppid(shims[0]))
-    assert parent[2:3] != ["template"], parent
+    assert parent[2:3] == ["template"], parent  # the settings went through the fork
 
     for cid in (pod, *cids[:2]):  # runc state under the file's runc_root, not the default
         assert os.path.isdir(os.path.join(crid.runc_root, NS, cid)), cid
