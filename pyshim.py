@@ -13,10 +13,12 @@ Public surface:
     Process, Container          per-process state machines
     TaskService                 containerd.task.v2.Task
     Publisher                   ordered, retrying event delivery to containerd
+    Settings                    pyshim's settings file (a CRI handler's ConfigPath)
     ShimError and subclasses    errors that carry a ttrpc status code
 
 Sections, in dependency order: constants, errors, C bindings, log, reaper,
-ttrpc, stdio, runc, processes, task service, events, start/delete CLI, main.
+ttrpc, stdio, runc, processes, settings, task service, events, start/delete
+CLI, main.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 URL_RUNC_OPTIONS = "containerd.runc.v1.Options"
 URL_LINUX_CREATE_OPTIONS = "containerd.linux.runc.CreateOptions"
 URL_PROCESS_DETAILS = "containerd.runc.v1.ProcessDetails"
+# What containerd's CRI plugin sends for a handler whose runtime_type is not runc's:
+# {type_url = 1, config_path = 2, config_body = 3 (newer than 1.6)}. 1.6.20 names it
+# "runtimeoptions.v1.Options" (seen on the wire); the "cri." form is accepted too.
+URL_CRI_OPTIONS = ("runtimeoptions.v1.Options", "cri.runtimeoptions.v1.Options")
 EVENT_URL = "containerd.events."
 
 # How long Delete waits for a process's output to drain, as the Go shim does.
@@ -2016,6 +2022,118 @@ class OomWatcher:
 
 
 # =============================================================================
+# Settings: pyshim's own file, named by a CRI runtime handler's ConfigPath.
+# =============================================================================
+
+# key -> (accepted types, what the error calls it). bool is an int to Python: the
+# checks below reject a bool where a number is asked for.
+SETTINGS_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "runc_binary": ((str,), "string"),
+    "runc_root": ((str,), "string"),
+    "systemd_cgroup": ((bool,), "boolean"),
+    "log_level": ((str,), "string"),
+    "template": ((bool,), "boolean"),
+    "memory_release_interval": ((int, float), "number of seconds"),
+}
+MEMORY_RELEASE_SECONDS = 30.0
+
+
+class Settings:
+    """What a pyshim settings file (TOML) sets; every key is optional.
+
+        runc_binary = "runc"              runc to drive: a name on PATH or a path
+        runc_root = "/run/containerd/runc"  runc --root (the namespace is appended)
+        systemd_cgroup = false            runc --systemd-cgroup
+        log_level = "info"                debug, info, warning or error
+        template = true                   fork shims from the warm template
+        memory_release_interval = 30      seconds between malloc_trim; 0: never
+
+    `start` reads the file (tomllib is imported only then) and hands the long-lived
+    shim its values as one JSON argument (-settings), so the shim itself never
+    imports tomllib. Unknown keys and wrong types are errors naming file and key.
+    """
+
+    __slots__ = ("path", *SETTINGS_KEYS)
+
+    def __init__(self, path: str = "") -> None:
+        self.path = path
+        self.runc_binary = ""
+        self.runc_root = ""
+        self.systemd_cgroup = False
+        self.log_level = ""
+        self.template = True
+        self.memory_release_interval = MEMORY_RELEASE_SECONDS
+
+    @classmethod
+    def load(cls, path: str, body: bytes = b"") -> Settings:
+        """The settings in the file `path`, or in `body` (its content, as containerd
+        newer than 1.6 sends it) when given. InvalidArgument on any fault."""
+        import tomllib
+
+        where = f"pyshim settings {path or '(config_body)'}"
+        if not body:
+            if not os.path.isabs(path):
+                raise InvalidArgument(f"{where}: ConfigPath must be an absolute path")
+            try:
+                body = _read_small(path)
+            except OSError as e:
+                raise InvalidArgument(f"{where}: {e.strerror or e}") from None
+        try:
+            table = tomllib.loads(body.decode())
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise InvalidArgument(f"{where}: not valid TOML: {e}") from None
+        return cls.from_dict(table, where, path)
+
+    @classmethod
+    def from_dict(cls, table: dict, where: str, path: str = "") -> Settings:
+        """Checked settings from a parsed table; `where` prefixes every error."""
+        self = cls(path)
+        for key, value in table.items():
+            spec = SETTINGS_KEYS.get(key)
+            if spec is None:
+                raise InvalidArgument(f"{where}: unknown key {key!r} (known: {', '.join(SETTINGS_KEYS)})")
+            types, name = spec
+            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+                raise InvalidArgument(f"{where}: key {key!r} must be a {name}, not {value!r}")
+            if key == "log_level" and value not in _LEVELS:
+                raise InvalidArgument(f"{where}: key 'log_level' must be one of {', '.join(_LEVELS)}, not {value!r}")
+            if key == "runc_root" and not os.path.isabs(value):
+                raise InvalidArgument(f"{where}: key 'runc_root' must be an absolute path, not {value!r}")
+            if key == "runc_binary" and not value:
+                raise InvalidArgument(f"{where}: key 'runc_binary' must not be empty")
+            if key == "memory_release_interval":
+                if not 0 <= value <= 86400:  # also rejects nan
+                    raise InvalidArgument(f"{where}: key 'memory_release_interval' must be 0..86400 seconds, "
+                                          f"not {value!r}")
+                value = float(value)
+            setattr(self, key, value)
+        return self
+
+    def to_json(self) -> str:
+        """The path and every value that differs from the default, as JSON."""
+        import json
+
+        default = Settings()
+        table = {k: getattr(self, k) for k in self.__slots__
+                 if k == "path" or getattr(self, k) != getattr(default, k)}
+        return json.dumps(table, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        """The -settings argument `start` wrote; checked again (it is argv)."""
+        import json
+
+        try:
+            table = json.loads(text)
+        except ValueError as e:
+            raise InvalidArgument(f"-settings: {e}") from None
+        if not isinstance(table, dict):
+            raise InvalidArgument("-settings: not a JSON object")
+        path = table.pop("path", "")
+        return cls.from_dict(table, f"-settings (from {path or 'no file'})", path if isinstance(path, str) else "")
+
+
+# =============================================================================
 # Task service: containerd.task.v2.Task
 # =============================================================================
 
@@ -2028,15 +2146,31 @@ def _valid_id(kind: str, value: str) -> str:
     return value
 
 
-def decode_options(any_msg):
-    """Runtime options of either type containerd sends, as one RuncOptions."""
+def decode_options(any_msg, settings: Settings | None = None):
+    """Runtime options of any type containerd sends, as one RuncOptions.
+
+    CRI options name a settings file: its runc keys become the options. The
+    shim's own `settings` (read by `start`) stand in for the file they came
+    from; another file is read here (a container of another handler)."""
     import pyshim_pb2 as pb
 
     opts = pb.RuncOptions()
     if any_msg is None or not any_msg.type_url:
         return opts
     url = any_msg.type_url.rsplit("/", 1)[-1]
-    if url == URL_RUNC_OPTIONS:
+    if url in URL_CRI_OPTIONS:
+        cri = pb.CriRuntimeOptions()
+        cri.ParseFromString(any_msg.value)
+        if not cri.config_path and not cri.config_body:
+            return opts
+        if settings is not None and settings.path == cri.config_path and not cri.config_body:
+            s = settings
+        else:
+            s = Settings.load(cri.config_path, cri.config_body)
+        opts.binary_name = s.runc_binary
+        opts.root = s.runc_root
+        opts.systemd_cgroup = s.systemd_cgroup
+    elif url == URL_RUNC_OPTIONS:
         opts.ParseFromString(any_msg.value)
     elif url == URL_LINUX_CREATE_OPTIONS:
         lin = pb.LinuxCreateOptions()
@@ -2077,8 +2211,10 @@ class TaskService:
       * every exec's exit is published before its container's init exit.
     """
 
-    def __init__(self, loop, runner: Runner, publisher: Publisher, namespace: str, on_empty) -> None:
+    def __init__(self, loop, runner: Runner, publisher: Publisher, namespace: str, on_empty,
+                 settings: Settings | None = None) -> None:
         self.loop = loop
+        self.settings = settings  # from start's -settings: stands in for its file
         self.runner = runner
         self.publisher = publisher
         self.namespace = namespace
@@ -2146,7 +2282,7 @@ class TaskService:
             raise InvalidArgument(f"bundle {bundle!r}: config.json: no such file or directory") from None
         except (OSError, ValueError) as e:
             raise InvalidArgument(f"bundle {bundle!r}: config.json: {e}") from None
-        opts = decode_options(req.options if req.HasField("options") else None)
+        opts = decode_options(req.options if req.HasField("options") else None, self.settings)
         try:
             binary = which(opts.binary_name or "runc")
         except FileNotFoundError as e:
@@ -2730,16 +2866,18 @@ class Flags:
         "id",
         "namespace",
         "publish_binary",
+        "settings",
         "socket",
         "version",
     )
 
-    STRINGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle", "socket"})
+    # -settings is pyshim's own: `start` passes the long-lived shim its Settings.
+    STRINGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle", "socket", "settings"})
     BOOLS = frozenset({"debug", "v"})
 
     def __init__(self, argv: list[str]) -> None:
         self.namespace = self.address = self.publish_binary = self.id = ""
-        self.bundle = self.socket = ""
+        self.bundle = self.socket = self.settings = ""
         self.debug = self.version = False
         self.action = ""
         i = 0
@@ -2823,19 +2961,21 @@ def shim_argv(flags: Flags) -> list[str]:
         argv += ["-publish-binary", flags.publish_binary]
     if flags.debug:
         argv.append("-debug")
+    if flags.settings:
+        argv += ["-settings", flags.settings]
     return argv
 
 
-def spawn_shim(flags: Flags, sock_fd: int) -> int:
+def spawn_shim(flags: Flags, sock_fd: int, template: bool = True) -> int:
     """Launches the long-lived shim serving `sock_fd` (as its fd 3); returns its pid.
 
     The one place a shim process is made. It is forked from the warm template
-    (unless PYSHIM_TEMPLATE=0); whenever the template cannot be had, it is
+    (unless PYSHIM_TEMPLATE=0 or `template` is false); whenever the template cannot be had, it is
     spawned cold. Either way cwd (the bundle), environment and arguments are
     this process's own.
     """
     argv = shim_argv(flags)
-    if os.environ.get(TEMPLATE_ENV, "1") != "0":
+    if os.environ.get(TEMPLATE_ENV, "1") != "0" and template:
         try:
             return template_fork(argv, sock_fd, flags.address)
         except (OSError, ValueError) as e:
@@ -2924,6 +3064,20 @@ def _shim_cgroup(any_bytes: bytes) -> str:
         return ""
 
 
+def _cri_settings(any_bytes: bytes) -> Settings | None:
+    """The settings named by CRI runtime options on `start`'s stdin (an Any of
+    runtimeoptions.v1.Options), read without protobuf; None when the options are
+    of another type or name no file. InvalidArgument on a bad file."""
+    fields = _pb_strings(any_bytes)
+    if fields.get(1, b"").decode().rsplit("/", 1)[-1] not in URL_CRI_OPTIONS:
+        return None
+    inner = _pb_strings(fields.get(2, b""))
+    path, body = inner.get(2, b"").decode(), inner.get(3, b"")
+    if not path and not body:
+        return None
+    return Settings.load(path, body)
+
+
 def _join_cgroup(pid: int, path: str) -> None:
     """Moves the shim into the existing cgroup `path`, in every hierarchy that
     has it (cgroup v1 controllers, and v2 / unified), as the Go shim does for
@@ -2973,7 +3127,18 @@ def action_start(flags: Flags) -> int:
         fd = unix_listen(path)
     try:
         os.chmod(path, 0o600)
-        pid = spawn_shim(flags, fd)
+        # Only a new shim reads the settings file: a container joining its group's
+        # shim above is served with the settings that shim started with.
+        try:
+            settings = _cri_settings(options) if options else None
+        except ValueError as e:  # malformed protobuf: Create will say more
+            log("warning", "unreadable runtime options on stdin", error=str(e))
+            settings = None
+        if settings is not None:
+            if settings.log_level:
+                log.level = _LEVELS[settings.log_level]
+            flags.settings = settings.to_json()
+        pid = spawn_shim(flags, fd, settings is None or settings.template)
     except BaseException:
         os.unlink(path)
         raise
@@ -3097,6 +3262,15 @@ def serve(flags: Flags) -> int:
     _open_log()
     log.level = _LEVELS["debug" if flags.debug else "info"]
     log.fields = f" namespace={_quote(flags.namespace)} runtime={RUNTIME_NAME}"
+    settings = None
+    if flags.settings:
+        try:
+            settings = Settings.from_json(flags.settings)
+        except InvalidArgument as e:
+            log("error", "bad settings", error=str(e))
+            return 1
+        if settings.log_level:  # the handler's file says so explicitly: it wins over -debug
+            log.level = _LEVELS[settings.log_level]
     try:
         set_subreaper()
     except OSError as e:
@@ -3129,7 +3303,7 @@ def serve(flags: Flags) -> int:
         if not stop.done():
             stop.set_result(None)
 
-    service = TaskService(loop, runner, publisher, flags.namespace, finish)
+    service = TaskService(loop, runner, publisher, flags.namespace, finish, settings)
     server = TtrpcServer(loop, service.methods())
     loop.run_until_complete(server.serve_fd(3))
     publisher.start()
@@ -3142,13 +3316,20 @@ def serve(flags: Flags) -> int:
     loop.add_signal_handler(signal.SIGTERM, finish)
     loop.add_signal_handler(signal.SIGINT, finish)
 
+    interval = settings.memory_release_interval if settings else MEMORY_RELEASE_SECONDS
+
     def release_memory() -> None:
         malloc_trim()
-        loop.call_later(30, release_memory)
+        loop.call_later(interval, release_memory)
 
-    loop.call_later(30, release_memory)
+    if interval > 0:
+        loop.call_later(interval, release_memory)
     gc.freeze()
     log("info", "shim started", pid=os.getpid(), socket=sock_path, version=VERSION)
+    if settings:
+        log("debug", "settings", path=settings.path, runc_root=settings.runc_root,
+            runc_binary=settings.runc_binary, systemd_cgroup=settings.systemd_cgroup,
+            template=settings.template, memory_release_interval=interval)
     loop.run_until_complete(stop)
 
     async def shutdown() -> None:

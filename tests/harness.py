@@ -8,6 +8,7 @@ Public surface:
     new_id(prefix)                         a container id unique to this process
     make_busybox_rootfs(path)              a static busybox rootfs directory for --rootfs
     build_busybox_image(tar_path, ref)     a hand-made OCI image archive for `ctr images import`
+    build_sandbox_image(tar_path, ref)     the same, whose entrypoint sleeps forever (CRI "pause")
     shim_pids(daemon, runtime)             live shim processes of one daemon, by cmdline
     daemon_pids(address)                   every live process naming that daemon's address
     cmdline(pid), shim_binary(runtime)     /proc argv; runtime name -> shim binary name
@@ -15,7 +16,9 @@ Public surface:
     cgroup_hierarchies()                   the mounted cgroup hierarchies (v1 + unified)
     Containerd                             the private daemon: start, ctr, kill9, restart,
                                            stop, tasks, containers, images, import_image,
-                                           remove_all, cleanup, log_text
+                                           remove_all, cleanup, log_text; with ``cri=``
+                                           also containerd's CRI plugin (Kubernetes API)
+    CRI_NAMESPACE, SANDBOX_REF             CRI's containerd namespace, its sandbox image ref
     HarnessError                           raised when the daemon cannot be driven
 
 Why a reaper process: PID 1 on the test machines does not reap orphans, and every shim
@@ -44,7 +47,7 @@ import sysconfig
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Self, TypeVar
 
 # ---------------------------------------------------------------------------- constants
@@ -53,6 +56,8 @@ PYSHIM = "io.containerd.pyshim.v1"
 RUNC = "io.containerd.runc.v2"
 NAMESPACE = "pyshim-test"
 BUSYBOX_REF = "localhost/pyshim/busybox:latest"
+CRI_NAMESPACE = "k8s.io"  # where containerd's CRI plugin keeps pods, containers, images
+SANDBOX_REF = "localhost/pyshim/pause:1"  # never pulled: built and imported by the harness
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -330,12 +335,15 @@ def _blob(data: bytes) -> tuple[str, bytes]:
     return "sha256:" + hashlib.sha256(data).hexdigest(), data
 
 
-def build_busybox_image(tar_path: str, ref: str = BUSYBOX_REF) -> str:
+def build_busybox_image(tar_path: str, ref: str = BUSYBOX_REF,
+                        entrypoint: list[str] | None = None,
+                        cmd: list[str] | None = None) -> str:
     """Write an OCI image-layout archive of a busybox image to ``tar_path``; return ``ref``.
 
     Import it with ``ctr images import FILE``: index.json names the manifest both by
     ``io.containerd.image.name`` (taken verbatim by containerd's importer) and by
-    ``org.opencontainers.image.ref.name``. One gzip layer, config with PATH and Cmd sh.
+    ``org.opencontainers.image.ref.name``. One gzip layer, config with PATH and
+    ``cmd`` (default ``/bin/sh``), and ``entrypoint`` if given.
     """
     with tempfile.TemporaryDirectory(prefix="pysh-img-") as tmp:
         layer = _layer_tar(make_busybox_rootfs(os.path.join(tmp, "rootfs")))
@@ -347,8 +355,9 @@ def build_busybox_image(tar_path: str, ref: str = BUSYBOX_REF) -> str:
         "created": "2000-01-01T00:00:00Z",
         "config": {
             "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["/bin/sh"],
+            "Cmd": list(cmd) if cmd is not None else ["/bin/sh"],
             "WorkingDir": "/",
+            **({"Entrypoint": list(entrypoint)} if entrypoint else {}),
         },
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         "history": [{"created": "2000-01-01T00:00:00Z", "created_by": "pyshim harness"}],
@@ -392,6 +401,13 @@ def build_busybox_image(tar_path: str, ref: str = BUSYBOX_REF) -> str:
             ti.size, ti.mode, ti.mtime = len(data), 0o644, _LAYER_MTIME
             tar.addfile(ti, io.BytesIO(data))
     return ref
+
+
+def build_sandbox_image(tar_path: str, ref: str = SANDBOX_REF) -> str:
+    """The pod sandbox ("pause") image CRI starts first in every pod: busybox whose
+    entrypoint sleeps for ~68 years, named by absolute path (no shell, no PATH lookup).
+    The image's Cmd is empty, so the entrypoint alone is the process."""
+    return build_busybox_image(tar_path, ref, entrypoint=["/bin/sleep", "2147483647"], cmd=[])
 
 
 # ---------------------------------------------------------------------------- reaper
@@ -580,8 +596,14 @@ class Containerd:
 
     def __init__(self, extra_path: Iterable[str] | None = None,
                  namespace: str = NAMESPACE, log_level: str = "debug",
-                 start_timeout: float = 30.0) -> None:
+                 start_timeout: float = 30.0,
+                 cri: Mapping[str, str | tuple[str, Mapping[str, object]]] | None = None) -> None:
+        """``cri``: enable containerd's CRI plugin (off by default) with these runtime
+        handlers, {handler name: runtime_type or (runtime_type, options table)}; the
+        first is the default handler. The options table goes verbatim into the
+        handler's ``options`` (e.g. {"ConfigPath": "/x.toml"}, {"SystemdCgroup": False})."""
         self.namespace = namespace
+        self.cri = dict(cri) if cri else None
         self.start_timeout = start_timeout
         self.dir = tempfile.mkdtemp(prefix="pysh-", dir="/tmp")
         self.root = os.path.join(self.dir, "root")
@@ -611,14 +633,14 @@ class Containerd:
 
     def _write_config(self, log_level: str) -> None:
         d = self.dir
+        cri_disabled = "" if self.cri else '\n  "io.containerd.grpc.v1.cri",'
         text = f"""\
 version = 2
 root = "{self.root}"
 state = "{self.state}"
 temp = "{d}/tmp"
 # Not "io.containerd.runtime.v1.linux": 1.6's tasks service fails to load without it.
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+disabled_plugins = [{cri_disabled}
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -646,10 +668,47 @@ disabled_plugins = [
 
 [plugins."io.containerd.runtime.v2.task"]
   platforms = ["linux/amd64"]
-"""
+""" + (self._cri_config() if self.cri else "")
         os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
         with open(self.config_path, "w") as f:
             f.write(text)
+
+    def _cri_config(self) -> str:
+        """The CRI plugin's section: every directory it writes is under our dir (its
+        root and state dirs follow root/state; CNI and pod logs are pointed here). Pods
+        are meant to use host networking, for which 1.6 needs no CNI plugin: the empty
+        conf dir only costs a warning in the log. restrict_oom_score_adj because root
+        here may lack CAP_SYS_RESOURCE, which raising a score below ours needs."""
+        assert self.cri
+        d = self.dir
+        for sub in ("cni/conf", "cni/bin", "pods"):
+            os.makedirs(os.path.join(d, sub), exist_ok=True)
+        cri = 'plugins."io.containerd.grpc.v1.cri"'
+        text = f"""
+[{cri}]
+  sandbox_image = "{SANDBOX_REF}"
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+
+[{cri}.cni]
+  bin_dir = "{d}/cni/bin"
+  conf_dir = "{d}/cni/conf"
+
+[{cri}.containerd]
+  snapshotter = "overlayfs"
+  default_runtime_name = "{next(iter(self.cri))}"
+"""
+        for name, handler in self.cri.items():
+            rtype, options = (handler, {}) if isinstance(handler, str) else handler
+            text += f'\n[{cri}.containerd.runtimes.{_toml_key(name)}]\n'
+            text += f'  runtime_type = {_toml_value(rtype)}\n'
+            if options:
+                text += f'\n[{cri}.containerd.runtimes.{_toml_key(name)}.options]\n'
+                for key, value in options.items():
+                    text += f"  {_toml_key(key)} = {_toml_value(value)}\n"
+        return text
 
     @property
     def running(self) -> bool:
@@ -759,9 +818,10 @@ disabled_plugins = [
     def namespaces(self) -> list[str]:
         return self.ctr("namespaces", "ls", "-q", check=True, timeout=30).stdout.split()
 
-    def import_image(self, tar_path: str) -> None:
-        """``ctr images import`` (unpacks with the default overlayfs snapshotter)."""
-        self.ctr("images", "import", tar_path, check=True, timeout=120)
+    def import_image(self, tar_path: str, namespace: str | None = None) -> None:
+        """``ctr images import`` (unpacks with the default overlayfs snapshotter);
+        into ``CRI_NAMESPACE`` for the CRI plugin to see it."""
+        self.ctr("images", "import", tar_path, check=True, timeout=120, namespace=namespace)
 
     # -- cleanup ---------------------------------------------------------------------
 
@@ -809,6 +869,20 @@ disabled_plugins = [
             if raw and raw.startswith(b"unix://"):
                 socks.add(raw[len(b"unix://"):].decode().strip())
         return {s for s in socks if s.startswith(SHIM_SOCKET_DIR + "/")}
+
+    def _template_sockets(self) -> set[str]:
+        """Socket and lock file of pyshim's warm template(s) below our reaper: a template
+        serves one containerd only, and SIGKILLed it cannot remove its socket."""
+        if self._reaper is None:
+            return set()
+        out = set()
+        for pid in _descendants(self._reaper.pid):
+            argv = cmdline(pid)
+            if len(argv) >= 3 and argv[2] == "template" and "pyshim" in argv[1]:
+                for path in _unix_socket_paths(pid):
+                    if path.startswith(SHIM_SOCKET_DIR + "/pyshim-template-"):
+                        out |= {path, path + ".lock"}
+        return out
 
     def _kill_shims(self) -> None:
         """SIGKILL every shim of this daemon, then every non-daemon process under the
@@ -907,7 +981,7 @@ disabled_plugins = [
             errors.append(str(e))
         owned |= self._bundle_ids() | self._live_shim_ids()
         known = owned | self._logged_ids()
-        sockets = self._shim_sockets(known)
+        sockets = self._shim_sockets(known) | self._template_sockets()
         self._kill_shims()
         if self._reaper is not None:
             self._reaper.close()
@@ -956,6 +1030,45 @@ disabled_plugins = [
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+def _unix_socket_paths(pid: int) -> list[str]:
+    """Paths of the named unix sockets a process holds open (its fds' socket inodes,
+    looked up in /proc/net/unix)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:["):-1])
+    except OSError:
+        return []
+    paths = []
+    with open("/proc/net/unix") as f:
+        next(f, None)  # Num RefCount Protocol Flags Type St Inode Path
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[6] in inodes and fields[7].startswith("/"):
+                paths.append(fields[7])
+    return paths
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: object) -> str:
+    """A TOML scalar: bool, int or string (JSON string escapes are valid TOML)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    raise HarnessError(f"no TOML form for {value!r}")
 
 
 def _is_descendant(pid: int, ancestor: int) -> bool:

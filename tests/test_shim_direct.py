@@ -410,3 +410,66 @@ def _rmdir(path: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_settings_file_named_by_cri_options(direct: Direct) -> None:
+    """CRI runtime options (runtimeoptions.v1.Options) name pyshim's settings file:
+    `start` reads it and passes it on (-settings; template = false spawns cold), Create
+    drives the file's runc with its runc_root, and `shim delete` after a SIGKILL does
+    too. A file with an unknown key fails `start` with file and key named, no socket
+    and no shim left."""
+    calls = os.path.join(direct.dir, "runc-calls")
+    wrapper = os.path.join(direct.dir, "settings-runc")
+    with open(wrapper, "w") as f:
+        f.write(f'#!/bin/sh\necho "$@" >> {calls}\nexec {harness.RUNC_BINARY} "$@"\n')
+    os.chmod(wrapper, 0o755)
+    root = os.path.join(direct.dir, "settings-root")
+    settings = os.path.join(direct.dir, "pyshim.toml")
+    with open(settings, "w") as f:
+        f.write(f'runc_binary = "{wrapper}"\nrunc_root = "{root}"\ntemplate = false\n'
+                "memory_release_interval = 0\n")
+
+    def cri_options(path: str) -> any_pb2.Any:
+        return any_pb2.Any(type_url="runtimeoptions.v1.Options",
+                           value=pb.CriRuntimeOptions(type_url="io.containerd.pyshim.v1",
+                                                      config_path=path).SerializeToString())
+
+    cid = harness.new_id("set")
+    bundle = direct.bundle(cid, ["/bin/sleep", "1000"])
+    opts = cri_options(settings)
+    address = direct.start(bundle, cid, opts.SerializeToString())
+    shim = call(address, "Connect", pb.ConnectRequest(id=cid), pb.ConnectResponse).shim_pid
+    argv = harness.cmdline(shim)
+    passed = json.loads(argv[argv.index("-settings") + 1])
+    assert passed == {"path": settings, "runc_binary": wrapper, "runc_root": root,
+                      "template": False, "memory_release_interval": 0.0}
+    with open(f"/proc/{shim}/stat") as f:
+        parent = harness.cmdline(int(f.read().rsplit(")", 1)[1].split()[1]))
+    assert parent[2:3] != ["template"], parent  # spawned cold
+    created = call(address, "Create", pb.CreateTaskRequest(id=cid, bundle=bundle, options=opts),
+                   pb.CreateTaskResponse)
+    call(address, "Start", pb.StartRequest(id=cid))
+    assert os.path.isdir(os.path.join(root, NS, cid))
+    with open(calls) as f:
+        assert any(f"--root {root}/{NS} " in ln and " create " in ln for ln in f)
+
+    os.kill(shim, 9)
+    harness.wait_for(lambda: not harness.cmdline(shim), 10, 0.02)
+    out = subprocess.run([harness.shim_binary_path(), "-namespace", NS, "-id", cid,
+                          "-address", direct.address, "-bundle", bundle, "delete"],
+                         cwd=bundle, env=direct.env, capture_output=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    with open(calls) as f:
+        assert any(f"--root {root}/{NS} " in ln and "delete --force" in ln for ln in f)
+    assert not os.path.isdir(os.path.join(root, NS, cid))
+    harness.wait_for(lambda: not harness.cmdline(created.pid), 10, 0.02)
+
+    bad_file = os.path.join(direct.dir, "bad.toml")
+    with open(bad_file, "w") as f:
+        f.write("runc_root = 7\n")
+    bad = harness.new_id("set")
+    direct.start(direct.bundle(bad, ["/bin/true"]), bad, cri_options(bad_file).SerializeToString(),
+                 expect=1)
+    assert f"pyshim settings {bad_file}: key 'runc_root' must be a string" in direct.log()
+    assert not os.path.exists(pyshim.socket_path(direct.address, NS, bad))
+    assert not [p for p in harness.shim_pids(direct.address) if bad in harness.cmdline(p)]

@@ -651,6 +651,136 @@ def test_decode_empty_gives_defaults() -> None:
     assert pyshim.decode_options(any_pb2.Any()) == pb.RuncOptions()
 
 
+# -- CRI runtime options and pyshim's settings file ------------------------------------
+
+
+def _settings_file(tmp_path, text: str) -> str:
+    path = tmp_path / "pyshim.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def _cri_any(path: str = "", body: bytes = b"", url: str = "runtimeoptions.v1.Options") -> any_pb2.Any:
+    return _any(url, pb.CriRuntimeOptions(type_url="io.containerd.pyshim.v1", config_path=path,
+                                          config_body=body))
+
+
+def test_settings_file_every_key(tmp_path) -> None:
+    path = _settings_file(tmp_path, textwrap.dedent("""\
+        runc_binary = "/usr/local/bin/crun"
+        runc_root = "/run/alt-runc"
+        systemd_cgroup = true
+        log_level = "debug"
+        template = false
+        memory_release_interval = 7
+    """))
+    s = pyshim.Settings.load(path)
+    assert (s.path, s.runc_binary, s.runc_root, s.systemd_cgroup) == (
+        path, "/usr/local/bin/crun", "/run/alt-runc", True)
+    assert (s.log_level, s.template, s.memory_release_interval) == ("debug", False, 7.0)
+
+
+def test_settings_empty_file_gives_defaults(tmp_path) -> None:
+    s = pyshim.Settings.load(_settings_file(tmp_path, "# nothing set\n"))
+    d = pyshim.Settings()
+    assert all(getattr(s, k) == getattr(d, k) for k in pyshim.SETTINGS_KEYS)
+    assert d.template and d.memory_release_interval == 30 and not d.systemd_cgroup
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ('colour = "blue"\n', "unknown key 'colour'"),
+    ("[runc]\nroot = '/x'\n", "unknown key 'runc'"),
+    ("template = 1\n", "key 'template' must be a boolean, not 1"),
+    ('systemd_cgroup = "yes"\n', "key 'systemd_cgroup' must be a boolean"),
+    ("runc_root = 5\n", "key 'runc_root' must be a string, not 5"),
+    ('runc_root = "relative/dir"\n', "key 'runc_root' must be an absolute path"),
+    ('runc_binary = ""\n', "key 'runc_binary' must not be empty"),
+    ('log_level = "loud"\n', "key 'log_level' must be one of debug, info, warning, error"),
+    ("memory_release_interval = true\n", "key 'memory_release_interval' must be a number of seconds"),
+    ("memory_release_interval = -1\n", "must be 0..86400 seconds"),
+    ("memory_release_interval = nan\n", "must be 0..86400 seconds"),
+    ("template = \n", "not valid TOML"),
+])
+def test_settings_errors_name_file_and_key(tmp_path, text: str, error: str) -> None:
+    path = _settings_file(tmp_path, text)
+    with pytest.raises(pyshim.InvalidArgument) as e:
+        pyshim.Settings.load(path)
+    assert str(e.value).startswith(f"pyshim settings {path}: ") and error in str(e.value)
+
+
+def test_settings_missing_or_relative_file(tmp_path) -> None:
+    with pytest.raises(pyshim.InvalidArgument, match=r"settings /nonexistent/p\.toml: No such file"):
+        pyshim.Settings.load("/nonexistent/p.toml")
+    with pytest.raises(pyshim.InvalidArgument, match="must be an absolute path"):
+        pyshim.Settings.load("pyshim.toml")
+
+
+def test_settings_json_round_trip_carries_only_changes(tmp_path) -> None:
+    path = _settings_file(tmp_path, 'log_level = "warning"\ntemplate = false\nmemory_release_interval = 0\n')
+    s = pyshim.Settings.load(path)
+    text = s.to_json()
+    assert json.loads(text) == {"path": path, "log_level": "warning", "template": False,
+                                "memory_release_interval": 0.0}
+    back = pyshim.Settings.from_json(text)
+    assert all(getattr(back, k) == getattr(s, k) for k in pyshim.Settings.__slots__)
+    with pytest.raises(pyshim.InvalidArgument, match="-settings"):
+        pyshim.Settings.from_json('{"path": "/x", "bogus": 1}')
+
+
+@pytest.mark.parametrize("url", ["runtimeoptions.v1.Options", "cri.runtimeoptions.v1.Options",
+                                 "type.googleapis.com/runtimeoptions.v1.Options"])
+def test_decode_cri_options_reads_the_settings_file(tmp_path, url: str) -> None:
+    path = _settings_file(tmp_path, 'runc_binary = "crun"\nrunc_root = "/run/r"\nsystemd_cgroup = true\n')
+    opts = pyshim.decode_options(_cri_any(path, url=url))
+    assert (opts.binary_name, opts.root, opts.systemd_cgroup) == ("crun", "/run/r", True)
+
+
+def test_decode_cri_options_without_a_file_gives_defaults() -> None:
+    assert pyshim.decode_options(_cri_any()) == pb.RuncOptions()
+
+
+def test_decode_cri_options_config_body_wins(tmp_path) -> None:
+    """containerd newer than 1.6 sends the file's content as config_body."""
+    opts = pyshim.decode_options(_cri_any("/not/read.toml", b'runc_root = "/run/body"\n'))
+    assert opts.root == "/run/body"
+
+
+def test_decode_cri_options_uses_the_shims_own_settings(tmp_path) -> None:
+    """The shim's settings (from start) stand in for their file; another file is read."""
+    path = _settings_file(tmp_path, 'runc_root = "/run/from-file"\n')
+    own = pyshim.Settings.from_dict({"runc_root": "/run/from-start"}, "test", path)
+    assert pyshim.decode_options(_cri_any(path), own).root == "/run/from-start"
+    other = tmp_path / "other.toml"
+    other.write_text('runc_root = "/run/other"\n')
+    assert pyshim.decode_options(_cri_any(str(other)), own).root == "/run/other"
+
+
+def test_decode_cri_options_bad_file_is_invalid_argument(tmp_path) -> None:
+    path = _settings_file(tmp_path, "colour = 1\n")
+    with pytest.raises(pyshim.InvalidArgument, match="unknown key 'colour'"):
+        pyshim.decode_options(_cri_any(path))
+
+
+def test_start_reads_cri_settings_without_protobuf(tmp_path) -> None:
+    path = _settings_file(tmp_path, "template = false\n")
+    raw = _cri_any(path).SerializeToString()
+    s = pyshim._cri_settings(raw)
+    assert s is not None and s.path == path and s.template is False
+    assert pyshim._cri_settings(_cri_any().SerializeToString()) is None
+    runc = _any("containerd.runc.v1.Options", pb.RuncOptions(root="/r")).SerializeToString()
+    assert pyshim._cri_settings(runc) is None
+    assert pyshim._shim_cgroup(raw) == ""
+
+
+def test_settings_flag_reaches_the_shims_argv() -> None:
+    f = pyshim.Flags(["-namespace", "n", "-id", "i", "-address", "/a", "-settings", '{"path":"/p"}', "start"])
+    assert f.settings == '{"path":"/p"}'
+    argv = pyshim.shim_argv(f)
+    assert argv[argv.index("-settings") + 1] == '{"path":"/p"}'
+    assert pyshim.Flags(argv[argv.index("-namespace"):]).settings == f.settings
+    assert "-settings" not in pyshim.shim_argv(pyshim.Flags(["-namespace", "n", "-id", "i"]))
+
+
 # =============================================================================
 # CLI pieces
 # =============================================================================

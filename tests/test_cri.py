@@ -1,0 +1,289 @@
+"""pyshim as a Kubernetes RuntimeClass: pods through containerd's CRI plugin, no cluster.
+
+One private containerd with the CRI plugin on (harness ``cri=``), runtime handlers
+``runc`` (io.containerd.runc.v2), ``pyshim`` (io.containerd.pyshim.v1), ``pyshim-conf``
+(pyshim with ``options.ConfigPath`` naming a settings file) and ``pyshim-bad`` (a file
+with an unknown key). The sandbox ("pause") and busybox images are built here and
+imported into CRI's namespace: nothing is pulled. Pods use the host's network, for which
+containerd 1.6 needs no CNI plugin. The client is tests/cri.py (grpcio + cri.proto).
+
+The pod test runs for both handlers: three containers in one pod are served by exactly
+one shim (grouped by the io.kubernetes.cri.sandbox-id annotation), ExecSync returns
+output and exit code, ContainerStatus reports exit codes, and stopping and removing the
+pod leaves no shim process, socket, mount, bundle or runc state behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import harness
+import pytest
+from conftest import require, require_e2e
+
+try:
+    import cri
+    import grpc
+except ImportError as e:  # reported by the fixture (a failure under CI=true)
+    grpc = cri = None
+    _import_error = str(e)
+
+NS = harness.CRI_NAMESPACE
+HANDLERS = {"pyshim": harness.PYSHIM, "runc": harness.RUNC}
+SLEEP = ["/bin/sleep", "100000"]
+EXIT_CODE = 7
+SETTINGS = """\
+# pyshim settings of the pyshim-conf handler (template = false: test_shim_direct.py)
+runc_root = "{root}"
+log_level = "warning"
+memory_release_interval = 5
+"""
+
+
+@dataclass
+class Cri:
+    daemon: harness.Containerd
+    client: cri.CriClient
+    settings_path: str
+    bad_path: str
+    runc_root: str
+
+
+@pytest.fixture(scope="module")
+def crid() -> Iterator[Cri]:
+    require_e2e()
+    require(cri is not None, f"the CRI client needs grpcio: {globals().get('_import_error')}")
+    tmp = tempfile.mkdtemp(prefix="pysh-cri-")
+    settings = os.path.join(tmp, "pyshim.toml")
+    bad = os.path.join(tmp, "bad.toml")
+    root = os.path.join(tmp, "runc-root")
+    with open(settings, "w") as f:
+        f.write(SETTINGS.format(root=root))
+    with open(bad, "w") as f:
+        f.write('log_level = "info"\ncolour = "blue"\n')
+    daemon = harness.Containerd(cri={
+        "runc": harness.RUNC,
+        "pyshim": harness.PYSHIM,
+        "pyshim-conf": (harness.PYSHIM, {"ConfigPath": settings}),
+        "pyshim-bad": (harness.PYSHIM, {"ConfigPath": bad}),
+    })
+    daemon.env["PYSHIM_TEMPLATE"] = "1"  # the default, whatever the caller's environment
+    client = None
+    try:
+        daemon.start()
+        for tar, build in (("pause.tar", harness.build_sandbox_image),
+                           ("busybox.tar", harness.build_busybox_image)):
+            build(os.path.join(tmp, tar))
+            daemon.import_image(os.path.join(tmp, tar), namespace=NS)
+        client = cri.CriClient(daemon.address)
+        yield Cri(daemon, client, settings, bad, root)
+    finally:
+        if client is not None:
+            client.close()
+        try:
+            daemon.cleanup()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _shims(daemon: harness.Containerd) -> list[int]:
+    """Long-lived shims of this daemon (not start/delete invocations)."""
+    return [p for p in harness.shim_pids(daemon)
+            if harness.cmdline(p)[-1:] not in (["start"], ["delete"])]
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _bundles(daemon: harness.Containerd) -> set[str]:
+    base = os.path.join(daemon.state, harness.TASK_PLUGIN_DIR, NS)
+    return set(os.listdir(base)) if os.path.isdir(base) else set()
+
+
+def _socket(daemon: harness.Containerd, group: str) -> str:
+    digest = hashlib.sha256(f"{daemon.address}/{NS}/{group}".encode()).hexdigest()
+    return os.path.join(harness.SHIM_SOCKET_DIR, digest)
+
+
+def _template_socket(daemon: harness.Containerd) -> str:
+    """The warm template socket of this daemon's pyshim shims, as the installed pyshim
+    (the one containerd runs, whose file is part of the name) computes it."""
+    code = f"import pyshim; print(pyshim.template_path({daemon.address!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def _status(c: Cri, cid: str) -> tuple[int, int]:
+    st = c.client.container_status(cid)
+    return st.state, st.exit_code
+
+
+def _run_pod(c: Cri, handler: str, name: str) -> tuple[str, object, list[str]]:
+    """A pod of three containers: two sleep, the third exits with EXIT_CODE."""
+    pod_cfg = cri.pod_config(name, harness.new_id("uid"), os.path.join(c.daemon.dir, "pods"))
+    pod = c.client.run_pod(pod_cfg, handler)
+    cids = []
+    for i, cmd in enumerate([SLEEP, SLEEP, ["/bin/sh", "-c", f"exit {EXIT_CODE}"]]):
+        config = cri.container_config(f"c{i}", harness.BUSYBOX_REF, cmd, f"c{i}.log")
+        cid = c.client.create_container(pod, pod_cfg, config)
+        c.client.start_container(cid)
+        cids.append(cid)
+    return pod, pod_cfg, cids
+
+
+def _remove_pod(c: Cri, pod: str, runc_root: str, ids: list[str]) -> None:
+    """Stop and remove the pod, then check that nothing of it is left."""
+    c.client.stop_pod(pod)
+    c.client.remove_pod(pod)
+    d = c.daemon
+    harness.wait_for(lambda: not _shims(d), 15, message=f"shims left: {_shims(d)}")
+    assert not harness.shim_pids(d)  # no start/delete invocation either
+    assert not os.path.exists(_socket(d, pod))
+    assert not c.client.list_containers(pod)
+    assert not _bundles(d) & {pod, *ids}
+    assert not harness.mounts_under(d.dir), harness.mounts_under(d.dir)
+    for cid in (pod, *ids):
+        assert not os.path.exists(os.path.join(runc_root, NS, cid))
+
+
+# -------------------------------------------------------------------------------- tests
+
+
+def test_sandbox_image_is_local(crid: Cri) -> None:
+    """CRI finds the hand-built sandbox image under its configured name: never pulled."""
+    image = crid.client.image_status(harness.SANDBOX_REF)
+    assert image is not None and harness.SANDBOX_REF in image.repo_tags
+
+
+@pytest.mark.parametrize("handler", list(HANDLERS))
+def test_pod_of_three_containers(crid: Cri, handler: str) -> None:
+    d, client = crid.daemon, crid.client
+    pod, _, cids = _run_pod(crid, handler, f"three-{handler}")
+    status = client.pod_status(pod)
+    assert status.runtime_handler == handler and status.state == cri.pb.SANDBOX_READY
+
+    # The third container's exit code, the others running.
+    harness.wait_for(lambda: _status(crid, cids[2]) == (cri.pb.CONTAINER_EXITED, EXIT_CODE), 15,
+                     message=f"status of the exiting container: {_status(crid, cids[2])}")
+    assert [_status(crid, cid)[0] for cid in cids[:2]] == [cri.pb.CONTAINER_RUNNING] * 2
+    assert sorted(x.id for x in client.list_containers(pod)) == sorted(cids)
+
+    # One shim for the whole pod: the sandbox's, on the socket of the sandbox-id group.
+    shims = _shims(d)
+    assert len(shims) == 1, [harness.cmdline(p) for p in shims]
+    argv = harness.cmdline(shims[0])
+    assert harness.shim_binary(HANDLERS[handler]) in " ".join(argv[:3])
+    assert _flag(argv, "-id") == pod and _flag(argv, "-namespace") == NS
+    sock = _socket(d, pod)
+    assert os.path.exists(sock)
+    for cid in (pod, *cids[:2]):
+        with open(os.path.join(d.state, harness.TASK_PLUGIN_DIR, NS, cid, "address")) as f:
+            assert f.read() == "unix://" + sock
+    if handler == "pyshim":  # the default log level shows the shim's info lines
+        harness.wait_for(lambda: re.search(rf'msg="shim started" pid={shims[0]}\b', d.log_text()), 10)
+
+    # ExecSync: stdout, stderr and the exit code, in two containers of the pod.
+    r = client.exec_sync(cids[0], ["/bin/sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (r.stdout, r.stderr, r.exit_code) == (b"out\n", b"err\n", 3)
+    r = client.exec_sync(cids[1], ["/bin/cat", "/proc/1/cmdline"])
+    assert (r.stdout, r.exit_code) == (b"/bin/sleep\x00100000\x00", 0)
+
+    # A container stopped with no grace period is SIGKILLed: 137.
+    client.stop_container(cids[0], timeout=0)
+    harness.wait_for(lambda: _status(crid, cids[0]) == (cri.pb.CONTAINER_EXITED, 137), 15,
+                     message=f"status of the stopped container: {_status(crid, cids[0])}")
+    assert _status(crid, cids[1])[0] == cri.pb.CONTAINER_RUNNING
+
+    _remove_pod(crid, pod, harness.RUNC_ROOT, cids)
+
+
+def test_handler_settings_file(crid: Cri) -> None:
+    """options.ConfigPath of the handler names pyshim's settings: the shim forked from
+    the warm template gets them (-settings), runc runs with their runc_root, and the
+    shim logs at warning only."""
+    d = crid.daemon
+    pod, _, cids = _run_pod(crid, "pyshim-conf", "settings")
+    harness.wait_for(lambda: _status(crid, cids[2]) == (cri.pb.CONTAINER_EXITED, EXIT_CODE), 15)
+    shims = _shims(d)
+    assert len(shims) == 1
+    argv = harness.cmdline(shims[0])
+    assert crid.settings_path in _flag(argv, "-settings")
+    parent = harness.cmdline(_ppid(shims[0]))
+    assert parent[2:3] == ["template"], parent  # the settings went through the fork
+
+    for cid in (pod, *cids[:2]):  # runc state under the file's runc_root, not the default
+        assert os.path.isdir(os.path.join(crid.runc_root, NS, cid)), cid
+        assert not os.path.exists(os.path.join(harness.RUNC_ROOT, NS, cid)), cid
+    r = crid.client.exec_sync(cids[0], ["/bin/sh", "-c", "exit 5"])
+    assert r.exit_code == 5
+    _remove_pod(crid, pod, crid.runc_root, cids)
+    # warning level: the shim's info lines ("shim started") never reached the log
+    assert not re.search(rf'msg="shim started" pid={shims[0]}\b', d.log_text())
+
+
+def test_bad_settings_file_fails_the_pod_clearly(crid: Cri) -> None:
+    """An unknown key fails RunPodSandbox with a message naming the file and the key,
+    and leaves no shim behind."""
+    cfg = cri.pod_config("bad", harness.new_id("uid"), os.path.join(crid.daemon.dir, "pods"))
+    with pytest.raises(grpc.RpcError) as err:
+        crid.client.run_pod(cfg, "pyshim-bad")
+    text = err.value.details()
+    assert crid.bad_path in text and "unknown key 'colour'" in text, text
+    harness.wait_for(lambda: not harness.shim_pids(crid.daemon), 15)
+    assert not harness.mounts_under(crid.daemon.dir)
+
+
+@pytest.mark.parametrize("handler", list(HANDLERS))
+def test_daemon_cleanup_with_a_live_pod_leaves_nothing(handler: str) -> None:
+    """The harness's cleanup() of a CRI daemon whose pod still runs (a test that failed
+    half way): no process, mount (the pod's /dev/shm tmpfs, rootfs overlays), shim
+    socket or runc state is left, and the temp dir is gone."""
+    require_e2e()
+    require(cri is not None, f"the CRI client needs grpcio: {globals().get('_import_error')}")
+    d = harness.Containerd(cri={handler: HANDLERS[handler]})
+    tmp = tempfile.mkdtemp(prefix="pysh-cri-")
+    try:
+        d.start()
+        for tar, build in (("pause.tar", harness.build_sandbox_image),
+                           ("busybox.tar", harness.build_busybox_image)):
+            build(os.path.join(tmp, tar))
+            d.import_image(os.path.join(tmp, tar), namespace=NS)
+        with cri.CriClient(d.address) as client:
+            pod, _, cids = _run_pod(Cri(d, client, "", "", ""), handler, "left-running")
+        shm = [m for m in harness.mounts_under(d.dir) if m.endswith("/shm")]
+        assert len(shm) == 1, harness.mounts_under(d.dir)  # the pod's IPC namespace /dev/shm
+        assert d._reaper is not None
+        pids = [d.pid, d._reaper.pid, *harness.shim_pids(d)]
+        paths = [_socket(d, pod)] + [os.path.join(harness.RUNC_ROOT, NS, c) for c in (pod, *cids[:2])]
+        assert all(os.path.exists(p) for p in paths)
+        if handler == "pyshim":  # and the warm template's socket and lock file
+            sock = _template_socket(d)
+            paths += [sock, sock + ".lock"]
+            assert os.path.exists(sock) and os.path.exists(sock + ".lock")
+    finally:
+        d.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert not os.path.exists(d.dir)
+    assert harness.mounts_under(d.dir) == []
+    assert harness.daemon_pids(d.address) == []
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}"), (pid, harness.cmdline(pid))
+    for path in paths:
+        assert not os.path.exists(path), path
