@@ -3378,6 +3378,15 @@ def serve_template() -> int:
                     break
                 data += chunk
             req = json.loads(data[4:want])
+            hangup = select.poll()
+            hangup.register(conn, select.POLLRDHUP)
+            if hangup.poll(0):
+                # The requester hung up: it timed out while we were stalled
+                # and spawned the shim cold on this very socket. A second
+                # shim there would answer for tasks it does not hold, and
+                # never exit. (A start that times out between this check and
+                # the fork still gets one; its 3 s wait makes that rare.)
+                continue
             pid = os.fork()
             if pid == 0:
                 _template_child(lsock, conn, fd, req)  # never returns
