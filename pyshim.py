@@ -3328,6 +3328,10 @@ def serve_template() -> int:
 
     signal.signal(signal.SIGTERM, leave)
     signal.signal(signal.SIGINT, leave)
+    # `kill -USR1` asks a shim for a stack dump; one sent to every pyshim
+    # process must not kill the template (SIGUSR1's default action). Its log
+    # goes nowhere, so it has nothing to dump.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     gc.freeze()
     uid = os.geteuid()
     children: set[int] = set()
@@ -3411,7 +3415,7 @@ def _template_child(lsock, conn, fd: int, req: dict) -> None:
     try:
         lsock.close()
         conn.close()
-        for signo in (signal.SIGTERM, signal.SIGINT):  # the template's, not ours
+        for signo in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # the template's, not ours
             signal.signal(signo, signal.SIG_DFL)
         os.setsid()
         os.chdir(req["cwd"])

@@ -188,6 +188,26 @@ def test_a_stalled_template_forks_no_second_shim(templated: harness.Containerd, 
     assert _ppid(_shim_of(templated, third)) == template
 
 
+def test_usr1_leaves_the_template_alone_and_still_dumps_its_shims(templated: harness.Containerd,
+                                                                  rootfs: str) -> None:
+    """An operator's `kill -USR1` to every pyshim process: the template ignores it
+    (the default action would kill it), its shims still dump their stacks."""
+    first = harness.new_id("tu")
+    _run_d(templated, rootfs, first)
+    shim = _shim_of(templated, first)
+    template = _ppid(shim)
+    assert _is_template(template)
+    start = len(templated.log_text())
+    os.kill(template, signal.SIGUSR1)
+    os.kill(shim, signal.SIGUSR1)
+    harness.wait_for(lambda: "=== END stack dump ===" in templated.log_text()[start:], 10,
+                     message="the forked shim wrote no stack dump")
+    assert _is_template(template), "the template died of SIGUSR1"
+    second = harness.new_id("tu")
+    _run_d(templated, rootfs, second)
+    assert _ppid(_shim_of(templated, second)) == template
+
+
 def test_template_refuses_another_user(templated: harness.Containerd, rootfs: str) -> None:
     cid = harness.new_id("tu")
     _run_d(templated, rootfs, cid)  # makes sure a template is up
