@@ -3467,8 +3467,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return action_start(flags)
         except (ShimError, OSError) as e:
-            # containerd shows start's output as the error: one clear line.
-            print(f"pyshim start: {e}", file=sys.stderr)
+            # containerd shows start's output as the error, followed by
+            # ": exit status 1": one clear line, no newline (as the Go shim).
+            sys.stderr.write(f"pyshim start: {e}")
             return 1
     if flags.action == "delete":
         return action_delete(flags)

@@ -1072,6 +1072,23 @@ def test_action_without_namespace_fails_clearly(tmp_path, how: str, action: str)
     assert os.listdir(tmp_path) == []  # no address file, nothing else
 
 
+def test_start_without_root_fails_in_one_line(tmp_path) -> None:
+    """What containerd shows when the shim cannot run as root: one line, no
+    newline (containerd appends ": exit status 1"), and nothing written."""
+    require(os.geteuid() == 0, "needs root to drop to another user")
+    require(shutil.which("setpriv"), "setpriv (util-linux) is not installed")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    bundle.chmod(0o777)
+    res = _run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", _binary(),
+                "-namespace", "ns-nobody", "-id", "c1", "-address", str(tmp_path / "c.sock"), "start"],
+               cwd=str(bundle), stdin=subprocess.DEVNULL)
+    assert res.returncode == 1 and res.stdout == ""
+    assert re.fullmatch(r"pyshim start: \[Errno 13\] Permission denied: '/run/containerd[^'\n]*'",
+                        res.stderr), repr(res.stderr)
+    assert os.listdir(bundle) == []
+
+
 @pytest.mark.parametrize("how", HOW)
 def test_unknown_flag_fails_clearly(tmp_path, how: str) -> None:
     res = _run([*_shim(how), "-bogus", "start"], cwd=str(tmp_path), stdin=subprocess.DEVNULL)
