@@ -35,7 +35,9 @@ import _reaper
 # =============================================================================
 
 VERSION = "0.1.0"
-REVISION = "dev"
+# The git commit this copy was built from: setup.py's build rewrites this line
+# (the Go shim's Revision). A source tree or a build without git says "unknown".
+REVISION = "unknown"
 RUNTIME_NAME = "io.containerd.pyshim.v1"
 
 SOCKET_DIR = "/run/containerd/s"
@@ -2855,8 +2857,25 @@ class Publisher:
 # =============================================================================
 
 
+USAGE = """\
+Usage: containerd-shim-pyshim-v1 [flags] [start | delete]
+containerd runs this binary for runtime io.containerd.pyshim.v1; it is not
+meant to be started by hand. Flags:
+  -namespace NS         containerd namespace that owns the shim (required)
+  -id ID                the task's id
+  -address PATH         containerd's socket
+  -publish-binary PATH  containerd's binary, to publish events with when
+                        TTRPC_ADDRESS is unset
+  -bundle DIR           the bundle (delete only; default: working directory)
+  -socket ADDR          accepted for compatibility; the socket is fd 3
+  -debug                log at debug level
+  -v                    print the version and exit
+"""
+
+
 class Flags:
-    """The shim's command line, parsed as Go's flag package does."""
+    """The shim's command line, parsed as Go's flag package does: an unknown
+    flag exits 2 with the usage, -h / -help exits 0 with it."""
 
     __slots__ = (
         "action",
@@ -2888,6 +2907,9 @@ class Flags:
                 self.action = rest[0] if rest else ""
                 return
             name, eq, value = arg.lstrip("-").partition("=")
+            if name in ("h", "help"):
+                sys.stderr.write(USAGE)
+                raise SystemExit(0)
             if name in self.BOOLS:
                 on = value.lower() not in ("false", "0") if eq else True
                 if name == "v":
@@ -2898,12 +2920,17 @@ class Flags:
                 if not eq:
                     i += 1
                     if i >= len(argv):
-                        raise SystemExit(f"flag needs an argument: -{name}")
+                        self._bad(f"flag needs an argument: -{name}")
                     value = argv[i]
                 setattr(self, name.replace("-", "_"), value)
             else:
-                raise SystemExit(f"flag provided but not defined: -{name}")
+                self._bad(f"flag provided but not defined: -{name}")
             i += 1
+
+    @staticmethod
+    def _bad(message: str) -> None:
+        sys.stderr.write(f"{message}\n{USAGE}")
+        raise SystemExit(2)
 
 
 def group_id(bundle: str, default: str) -> str:
@@ -3325,6 +3352,7 @@ def serve(flags: Flags) -> int:
     if interval > 0:
         loop.call_later(interval, release_memory)
     gc.freeze()
+    log("debug", "serving api on socket", socket=sock_path)
     log("info", "shim started", pid=os.getpid(), socket=sock_path, version=VERSION)
     if settings:
         log("debug", "settings", path=settings.path, runc_root=settings.runc_root,
@@ -3635,6 +3663,10 @@ def serve_template() -> int:
 
     signal.signal(signal.SIGTERM, leave)
     signal.signal(signal.SIGINT, leave)
+    # `kill -USR1` asks a shim for a stack dump; one sent to every pyshim
+    # process must not kill the template (SIGUSR1's default action). Its log
+    # goes nowhere, so it has nothing to dump.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     gc.freeze()
     uid = os.geteuid()
     children: set[int] = set()
@@ -3685,6 +3717,15 @@ def serve_template() -> int:
                     break
                 data += chunk
             req = json.loads(data[4:want])
+            hangup = select.poll()
+            hangup.register(conn, select.POLLRDHUP)
+            if hangup.poll(0):
+                # The requester hung up: it timed out while we were stalled
+                # and spawned the shim cold on this very socket. A second
+                # shim there would answer for tasks it does not hold, and
+                # never exit. (A start that times out between this check and
+                # the fork still gets one; its 3 s wait makes that rare.)
+                continue
             pid = os.fork()
             if pid == 0:
                 _template_child(lsock, conn, fd, req)  # never returns
@@ -3709,7 +3750,7 @@ def _template_child(lsock, conn, fd: int, req: dict) -> None:
     try:
         lsock.close()
         conn.close()
-        for signo in (signal.SIGTERM, signal.SIGINT):  # the template's, not ours
+        for signo in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # the template's, not ours
             signal.signal(signo, signal.SIG_DFL)
         os.setsid()
         os.chdir(req["cwd"])
@@ -3743,24 +3784,27 @@ def _template_child(lsock, conn, fd: int, req: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     flags = Flags(sys.argv[1:] if argv is None else argv)
     if flags.version:
+        # The Go shim's layout, blank last line included, with Python for Go.
         print(f"containerd-shim-pyshim-v1:\n  Version:  {VERSION}\n  Revision: {REVISION}\n"
-              f"  Python version: {sys.version.split()[0]}")
+              f"  Python version: {sys.version.split()[0]}\n")
         return 0
     if flags.debug:
         log.level = _LEVELS["debug"]
-    if not flags.action:
-        return serve(flags)
     if flags.action == "template":
         return serve_template()
     if not flags.namespace:
-        print("shim namespace cannot be empty", file=sys.stderr)
+        print("shim namespace cannot be empty: containerd runs this binary for runtime "
+              f"{RUNTIME_NAME} (-h lists the flags)", file=sys.stderr)
         return 1
+    if not flags.action:
+        return serve(flags)
     if flags.action == "start":
         try:
             return action_start(flags)
         except (ShimError, OSError) as e:
-            # containerd shows start's output as the error: one clear line.
-            print(f"pyshim start: {e}", file=sys.stderr)
+            # containerd shows start's output as the error, followed by
+            # ": exit status 1": one clear line, no newline (as the Go shim).
+            sys.stderr.write(f"pyshim start: {e}")
             return 1
     if flags.action == "delete":
         return action_delete(flags)

@@ -157,6 +157,57 @@ def test_unreachable_template_falls_back_to_a_cold_spawn(templated: harness.Cont
         os.rmdir(path)
 
 
+def test_a_stalled_template_forks_no_second_shim(templated: harness.Containerd, rootfs: str) -> None:
+    """A template that stalls past start's timeout (here: SIGSTOP) makes start spawn
+    the shim cold. When the template resumes, it finds the request abandoned and
+    forks nothing: a second shim on the same socket would answer containerd for a
+    task it does not hold, and never exit."""
+    first = harness.new_id("ts")
+    _run_d(templated, rootfs, first)
+    template = _ppid(_shim_of(templated, first))
+    assert _is_template(template)
+    second = harness.new_id("ts")
+    os.kill(template, signal.SIGSTOP)
+    try:
+        _run_d(templated, rootfs, second)  # waits out the template, then starts cold
+    finally:
+        os.kill(template, signal.SIGCONT)
+    assert "timed out waiting for the warm template" in templated.log_text()
+    cold = _shim_of(templated, second)
+    assert not _is_template(_ppid(cold))
+    time.sleep(2.0)  # time for a resumed template to act on the stale request
+
+    def shims_of(cid: str) -> list[int]:
+        return [p for p in harness.shim_pids(templated, PYSHIM)
+                if cid in harness.cmdline(p) and harness.cmdline(p)[-1] not in ("start", "delete")]
+
+    assert shims_of(second) == [cold], [harness.cmdline(p) for p in shims_of(second)]
+    # The template still serves the next start.
+    third = harness.new_id("ts")
+    _run_d(templated, rootfs, third)
+    assert _ppid(_shim_of(templated, third)) == template
+
+
+def test_usr1_leaves_the_template_alone_and_still_dumps_its_shims(templated: harness.Containerd,
+                                                                  rootfs: str) -> None:
+    """An operator's `kill -USR1` to every pyshim process: the template ignores it
+    (the default action would kill it), its shims still dump their stacks."""
+    first = harness.new_id("tu")
+    _run_d(templated, rootfs, first)
+    shim = _shim_of(templated, first)
+    template = _ppid(shim)
+    assert _is_template(template)
+    start = len(templated.log_text())
+    os.kill(template, signal.SIGUSR1)
+    os.kill(shim, signal.SIGUSR1)
+    harness.wait_for(lambda: "=== END stack dump ===" in templated.log_text()[start:], 10,
+                     message="the forked shim wrote no stack dump")
+    assert _is_template(template), "the template died of SIGUSR1"
+    second = harness.new_id("tu")
+    _run_d(templated, rootfs, second)
+    assert _ppid(_shim_of(templated, second)) == template
+
+
 def test_template_refuses_another_user(templated: harness.Containerd, rootfs: str) -> None:
     cid = harness.new_id("tu")
     _run_d(templated, rootfs, cid)  # makes sure a template is up

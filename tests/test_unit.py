@@ -15,6 +15,9 @@ import inspect
 import itertools
 import json
 import os
+import platform
+import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -31,6 +34,9 @@ from hypothesis import strategies as st
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+import harness
+from conftest import require
 
 import pyshim
 import pyshim_pb2 as pb
@@ -815,11 +821,29 @@ def test_flags_value_may_look_like_a_flag() -> None:
     assert pyshim.Flags(["-id", "-weird", "start"]).id == "-weird"
 
 
-def test_flags_errors() -> None:
-    with pytest.raises(SystemExit, match="flag provided but not defined: -bogus"):
-        pyshim.Flags(["-bogus", "start"])
-    with pytest.raises(SystemExit, match="flag needs an argument: -namespace"):
-        pyshim.Flags(["-namespace"])
+@pytest.mark.parametrize(("argv", "message"), [
+    (["-bogus", "start"], "flag provided but not defined: -bogus"),
+    (["-namespace"], "flag needs an argument: -namespace"),
+])
+def test_flags_errors(capsys, argv: list[str], message: str) -> None:
+    """As Go's flag package: the error, then the usage, on stderr; exit status 2."""
+    with pytest.raises(SystemExit) as raised:
+        pyshim.Flags(argv)
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message + "\n" + "Usage: containerd-shim-pyshim-v1")
+    assert "-namespace NS" in err
+
+
+@pytest.mark.parametrize("flag", ["-h", "-help", "--help"])
+def test_flags_help(capsys, flag: str) -> None:
+    with pytest.raises(SystemExit) as raised:
+        pyshim.Flags(["-namespace", "n", flag, "start"])
+    assert raised.value.code == 0
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == pyshim.USAGE
+    for name in pyshim.Flags.STRINGS | pyshim.Flags.BOOLS:
+        assert f"  -{name} " in out.err  # every flag Flags parses is listed
 
 
 @pytest.mark.parametrize(("address", "ns", "group"), [
@@ -1054,10 +1078,10 @@ def test_publisher_falls_back_to_the_publish_binary(tmp_path) -> None:
 
 
 def _binary() -> str:
-    import shutil
-
-    path = shutil.which(BINARY)
-    assert path, f"{BINARY} is not on PATH: run `pip install .`"
+    """The binary a private containerd of these tests would run: this
+    Python's scripts dir first (a venv's), then PATH."""
+    path = shutil.which(BINARY, path=harness.shim_search_path())
+    assert path, f"{BINARY} is not installed: run `pip install .`"
     return path
 
 
@@ -1069,12 +1093,102 @@ def _shim(how: str) -> list[str]:
 HOW = ["installed", "source"]
 
 
+def _version_fields(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """`-v` output as (first line, [(label, value)]), checking the Go shim's
+    layout: a "name:" line, "  Label: value" lines, then one blank line."""
+    lines = text.split("\n")
+    assert lines[-2:] == ["", ""], f"no blank last line: {text!r}"
+    assert lines[0].endswith(":"), text
+    fields = []
+    for line in lines[1:-2]:
+        label, sep, value = line.partition(": ")
+        assert sep and label.startswith("  ") and not label.startswith("   "), line
+        fields.append((label.strip(), value.strip()))
+    return lines[0], fields
+
+
 @pytest.mark.parametrize("how", HOW)
 def test_version_flag(how: str) -> None:
+    """`-v` prints as containerd-shim-runc-v2 -v does, with Python in Go's place;
+    an installed build names its git commit, the source tree says "unknown"."""
     res = _run([*_shim(how), "-v"])
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("containerd-shim-pyshim-v1:")
-    assert f"Version:  {pyshim.VERSION}" in res.stdout
+    assert res.stderr == ""
+    name, fields = _version_fields(res.stdout)
+    assert name == "containerd-shim-pyshim-v1:"
+    assert [label for label, _ in fields] == ["Version", "Revision", "Python version"]
+    values = dict(fields)
+    assert values["Version"] == pyshim.VERSION
+    assert values["Python version"] == platform.python_version()
+    assert res.stdout.split("\n")[1] == f"  Version:  {pyshim.VERSION}"  # two spaces, as Go
+    if how == "source":
+        assert values["Revision"] == "unknown"
+    elif os.path.exists(os.path.join(REPO, ".git")):
+        # Built from this checkout by `pip install .` (maybe at an older commit):
+        # a commit id, ".m" when the tree had changes. test_install.py checks
+        # that a fresh build names exactly the checked-out commit.
+        assert re.fullmatch(r"[0-9a-f]{40}(\.m)?", values["Revision"]), values
+
+
+def test_version_layout_is_the_go_shims() -> None:
+    go = shutil.which("containerd-shim-runc-v2")
+    require(go, "containerd-shim-runc-v2 is not installed")
+    ours, theirs = _run([_binary(), "-v"]), _run([go, "-v"])
+    assert theirs.returncode == ours.returncode == 0
+    go_name, go_fields = _version_fields(theirs.stdout)
+    name, fields = _version_fields(ours.stdout)
+    assert name == "containerd-shim-pyshim-v1:"
+    # containerd 1.6 prints argv[0] as given, later ones its base name: pyshim
+    # prints the base name.
+    assert os.path.basename(go_name) == "containerd-shim-runc-v2:"
+    assert [label for label, _ in go_fields] == ["Version", "Revision", "Go version"]
+    assert [label for label, _ in fields] == ["Version", "Revision", "Python version"]
+    # Line for line the same up to the value: "  Version:  ", "  Revision: ", ...
+    for a, b in zip(theirs.stdout.split("\n")[1:3], ours.stdout.split("\n")[1:3], strict=True):
+        prefix = re.compile(r"\s*[^:]+:\s*")
+        assert prefix.match(a).group() == prefix.match(b).group(), (a, b)
+
+
+SERVE_WRAPPER = 'exec "$0" "$@" 3<&0 0</dev/null'
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_debug_flag_raises_the_log_level(tmp_path, debug: bool) -> None:
+    """The installed binary serving a socket (fd 3, as `start` hands it over):
+    with -debug its log has debug lines, without it none."""
+    path = str(tmp_path / "shim.sock")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(4)
+    argv = ["/bin/sh", "-c", SERVE_WRAPPER, _binary(), "-namespace", "ns-debug", "-id", "c1",
+            "-address", str(tmp_path / "none.sock")] + (["-debug"] if debug else [])
+    env = {k: v for k, v in os.environ.items() if k != "TTRPC_ADDRESS"}
+    # cwd has no `log` fifo, so the shim logs to its stderr.
+    proc = subprocess.Popen(argv, stdin=lsock.fileno(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=str(tmp_path), env=env, text=True)
+    lsock.close()
+    try:
+        async def connect() -> int:
+            client = await pyshim.TtrpcClient.connect(path)
+            try:
+                payload = await client.call(pyshim.TASK_SERVICE, "Connect",
+                                            pb.ConnectRequest(id="c1").SerializeToString(),
+                                            {pyshim.NAMESPACE_KEY: "ns-debug"})
+            finally:
+                client.close()
+            return pb.ConnectResponse.FromString(payload).shim_pid
+
+        assert uvloop.run(asyncio.wait_for(connect(), 20)) == proc.pid  # sh exec'd the shim
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    levels = re.findall(r"^time=\S+ level=(\w+) ", err, re.MULTILINE)
+    assert "info" in levels, err  # "shim started", "shim exiting"
+    if debug:
+        assert re.search(r'level=debug msg="serving api on socket" socket=\S*shim.sock', err), err
+    else:
+        assert "debug" not in levels, err
 
 
 @pytest.mark.parametrize("how", HOW)
@@ -1086,6 +1200,23 @@ def test_action_without_namespace_fails_clearly(tmp_path, how: str, action: str)
     assert "namespace cannot be empty" in res.stderr
     assert res.stdout == ""
     assert os.listdir(tmp_path) == []  # no address file, nothing else
+
+
+def test_start_without_root_fails_in_one_line(tmp_path) -> None:
+    """What containerd shows when the shim cannot run as root: one line, no
+    newline (containerd appends ": exit status 1"), and nothing written."""
+    require(os.geteuid() == 0, "needs root to drop to another user")
+    require(shutil.which("setpriv"), "setpriv (util-linux) is not installed")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    bundle.chmod(0o777)
+    res = _run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", _binary(),
+                "-namespace", "ns-nobody", "-id", "c1", "-address", str(tmp_path / "c.sock"), "start"],
+               cwd=str(bundle), stdin=subprocess.DEVNULL)
+    assert res.returncode == 1 and res.stdout == ""
+    assert re.fullmatch(r"pyshim start: \[Errno 13\] Permission denied: '/run/containerd[^'\n]*'",
+                        res.stderr), repr(res.stderr)
+    assert os.listdir(bundle) == []
 
 
 @pytest.mark.parametrize("how", HOW)

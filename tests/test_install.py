@@ -1,0 +1,161 @@
+"""Packaging, as an operator meets it.
+
+`pip wheel .` builds one abi3 wheel holding the compiled C core; installed into a
+fresh venv it gives a working `containerd-shim-pyshim-v1`, and `pip uninstall`
+takes back every file it put there. The sdist builds too, and a wheel made from
+it (no .git) says `Revision: unknown`.
+
+Everything builds offline, with the setuptools and cffi of the Python running
+the tests (`--no-build-isolation --no-deps --no-index`; .ci/setup installs them).
+No root, no containerd. About 20-40 s.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections.abc import Iterator
+
+import pytest
+from conftest import require
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BINARY = "containerd-shim-pyshim-v1"
+OFFLINE = ["--no-build-isolation", "--no-deps", "--no-index"]
+ENV = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_ROOT_USER_ACTION": "ignore"}
+
+
+def run(argv: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout,
+                         env=kw.pop("env", ENV), **kw)
+    return res
+
+
+def ok(argv: list[str], **kw) -> str:
+    res = run(argv, **kw)
+    assert res.returncode == 0, f"{argv}: exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+def expected_revision() -> str:
+    """What setup.py should record for this tree: the commit, ".m" when tracked
+    files differ from it; "unknown" when the tests do not run from a checkout."""
+    if not os.path.exists(os.path.join(REPO, ".git")):
+        return "unknown"
+    commit = ok(["git", "-C", REPO, "rev-parse", "HEAD"]).strip()
+    modified = ok(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"]).strip()
+    return commit + (".m" if modified else "")
+
+
+def build_wheel(source: str, out: str) -> str:
+    ok([sys.executable, "-m", "pip", "wheel", *OFFLINE, "-w", out, source])
+    wheels = [n for n in os.listdir(out) if n.endswith(".whl")]
+    assert len(wheels) == 1, wheels
+    return os.path.join(out, wheels[0])
+
+
+def built_revision(wheel: str) -> str:
+    with zipfile.ZipFile(wheel) as z:
+        text = z.read("pyshim.py").decode()
+    found = re.findall(r'^REVISION = "([^"]*)"$', text, re.MULTILINE)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def tree(root: str) -> set[str]:
+    """Every file, directory and symlink under root, as relative paths."""
+    out = set()
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            out.add(os.path.relpath(os.path.join(d, name), root))
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def build_requirements() -> None:
+    """pyproject.toml's build requirements, in the Python that builds here."""
+    probe = run([sys.executable, "-c", "import setuptools, cffi; print(setuptools.__version__)"])
+    version = tuple(int(x) for x in re.findall(r"\d+", probe.stdout)[:2]) if probe.returncode == 0 else ()
+    require(version >= (70, 1), "an offline build needs setuptools>=70.1 and cffi in "
+            f"{sys.executable} (.ci/setup installs them): {probe.stdout}{probe.stderr}")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Iterator[str]:
+    """The wheel `pip wheel .` builds from this tree."""
+    yield build_wheel(REPO, str(tmp_path_factory.mktemp("wheel")))
+
+
+def test_pip_wheel_builds_one_abi3_wheel_with_the_compiled_core(wheel: str) -> None:
+    name = os.path.basename(wheel)
+    assert re.fullmatch(r"pyshim-[0-9.]+-cp310-abi3-linux_\w+\.whl", name), name
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        info = next(n for n in names if n.endswith(".dist-info/WHEEL"))
+        meta = z.read(info).decode()
+        entry = z.read(info.replace("WHEEL", "entry_points.txt")).decode()
+    assert {"pyshim.py", "pyshim_pb2.py", "_reaper.abi3.so"} <= names, names
+    assert "Root-Is-Purelib: false" in meta and "Tag: cp310-abi3-linux_" in meta, meta
+    assert re.search(rf"^{BINARY} = pyshim:main$", entry, re.MULTILINE), entry
+    assert built_revision(wheel) == expected_revision()
+
+
+def test_the_wheel_in_a_fresh_venv_works_and_uninstalls_without_a_trace(wheel: str, tmp_path) -> None:
+    venv = tmp_path / "venv"
+    # The venv sees this Python's site-packages for cffi, protobuf and uvloop
+    # (and pip): nothing is downloaded. pyshim itself goes into the venv.
+    ok([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)])
+    python = str(venv / "bin" / "python")
+    before = tree(str(venv))
+
+    ok([python, "-m", "pip", "install", *OFFLINE[1:], "--ignore-installed", wheel])
+    binary = venv / "bin" / BINARY
+    assert binary.is_file() and os.access(binary, os.X_OK)
+    where = ok([python, "-c", "import pyshim, _reaper; print(pyshim.__file__); print(_reaper.__file__)"],
+               cwd=str(tmp_path))  # not the source tree, which `-c` would put first on sys.path
+    assert all(p.startswith(str(venv) + "/") for p in where.split()), where
+    assert where.split()[1].endswith("_reaper.abi3.so")
+
+    version = ok([str(binary), "-v"])
+    assert version.split("\n") == [
+        f"{BINARY}:", "  Version:  0.1.0", f"  Revision: {expected_revision()}",
+        f"  Python version: {platform.python_version()}", "", ""]
+
+    # Run by hand, without containerd: a usage error, and nothing written.
+    work = tmp_path / "work"
+    work.mkdir()
+    res = run([str(binary), "start"], cwd=str(work), stdin=subprocess.DEVNULL)
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.startswith("shim namespace cannot be empty: containerd runs this binary for "
+                                 "runtime io.containerd.pyshim.v1 (-h lists the flags)"), res.stderr
+    res = run([str(binary), "-h"])
+    assert res.returncode == 0 and res.stderr.startswith(f"Usage: {BINARY} [flags] [start | delete]")
+    assert os.listdir(work) == []
+
+    ok([python, "-m", "pip", "uninstall", "-y", "pyshim"])
+    assert not binary.exists()
+    left = sorted(tree(str(venv)) - before)
+    assert left == [], f"left behind by pip uninstall: {left}"
+
+
+def test_sdist_builds_and_its_wheel_says_revision_unknown(tmp_path) -> None:
+    """An sdist carries everything the build needs; built without .git, the
+    wheel's -v says `Revision: unknown` instead of failing."""
+    out = tmp_path / "sdist"
+    out.mkdir()
+    hook = "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))"
+    ok([sys.executable, "-c", hook, str(out)], cwd=REPO)
+    (sdist,) = out.iterdir()
+    with tarfile.open(sdist) as t:
+        names = {n.split("/", 1)[-1] for n in t.getnames()}
+    assert {"setup.py", "pyproject.toml", "build_reaper.py", "_reaper.c", "pyshim.py", "pyshim_pb2.py",
+            "pyshim.proto"} <= names, names
+    wheel = build_wheel(str(sdist), str(tmp_path / "wheel"))
+    with zipfile.ZipFile(wheel) as z:
+        assert "_reaper.abi3.so" in z.namelist()
+    assert built_revision(wheel) == "unknown"
