@@ -2869,6 +2869,7 @@ meant to be started by hand. Flags:
   -bundle DIR           the bundle (delete only; default: working directory)
   -socket ADDR          accepted for compatibility; the socket is fd 3
   -debug                log at debug level
+  -settings JSON        settings `start` read from a CRI handler's ConfigPath
   -v                    print the version and exit
 """
 
