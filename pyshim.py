@@ -67,6 +67,8 @@ URL_PROCESS_DETAILS = "containerd.runc.v1.ProcessDetails"
 # {type_url = 1, config_path = 2, config_body = 3 (newer than 1.6)}. 1.6.20 names it
 # "runtimeoptions.v1.Options" (seen on the wire); the "cri." form is accepted too.
 URL_CRI_OPTIONS = ("runtimeoptions.v1.Options", "cri.runtimeoptions.v1.Options")
+URL_RUNC_CHECKPOINT_OPTIONS = "containerd.runc.v1.CheckpointOptions"
+URL_LINUX_CHECKPOINT_OPTIONS = "containerd.linux.runc.CheckpointOptions"
 EVENT_URL = "containerd.events."
 
 # How long Delete waits for a process's output to drain, as the Go shim does.
@@ -1334,19 +1336,22 @@ class Logger:
 class Runc:
     """How one container's runc is invoked (binary, root, flags)."""
 
-    __slots__ = ("binary", "log", "no_new_keyring", "no_pivot", "root", "systemd")
+    __slots__ = ("binary", "criu", "log", "no_new_keyring", "no_pivot", "root", "systemd")
 
     def __init__(self, binary: str, root: str, bundle: str, systemd: bool = False,
-                 no_pivot: bool = False, no_new_keyring: bool = False) -> None:
+                 no_pivot: bool = False, no_new_keyring: bool = False, criu: str = "") -> None:
         self.binary = binary
         self.root = root
         self.log = os.path.join(bundle, "log.json")
         self.systemd = systemd
         self.no_pivot = no_pivot
         self.no_new_keyring = no_new_keyring
+        self.criu = criu  # the runtime options' CriuPath; "" lets runc find criu
 
     def argv(self, *args: str) -> list[str]:
         base = [self.binary, "--root", self.root, "--log", self.log, "--log-format", "json"]
+        if self.criu:
+            base += ["--criu", self.criu]
         if self.systemd:
             base.append("--systemd-cgroup")
         return base + list(args)
@@ -1518,12 +1523,15 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (CREATED, "update"): CREATED,
     (RUNNING, "update"): RUNNING,
     (PAUSED, "update"): PAUSED,
+    # So does Checkpoint (with `exit`, the exit that follows is an ordinary one).
+    (RUNNING, "checkpoint"): RUNNING,
+    (PAUSED, "checkpoint"): PAUSED,
 }
 
 STATUS_CODES = {CREATED: 1, RUNNING: 2, STOPPED: 3, PAUSED: 4}
 
-# The Go shim's words (code Unknown) for a pause, resume or update that the
-# init's state forbids; ctr prints them as they are.
+# The Go shim's words (code Unknown) for a pause, resume, update or
+# checkpoint that the init's state forbids; ctr prints them as they are.
 REFUSALS: dict[tuple[str, str], str] = {
     (CREATED, "pause"): "cannot pause task in created state",
     (CREATED, "resume"): "cannot resume task in created state",
@@ -1532,6 +1540,8 @@ REFUSALS: dict[tuple[str, str], str] = {
     (STOPPED, "pause"): "cannot pause a stopped container",
     (STOPPED, "resume"): "cannot resume a stopped container",
     (STOPPED, "update"): "cannot update a stopped container",
+    (CREATED, "checkpoint"): "cannot checkpoint a task in created state",
+    (STOPPED, "checkpoint"): "cannot checkpoint a stopped container",
 }
 
 
@@ -1598,7 +1608,12 @@ class Process:
 
 
 class Container:
-    """One container: bundle, runc settings, init process and its execs."""
+    """One container: bundle, runc settings, init process and its execs.
+
+    `restore` is set only between a Create from a checkpoint and the Start
+    that restores it: (image path, parent image path, criu work path, the
+    stdio fds runc restore gets).
+    """
 
     __slots__ = (
         "bundle",
@@ -1607,6 +1622,7 @@ class Container:
         "id",
         "init",
         "mounted",
+        "restore",
         "rootfs",
         "runc",
         "running_execs",
@@ -1624,6 +1640,7 @@ class Container:
         self.running_execs = 0  # execs starting or running: the init's exit waits for them
         self.held_init_exit: tuple[int, int] | None = None
         self.shares_pidns = False
+        self.restore: tuple[str, str, str, tuple[int, int, int]] | None = None
 
     def process(self, exec_id: str) -> Process:
         if not exec_id:
@@ -2190,6 +2207,47 @@ def decode_options(any_msg, settings: Settings | None = None):
     return opts
 
 
+def decode_checkpoint_options(any_msg):
+    """Checkpoint options of either type, as one RuncCheckpointOptions (the
+    two messages share field names, not numbers)."""
+    import pyshim_pb2 as pb
+
+    opts = pb.RuncCheckpointOptions()
+    if any_msg is None or not any_msg.type_url:
+        return opts
+    url = any_msg.type_url.rsplit("/", 1)[-1]
+    if url == URL_RUNC_CHECKPOINT_OPTIONS:
+        opts.ParseFromString(any_msg.value)
+    elif url == URL_LINUX_CHECKPOINT_OPTIONS:
+        lin = pb.LinuxCheckpointOptions()
+        lin.ParseFromString(any_msg.value)
+        for name in ("exit", "open_tcp", "external_unix_sockets", "terminal", "file_locks",
+                     "cgroups_mode", "image_path", "work_path"):
+            setattr(opts, name, getattr(lin, name))
+        opts.empty_namespaces.extend(lin.empty_namespaces)
+    else:
+        raise InvalidArgument(f"unsupported checkpoint options type {any_msg.type_url!r}")
+    return opts
+
+
+def checkpoint_args(path: str, work: str, opts) -> list[str]:
+    """`runc checkpoint` flags for the image and work dirs and the options, in
+    the order the Go shim passes them (the container id goes last)."""
+    args = ["checkpoint", "--image-path", path, "--work-path", work]
+    for on, flag in ((opts.open_tcp, "--tcp-established"), (opts.external_unix_sockets, "--ext-unix-sk"),
+                     (opts.terminal, "--shell-job"), (opts.file_locks, "--file-locks")):
+        if on:
+            args.append(flag)
+    if opts.cgroups_mode:
+        # The Go shim 1.6 drops this option; runc checks the value.
+        args += ["--manage-cgroups-mode", opts.cgroups_mode]
+    for ns in opts.empty_namespaces:
+        args += ["--empty-ns", ns]
+    if not opts.exit:
+        args.append("--leave-running")
+    return args
+
+
 def _ts(msg_field, ns: int) -> None:
     if ns:
         msg_field.FromNanoseconds(ns)
@@ -2237,7 +2295,7 @@ class TaskService:
             "Pids": (pb.PidsRequest, self.pids_),
             "Pause": (pb.PauseRequest, self.pause),
             "Resume": (pb.ResumeRequest, self.resume),
-            "Checkpoint": (pb.CheckpointTaskRequest, self.unimplemented("Checkpoint")),
+            "Checkpoint": (pb.CheckpointTaskRequest, self.checkpoint),
             "Kill": (pb.KillRequest, self.kill),
             "Exec": (pb.ExecProcessRequest, self.exec_),
             "ResizePty": (pb.ResizePtyRequest, self.resize_pty),
@@ -2249,12 +2307,6 @@ class TaskService:
             "Shutdown": (pb.ShutdownRequest, self.shutdown),
         }
         return {(TASK_SERVICE, name): entry for name, entry in table.items()}
-
-    @staticmethod
-    def unimplemented(name: str):
-        async def handler(req, meta):
-            raise Unimplemented(f"pyshim: {name} is not implemented yet")
-        return handler
 
     def container(self, cid: str) -> Container:
         c = self.containers.get(cid)
@@ -2275,8 +2327,6 @@ class TaskService:
         cid = _valid_id("container id", req.id)
         if cid in self.containers:
             raise AlreadyExists(f"container {cid}: already exists")
-        if req.checkpoint:
-            raise Unimplemented("pyshim: restoring from a checkpoint is not implemented yet")
         bundle = req.bundle
         try:
             config = json.loads(_read_small(os.path.join(bundle, "config.json"), 16 << 20))
@@ -2292,7 +2342,7 @@ class TaskService:
         ns = meta.get(NAMESPACE_KEY) or self.namespace
         rc = Runc(binary, os.path.join(opts.root or RUNC_ROOT, ns), bundle,
                   systemd=opts.systemd_cgroup, no_pivot=opts.no_pivot_root,
-                  no_new_keyring=opts.no_new_keyring)
+                  no_new_keyring=opts.no_new_keyring, criu=opts.criu_path)
         c = Container(cid, bundle, rc)
         namespaces = ((config.get("linux") or {}).get("namespaces")) or []
         c.shares_pidns = not any(n.get("type") == "pid" and not n.get("path") for n in namespaces)
@@ -2308,17 +2358,24 @@ class TaskService:
             fds = stdio.open(opts.io_uid, opts.io_gid)
             if stdio.logger is not None:
                 await stdio.logger.start(self.loop, self.runner.reaper, cid, ns)
-            args = ["create", "--bundle", bundle, "--pid-file", os.path.join(bundle, "init.pid")]
-            if rc.no_pivot:
-                args.append("--no-pivot")
-            if rc.no_new_keyring:
-                args.append("--no-new-keyring")
-            if stdio.terminal:
-                args += ["--console-socket", stdio.console_path]
-            await self.runner.runc(rc, *args, cid, what="OCI runtime create failed", stdio=fds)
-            if stdio.terminal:
-                stdio.receive_console()
-            pid = int(_read_small(os.path.join(bundle, "init.pid")).strip() or 0)
+            if req.checkpoint:
+                # As the Go shim: nothing runs until Start restores it; criu
+                # works in CriuWorkPath, else in the bundle's work dir.
+                work = opts.criu_work_path or os.path.join(bundle, "work")
+                c.restore = (req.checkpoint, req.parent_checkpoint, work, fds)
+                pid = 0
+            else:
+                args = ["create", "--bundle", bundle, "--pid-file", os.path.join(bundle, "init.pid")]
+                if rc.no_pivot:
+                    args.append("--no-pivot")
+                if rc.no_new_keyring:
+                    args.append("--no-new-keyring")
+                if stdio.terminal:
+                    args += ["--console-socket", stdio.console_path]
+                await self.runner.runc(rc, *args, cid, what="OCI runtime create failed", stdio=fds)
+                if stdio.terminal:
+                    stdio.receive_console()
+                pid = int(_read_small(os.path.join(bundle, "init.pid")).strip() or 0)
         except BaseException:
             stdio.close()
             if c.mounted:
@@ -2327,20 +2384,22 @@ class TaskService:
                 except OSError as e:
                     log("warning", "unmount after failed create", error=str(e))
             raise
-        stdio.close_after_start()
+        if c.restore is None:
+            stdio.close_after_start()  # else the restore's runc gets the fds
         p = Process(cid, c, stdio, self.loop)
         p.pid = pid
         c.init = p
         self.containers[cid] = c
-        self.pids[pid] = p
+        if pid:
+            self.pids[pid] = p
         ev = pb.TaskCreate(container_id=cid, bundle=bundle, checkpoint=req.checkpoint, pid=pid)
         ev.rootfs.extend(req.rootfs)
         ev.io.stdin, ev.io.stdout, ev.io.stderr, ev.io.terminal = req.stdin, req.stdout, req.stderr, req.terminal
         self._publish("/tasks/create", ev)
-        early = self.stash.pop(pid, None)
+        early = self.stash.pop(pid, None) if pid else None
         if early is not None:
             self.on_exit(pid, *early)
-        log("info", "task created", id=cid, pid=pid)
+        log("info", "task created", id=cid, pid=pid, checkpoint=req.checkpoint)
         return pb.CreateTaskResponse(pid=pid)
 
     async def start(self, req, meta):
@@ -2355,7 +2414,10 @@ class TaskService:
             if p.is_init:
                 p.starting = True
                 try:
-                    await self.runner.runc(c.runc, "start", c.id, what="OCI runtime start failed")
+                    if c.restore is not None:
+                        await self._restore(c, p)
+                    else:
+                        await self.runner.runc(c.runc, "start", c.id, what="OCI runtime start failed")
                 finally:
                     p.starting = False
                 p.transition("start")
@@ -2371,6 +2433,36 @@ class TaskService:
                 p.pending_exit = None
                 self._exited(p, code, at)
         return pb.StartResponse(pid=p.pid)
+
+    async def _restore(self, c: Container, p: Process) -> None:
+        """Start of a task created from a checkpoint: `runc restore --detach`
+        brings the checkpointed processes back with the stdio made at Create.
+        The restored init is then reparented to this shim (a subreaper) and is
+        a started init like any other. On failure the task stays created with
+        its checkpoint, as the Go shim's does, so Start may be retried."""
+        image, parent, work, fds = c.restore
+        pid_path = os.path.join(c.bundle, "init.pid")
+        args = ["restore", "--image-path", image, "--work-path", work]
+        if parent:
+            args += ["--parent-path", parent]
+        args += ["--detach", "--pid-file", pid_path]
+        if p.stdio.terminal:
+            args += ["--console-socket", p.stdio.console_path]
+        if c.runc.no_pivot:
+            args.append("--no-pivot")
+        args += ["--no-subreaper", "--bundle", c.bundle, c.id]
+        await self.runner.runc(c.runc, *args, what="OCI runtime restore failed", stdio=fds)
+        if p.stdio.terminal:
+            p.stdio.receive_console()
+        pid = int(_read_small(pid_path).strip() or 0)
+        c.restore = None
+        p.stdio.close_after_start()
+        p.pid = pid
+        self.pids[pid] = p
+        # An exit that came before the pid file was read was stashed.
+        early = self.stash.pop(pid, None)
+        if early is not None and p.pending_exit is None:
+            p.pending_exit = early
 
     async def _start_exec(self, c: Container, p: Process) -> None:
         import pyshim_pb2 as pb
@@ -2599,6 +2691,43 @@ class TaskService:
                                what="OCI runtime update failed", input=req.resources.value)
         return empty_pb2.Empty()
 
+    async def checkpoint(self, req, meta):
+        """`runc checkpoint` of the init (criu dumps the whole container) into
+        `req.path`. criu works in the options' work_path, else in a scratch
+        dir under the bundle's work dir that is removed afterwards. Unless the
+        options say `exit`, the task keeps running; with `exit` runc stops it
+        and its exit is reaped and published like any other. On failure the
+        caller gets runc's own words and where criu's log was copied (the
+        bundle's criu-dump.log), as from the Go shim."""
+        import shutil
+
+        from google.protobuf import empty_pb2
+
+        c = self.container(req.id)
+        c.init.check("checkpoint")
+        if not req.path:
+            raise InvalidArgument(f"checkpoint of {c.id}: no image path")
+        opts = decode_checkpoint_options(req.options if req.HasField("options") else None)
+        work = opts.work_path or os.path.join(c.bundle, "work", "criu-work")
+        argv = c.runc.argv(*checkpoint_args(req.path, work, opts), c.id)
+        try:
+            code, out = await self.runner.run(argv, capture=True)
+            if code != 0:
+                dump_log = os.path.join(c.bundle, "criu-dump.log")
+                try:
+                    shutil.copyfile(os.path.join(work, "dump.log"), dump_log)
+                except OSError as e:
+                    log("warning", "cannot copy criu's dump.log", id=c.id, error=str(e))
+                text = out.decode(errors="replace").strip() or c.runc.last_error()
+                first = text.splitlines()[0] if text else ""
+                raise RuntimeFailure(f"{os.path.basename(c.runc.binary)} did not terminate successfully: "
+                                     f"exit status {code}: {first} path= {dump_log}")
+        finally:
+            if not opts.work_path:
+                shutil.rmtree(work, ignore_errors=True)
+        log("info", "task checkpointed", id=c.id, path=req.path, exit=opts.exit)
+        return empty_pb2.Empty()
+
     async def stats(self, req, meta):
         import pyshim_pb2 as pb
 
@@ -2625,6 +2754,8 @@ class TaskService:
             raise FailedPrecondition(f"container {c.id} is stopped: cannot exec")
         if c.init.state == PAUSED:
             raise ShimError("cannot exec in a paused state")  # Unknown, as the Go shim
+        if c.restore is not None:
+            raise ShimError("cannot exec in a created state")  # not restored yet
         stdio = Stdio(self.loop, req.stdin, req.stdout, req.stderr, req.terminal)
         c.execs[eid] = Process(eid, c, stdio, self.loop, spec=req.spec.value)
         self._publish("/tasks/exec-added", pb.TaskExecAdded(container_id=c.id, exec_id=eid))

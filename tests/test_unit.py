@@ -419,7 +419,7 @@ def test_reaper_reaps_more_than_a_batch_at_once() -> None:
 # =============================================================================
 
 C, R, P, S, D = pyshim.CREATED, pyshim.RUNNING, pyshim.PAUSED, pyshim.STOPPED, pyshim.DELETED
-EVENTS = ("start", "exit", "delete", "pause", "resume", "update")
+EVENTS = ("start", "exit", "delete", "pause", "resume", "update", "checkpoint")
 LEGAL = {
     (C, "start"): R, (C, "exit"): S, (C, "delete"): D,
     (R, "exit"): S, (R, "pause"): P,
@@ -427,8 +427,10 @@ LEGAL = {
     (S, "delete"): D,
     # Update leaves the state as it is.
     (C, "update"): C, (R, "update"): R, (P, "update"): P,
+    # So does Checkpoint (its `exit` comes later, as an ordinary exit).
+    (R, "checkpoint"): R, (P, "checkpoint"): P,
 }
-# Illegal pause/resume/update calls answer as the Go shim does: code Unknown, its words.
+# Illegal pause/resume/update/checkpoint calls answer as the Go shim does: code Unknown, its words.
 GO_REFUSALS = {
     (C, "pause"): "cannot pause task in created state",
     (C, "resume"): "cannot resume task in created state",
@@ -437,6 +439,8 @@ GO_REFUSALS = {
     (S, "pause"): "cannot pause a stopped container",
     (S, "resume"): "cannot resume a stopped container",
     (S, "update"): "cannot update a stopped container",
+    (C, "checkpoint"): "cannot checkpoint a task in created state",
+    (S, "checkpoint"): "cannot checkpoint a stopped container",
 }
 
 
