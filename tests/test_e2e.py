@@ -291,8 +291,11 @@ def detach_exec_kill(d: Containerd, runtime: str, image_args: list[str],
     assert res["exec"] == (7, "hi\n", "")
 
     with ctr_bg(d, "task", "exec", "--exec-id", "long", cid, "/bin/sleep", "1001") as proc:
-        rows = wait_for(lambda: len(rows := task_ps(d, cid)) == 2 and rows, 10,
-                        message="the exec never showed in task ps")
+        # runc puts the exec in the cgroup before `runc exec` returns and the shim
+        # learns its pid: until then ps lists it without its exec id (both shims).
+        rows = wait_for(lambda: len(rows := task_ps(d, cid)) == 2
+                        and any("ExecID:long" in i for _, i in rows) and rows, 10,
+                        message="the exec never showed in task ps with its exec id")
         exec_pid = next(p for p, _ in rows if p != pid)
         assert harness.cmdline(exec_pid) == ["/bin/sleep", "1001"]
         info = dict(rows)
