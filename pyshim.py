@@ -3493,9 +3493,20 @@ def serve(flags: Flags) -> int:
     loop.run_until_complete(stop)
 
     async def shutdown() -> None:
-        await server.shutdown()
+        import asyncio
+
+        # Kill and reap before hanging up: containerd runs `shim delete` as soon
+        # as the connection drops, and its `runc delete --force` must meet a
+        # stopped container, not race our own `runc kill`.
+        for srv in server.servers:
+            srv.close()
         for c in list(service.containers.values()):
             await service._kill_all(c)
+        waits = [c.init.wait for c in service.containers.values()
+                 if c.init is not None and c.init.pid and not c.init.wait.done()]
+        if waits:
+            await asyncio.wait(waits, timeout=5.0)
+        await server.shutdown()
         if not await publisher.flush(5.0):
             log("warning", "shutting down with undelivered events", count=len(publisher.queue))
 
