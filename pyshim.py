@@ -459,8 +459,9 @@ class FrameDecoder:
 
     `feed` returns complete frames as (stream_id, type, flags, payload); a
     frame whose length exceeds MAX_MESSAGE is discarded as it arrives and
-    returned once with payload None, so the caller can answer
-    RESOURCE_EXHAUSTED on that stream and keep the connection.
+    returned once with its announced length (an int) as payload, so the
+    caller can answer RESOURCE_EXHAUSTED on that stream, naming the length
+    as Go's ttrpc does, and keep the connection.
     """
 
     __slots__ = ("_buf", "_skip", "_skip_frame")
@@ -470,7 +471,7 @@ class FrameDecoder:
         self._skip = 0
         self._skip_frame: tuple[int, int, int, int] | None = None
 
-    def feed(self, data: bytes) -> list[tuple[int, int, int, bytes | None]]:
+    def feed(self, data: bytes) -> list[tuple[int, int, int, bytes | int]]:
         out = []
         buf = self._buf
         buf += data
@@ -481,9 +482,8 @@ class FrameDecoder:
                 self._skip -= n
                 if self._skip:
                     return out
-                sid, mtype, flags, _ = self._skip_frame
-                self._skip_frame = None
-                out.append((sid, mtype, flags, None))
+                self._skip_frame, frame = None, self._skip_frame
+                out.append(frame)
             if len(buf) < HEADER.size:
                 return out
             length, sid, mtype, flags = HEADER.unpack_from(buf)
@@ -624,12 +624,13 @@ class ServerConnection:
         if not self.closed and not self.transport.is_closing():
             self.transport.write(encode_frame(sid, MSG_RESPONSE, body))
 
-    def _frame(self, sid: int, mtype: int, payload: bytes | None) -> None:
+    def _frame(self, sid: int, mtype: int, payload: bytes | int) -> None:
         if mtype != MSG_REQUEST:
             return  # no streams on the task API: data frames are ignored
-        if payload is None:
+        if isinstance(payload, int):  # discarded: too long (Go ttrpc's words)
             self._send(sid, status_response(
-                RESOURCE_EXHAUSTED, f"message length exceeds maximum message size of {MAX_MESSAGE}"))
+                RESOURCE_EXHAUSTED,
+                f"message length {payload} exceed maximum message size of {MAX_MESSAGE}"))
             return
         if sid % 2 != 1:
             self._send(sid, status_response(
@@ -782,8 +783,10 @@ class _ClientProtocol:
             fut = c.pending.get(sid)
             if fut is None or fut.done() or mtype != MSG_RESPONSE:
                 continue
-            if payload is None:
-                fut.set_exception(RemoteError(RESOURCE_EXHAUSTED, "response exceeds maximum message size"))
+            if isinstance(payload, int):  # discarded: too long
+                fut.set_exception(RemoteError(
+                    RESOURCE_EXHAUSTED,
+                    f"response length {payload} exceeds maximum message size of {MAX_MESSAGE}"))
             else:
                 fut.set_result(payload)
 

@@ -518,7 +518,9 @@ def test_events_order(daemon: Containerd, rootfs: str, runtime: str) -> None:
         assert ctr(d, "task", "exec", "--exec-id", "quick", cid, "/bin/sh", "-c", "exit 2") \
             == (2, "", "")
         with ctr_bg(d, "task", "exec", "--exec-id", "long", cid, "/bin/sleep", "1000") as proc:
-            wait_for(lambda: len(task_ps(d, cid)) == 2, 10)
+            rows = wait_for(lambda: len(rows := task_ps(d, cid)) == 2
+                            and any("ExecID:long" in i for _, i in rows) and rows, 10)
+            long_pid = next(p for p, i in rows if "ExecID:long" in i)
             # Killing the init kills the exec too (same pid namespace): both exits come
             # at once (the kernel lets the exec die first), and the exec's TaskExit must
             # still be published before the init's.
@@ -545,12 +547,201 @@ def test_events_order(daemon: Containerd, rootfs: str, runtime: str) -> None:
         started = index("/tasks/exec-started", exec_id=eid)
         exited = index("/tasks/exit", id=eid, exit_status=status)
         assert start < added < started < exited < init_exit, (eid, events)
+        # exec-started and the exec's exit name the exec's own host pid.
+        exec_pid = events[started][1].get("pid")
+        assert exec_pid and exec_pid != pid and events[exited][1].get("pid") == exec_pid
+        assert events[added][1] == {"container_id": cid, "exec_id": eid}, events[added]
+        if eid == "long":
+            assert exec_pid == long_pid, (exec_pid, rows)
     topics = [t for t, _ in events]
     assert topics == ["/tasks/create", "/tasks/start",
                       "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
                       "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
                       "/tasks/exit", "/tasks/delete"], topics
     compare_with_runc("events", runtime, topics)
+
+
+# ------------------------------------------------ 10. long exec, attach, kill --all
+
+
+@contextmanager
+def _stack_limit(nbytes: int) -> Iterator[None]:
+    """Children started meanwhile get this soft RLIMIT_STACK: the kernel caps argv plus
+    environment at a quarter of it (at most 6 MiB), 2 MiB under the usual 8 MiB."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    want = nbytes if hard == resource.RLIM_INFINITY else min(nbytes, hard)
+    resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_STACK, (soft, hard))
+
+
+# Each argument stays below MAX_ARG_STRLEN (128 KiB); the container's own execve has the
+# usual 2 MiB for argv + envp, so the "over 4 MiB" case can only end in an error. ttrpc
+# caps a frame at 4 MiB: the Go shim's ttrpc server discards a longer request and answers
+# RESOURCE_EXHAUSTED naming its length, which ctr prints; pyshim must do the same and
+# keep the connection (the exec after it works).
+LONG_EXEC_CASES = [
+    pytest.param([f"a{i:05d}" for i in range(20000)], id="20000-args-140kB"),
+    pytest.param([f"{i:06d}" + "x" * 99994 for i in range(12)], id="12-args-1.2MB"),
+    pytest.param([f"{i:06d}" + "x" * 99994 for i in range(45)], id="45-args-4.5MB"),
+]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("args", LONG_EXEC_CASES)
+def test_exec_with_a_long_argument_list(daemon: Containerd, rootfs: str, runtime: str,
+                                        args: list[str]) -> None:
+    import hashlib
+
+    spec_size = sum(len(a) + 3 for a in args)  # JSON: quotes and a comma each
+    digest = hashlib.md5((" ".join(args) + "\n").encode()).hexdigest()
+
+    def scenario(r: str) -> dict[str, Any]:
+        d, cid = daemon, new_id()
+        ok(d, "run", "-d", "--runtime", r, "--rootfs", rootfs, cid, "/bin/sleep", "1000")
+        pid = wait_status(d, cid, "RUNNING")
+        script = 'echo $#; echo "$*" | md5sum; exit 3'
+        with _stack_limit(64 << 20):
+            step = ctr(d, "task", "exec", "--exec-id", "big", cid, "/bin/sh", "-c", script,
+                       "sh", *args)
+        res: dict[str, Any] = {}
+        if spec_size < 4 << 20:
+            assert step == (3, f"{len(args)}\n{digest}  -\n", ""), (step[0], step[2])
+            res["exec"] = step
+        else:
+            m = re.fullmatch(r"ctr: message length (\d+) exceed maximum message size of "
+                             r"4194304: unknown\n", step[2])
+            assert step[0] == 1 and step[1] == "" and m, step
+            assert int(m.group(1)) > spec_size
+            res["exec"] = (step[0], step[1], step[2].replace(m.group(1), "<N>"))
+        # The task is unharmed and the shim still serves the same connection.
+        assert task_ps(d, cid) == [(pid, "-")]
+        res["exec after"] = ctr(d, "task", "exec", "--exec-id", "big", cid,
+                                "/bin/sh", "-c", "echo still; exit 4")
+        assert res["exec after"] == (4, "still\n", "")
+        ok(d, "task", "kill", "-s", "KILL", cid)
+        wait_status(d, cid, "STOPPED")
+        res.update(remove(d, cid))
+        return res
+
+    same_as_runc(f"long-exec-{len(args)}", runtime, scenario)
+
+
+class _Lines:
+    """Lines of a pipe, read by a thread; ``wait(n)`` until at least n have come."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe: Any) -> None:
+        for line in pipe:
+            self.lines.append(line)
+
+    def wait(self, n: int, timeout: float = 10) -> None:
+        wait_for(lambda: len(self.lines) >= n, timeout,
+                 message=f"only {len(self.lines)} lines of {n}: {self.lines}")
+
+    def join(self) -> list[str]:
+        self._thread.join(5)
+        return list(self.lines)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_attach_detach_attach_loses_no_output(daemon: Containerd, rootfs: str,
+                                              runtime: str) -> None:
+    # ctr 1.6's `task attach` reopens the fifos ctr run -d created. Killing ctr is how a
+    # client detaches (it forwards SIGTERM/SIGINT to the task). What is written while
+    # nobody reads waits in the fifo, which the shim keeps open: the next attach gets it.
+    # The first second of silence lets `ctr run -d` exit before the first line.
+    loop = 'sleep 1; i=0; while :; do echo "line $i"; i=$((i+1)); sleep 0.2; done'
+
+    def attach(d: Containerd, cid: str, n: int) -> list[str]:
+        argv = [CTR, "--address", d.address, "-n", d.namespace, "task", "attach", cid]
+        proc = subprocess.Popen(argv, env=d.env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            lines = _Lines(proc.stdout)
+            lines.wait(n)
+        finally:
+            proc.kill()  # detach: SIGKILL is not forwarded to the task
+            proc.communicate(timeout=CTR_TIMEOUT)
+        return lines.join()
+
+    def scenario(r: str) -> dict[str, Any]:
+        d, cid = daemon, new_id()
+        res: dict[str, Any] = {"run -d": ctr(d, "run", "-d", "--runtime", r, "--rootfs",
+                                             rootfs, cid, "/bin/sh", "-c", loop)}
+        assert res["run -d"] == (0, "", "")
+        pid = wait_status(d, cid, "RUNNING")
+        first = attach(d, cid, 3)
+        time.sleep(1.0)  # about 5 lines wait for a reader
+        second = attach(d, cid, 8)
+        got = first + second
+        want = [f"line {i}\n" for i in range(len(got))]
+        assert got == want, f"{r}: {got}"
+        assert len(second) >= 8 and second[0] == f"line {len(first)}\n"
+        assert task_row(d, cid) == (pid, "RUNNING"), "the task survives its clients"
+        res["attached twice"] = "contiguous from line 0"
+        res["kill"] = ctr(d, "task", "kill", "-s", "KILL", cid)
+        assert wait_status(d, cid, "STOPPED") == pid
+        res.update(remove(d, cid))
+        assert res["task rm"] == (0, "", exit_warning(137))
+        return res
+
+    same_as_runc("attach", runtime, scenario)
+
+
+KILL_ALL_CASES = [
+    # The default signal is SIGTERM: an init with no handler for it would ignore it (pid
+    # namespace init), so it traps TERM; the execs are ordinary processes and die of it.
+    pytest.param([], 143, id="default-TERM"),
+    pytest.param(["-s", "KILL"], 137, id="KILL"),
+]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize(("flags", "status"), KILL_ALL_CASES)
+def test_kill_all_signals_every_process(daemon: Containerd, rootfs: str, runtime: str,
+                                        flags: list[str], status: int) -> None:
+    init = 'trap "exit 143" TERM; /bin/sleep 1000 & while :; do sleep 0.1; done'
+    execs = ("e1", "e2")
+
+    def scenario(r: str) -> dict[str, Any]:
+        d, cid = daemon, new_id()
+        with EventLog(d) as log:
+            ok(d, "run", "-d", "--runtime", r, "--rootfs", rootfs, cid, "/bin/sh", "-c", init)
+            pid = wait_status(d, cid, "RUNNING")
+            with ctr_bg(d, "task", "exec", "--exec-id", execs[0], cid, "/bin/sleep", "1001") \
+                    as p1, ctr_bg(d, "task", "exec", "--exec-id", execs[1], cid,
+                                  "/bin/sh", "-c", "sleep 1002; echo never") as p2:
+                wait_for(lambda: sum(f"ExecID:{e}" in i for _, i in task_ps(d, cid)
+                                     for e in execs) == 2, 10,
+                         message="the execs never showed in task ps")
+                res: dict[str, Any] = {"kill --all": ctr(d, "task", "kill", "--all",
+                                                         *flags, cid)}
+                assert res["kill --all"] == (0, "", "")
+                res["execs"] = [finish(p1), finish(p2)]
+            assert res["execs"] == [(status, "", ""), (status, "", "")], res["execs"]
+            assert wait_status(d, cid, "STOPPED") == pid
+            res.update(remove(d, cid))
+            assert res["task rm"] == (0, "", exit_warning(status))
+            wait_for(lambda: any(t == "/tasks/delete" for t, _ in log.of(cid)), 10)
+            events = log.of(cid)
+        exits = [(p.get("id"), p.get("exit_status")) for t, p in events if t == "/tasks/exit"]
+        # Every exec's exit is published, and before the init's.
+        assert sorted(exits[:2]) == [(e, status) for e in execs], exits
+        assert exits[2:] == [(cid, status)], exits
+        res["exit events"] = sorted(exits[:2]) + exits[2:]
+        res["exit events"] = [(e if e != cid else "<ID>", s) for e, s in res["exit events"]]
+        return res
+
+    same_as_runc(f"kill-all-{flags}", runtime, scenario)
 
 
 # ---------------------------------------------------------------------------- 4. bad input

@@ -122,7 +122,7 @@ def test_oversized_frame_is_discarded_and_reported_once() -> None:
     assert out == []
     assert dec.oversized_length == big
     out += _discard(dec, big - 100, 1 << 16)
-    assert out == [(5, 1, 0, None)]
+    assert out == [(5, 1, 0, big)]  # the announced length, for the error message
     assert dec.oversized_length == 0
     assert dec.feed(pyshim.encode_frame(7, 1, b"next")) == [(7, 1, 0, b"next")]
 
@@ -130,7 +130,7 @@ def test_oversized_frame_is_discarded_and_reported_once() -> None:
 def test_oversized_frame_followed_by_frame_in_the_same_chunk() -> None:
     big = pyshim.MAX_MESSAGE + 10
     wire = pyshim.HEADER.pack(big, 1, 1, 0) + bytes(big) + pyshim.encode_frame(3, 1, b"ok")
-    assert pyshim.FrameDecoder().feed(wire) == [(1, 1, 0, None), (3, 1, 0, b"ok")]
+    assert pyshim.FrameDecoder().feed(wire) == [(1, 1, 0, big), (3, 1, 0, b"ok")]
 
 
 def test_header_announcing_4_gib_is_discarded_with_bounded_memory() -> None:
@@ -139,7 +139,7 @@ def test_header_announcing_4_gib_is_discarded_with_bounded_memory() -> None:
     assert dec.feed(pyshim.HEADER.pack(length, 11, 1, 0)) == []
     assert dec.oversized_length == length
     out = _discard(dec, length, 16 << 20)
-    assert out == [(11, 1, 0, None)]
+    assert out == [(11, 1, 0, length)]
     assert dec.feed(pyshim.encode_frame(13, 1, b"still here")) == [(13, 1, 0, b"still here")]
 
 
@@ -162,7 +162,7 @@ def test_property_random_chunkings_decode_the_same(frames: list, data: st.DataOb
         for c in chunks:
             out += dec.feed(c)
             assert len(dec._buf) < pyshim.HEADER.size + limit
-    assert out == [(sid, t, f, p if len(p) <= limit else None) for sid, t, f, p in frames]
+    assert out == [(sid, t, f, p if len(p) <= limit else len(p)) for sid, t, f, p in frames]
 
 
 # =============================================================================
