@@ -630,12 +630,18 @@ def _read_varint(data: bytes, i: int) -> tuple[int, int]:
             return value, i
 
 
-def tasks_call(d: Containerd, method: str, payload: bytes) -> bytes:
-    """One call of containerd's containerd.services.tasks.v1.Tasks service."""
+def _grpc():
+    """The grpc module (grpcio); a test without it skips, or fails under CI=true."""
     try:
         import grpc
     except ImportError:
         require(False, "grpcio is not installed (.ci/setup installs it)")
+    return grpc
+
+
+def tasks_call(d: Containerd, method: str, payload: bytes) -> bytes:
+    """One call of containerd's containerd.services.tasks.v1.Tasks service."""
+    grpc = _grpc()
     with grpc.insecure_channel(f"unix://{d.address}") as channel:
         rpc = channel.unary_unary(f"/containerd.services.tasks.v1.Tasks/{method}",
                                   request_serializer=None, response_deserializer=None)
@@ -734,6 +740,30 @@ def test_exec_with_a_terminal_and_a_logging_binary(daemon, rootfs: str, runtime:
         return {"status": status, "rm": res, "logger": rec}
 
     same_as_runc("exec-tty-log-uri-binary", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_terminal_with_a_logging_binary_that_cannot_start(daemon, rootfs: str, runtime: str,
+                                                          tmp_path) -> None:
+    """A missing logging binary with a terminal: Create fails with the binary's path
+    and why, and no task is left. (The Go shim starts this logger after runc create,
+    pyshim before it, as without a terminal; containerd cleans up either way.)"""
+    grpc = _grpc()
+    path = os.path.join(str(tmp_path), "missing")
+
+    def scenario(r: str) -> tuple:
+        cid = new_id()
+        ok(daemon, "container", "create", "-t", "--runtime", r, "--rootfs", rootfs, cid, "/bin/true")
+        uri = f"binary://{path}?dir=/nonexistent"
+        with pytest.raises(grpc.RpcError) as err:
+            tasks_call(daemon, "Create", _pb((1, cid), (5, uri), (6, uri), (7, True)))
+        details = err.value.details()
+        assert path in details and "no such file or directory" in details, details
+        assert cid not in daemon.tasks()
+        ok(daemon, "container", "rm", cid)
+        return err.value.code().name, path in details
+
+    same_as_runc("tty-log-uri-binary-missing", runtime, scenario)
 
 
 # ------------------------------------------------------------------ grouped containers
