@@ -956,6 +956,7 @@ class Stdio:
         "console_dir",
         "console_sock",
         "copiers",
+        "log_pipe",
         "logger",
         "loop",
         "master",
@@ -978,6 +979,7 @@ class Stdio:
         self.console_sock = -1
         self.console_dir = ""
         self.logger: Logger | None = None  # with a binary:// stdout
+        self.log_pipe = -1  # with a terminal and a logger: the write end its fd 3 reads
 
     def open(self, uid: int = 0, gid: int = 0) -> tuple[int, int, int]:
         """Makes the pipes and opens the fifos; returns the fds runc gets."""
@@ -993,7 +995,7 @@ class Stdio:
             raise InvalidArgument(f"stdio URI {self.stderr!r}: a logging binary must be named by stdout")
         if self.terminal:
             if binary:
-                raise Unimplemented("pyshim: a terminal with a binary:// logging binary is not implemented yet")
+                self._open_log_pipes()
             return self._open_console()
         if binary:
             # As the Go shim: stdout's URI decides, and the logging binary
@@ -1039,6 +1041,22 @@ class Stdio:
                 os.fchown(fd, uid, gid)
         return fds[0], fds[1], fds[2]
 
+    def _open_log_pipes(self) -> None:
+        """A terminal with a logging binary, as the Go shim does it: the binary
+        gets a stdout pipe, into which the shim copies the terminal's output
+        once runc has sent the pty master, and a stderr pipe that nobody
+        writes to (a terminal has no separate stderr). The Go shim drops that
+        pipe's write end to its garbage collector; pyshim closes it at once,
+        so the binary sees EOF on fd 4 right away."""
+        self.logger = Logger(self.stdout)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self.logger.fds.append(r)
+        os.set_blocking(w, False)
+        self.log_pipe = w
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self.logger.fds.append(r)
+        os.close(w)
+
     def _open_console(self) -> tuple[int, int, int]:
         """With a terminal, runc makes the pty and sends its master to a
         console socket (in a fresh 0700 dir); runc itself gets /dev/null."""
@@ -1056,7 +1074,8 @@ class Stdio:
 
     def receive_console(self) -> None:
         """After runc create/exec succeeded: takes the pty master runc sent,
-        and sets up the copies stdin fifo -> master -> stdout fifo."""
+        and sets up the copies stdin fifo -> master -> stdout fifo (or the
+        logging binary's stdout pipe)."""
         import select
         import socket
 
@@ -1081,7 +1100,10 @@ class Stdio:
             self.stdin_keep = keep
             # stdin's EOF must not hang up the terminal: the master stays open.
             self.copiers.append(Copier(self.loop, src, master, on_close=_keep_fd, splice=False))
-        if self.stdout:
+        if self.log_pipe >= 0:
+            dst, self.log_pipe = self.log_pipe, -1
+            self.copiers.append(Copier(self.loop, os.dup(master), dst, on_close=_close_log_pipe, splice=False))
+        elif self.stdout:
             dst = self._fifo_writer(self.stdout)
             self.copiers.append(Copier(self.loop, os.dup(master), dst, on_close=self._release, splice=False))
 
@@ -1142,7 +1164,8 @@ class Stdio:
         """Waits (bounded) for the output copiers to reach EOF."""
         import asyncio
 
-        outs = [c.done for c in self.copiers if c.on_close == self._release]  # the outputs
+        # The outputs: the copies to a fifo or file, and to a logging binary.
+        outs = [c.done for c in self.copiers if c.on_close == self._release or c.on_close is _close_log_pipe]
         if outs:
             await asyncio.wait(outs, timeout=timeout)
 
@@ -1166,12 +1189,21 @@ class Stdio:
         if self.master >= 0:
             os.close(self.master)
             self.master = -1
+        if self.log_pipe >= 0:
+            os.close(self.log_pipe)
+            self.log_pipe = -1
         if self.logger is not None:
             self.logger.close()
 
 
 def _keep_fd(fd: int) -> None:
     """on_close for a copy whose destination outlives it (the pty master)."""
+
+
+def _close_log_pipe(fd: int) -> None:
+    """on_close for the copy from a terminal to a logging binary: its EOF is
+    the binary's EOF on fd 3."""
+    os.close(fd)
 
 
 def _open_output(path: str) -> tuple[int, int]:

@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Self
@@ -784,9 +785,17 @@ def test_exec_missing_binary(daemon: Containerd, rootfs: str, runtime: str) -> N
         # The task is unharmed and a good exec still works.
         assert task_row(daemon, cid) == (pid, "RUNNING")
         assert task_ps(daemon, cid) == [(pid, "-")]
-        res["exec after"] = ctr(daemon, "task", "exec", "--exec-id", "good", cid,
-                                "/bin/echo", "fine")
-        assert res["exec after"] == (0, "fine\n", "")
+        code, out, err = ctr(daemon, "task", "exec", "--exec-id", "good", cid, "/bin/echo", "fine")
+        assert (code, err) == (0, ""), (code, out, err)
+        # ctr 1.6 itself can drop all of an exec's output under load: its fifo reader is
+        # opened by a goroutine, and when that goroutine has not run by the time ctr
+        # deletes the process, ctr closes the fifo unread. It hit the Go shim (which opens
+        # the fifo only after runc exec) in 30 of 1,100 stressed runs and pyshim in 2
+        # (bench/exec_output_race.py, README: Status). Recorded, not failed on, for both.
+        assert out in ("fine\n", ""), out
+        if not out:
+            warnings.warn(f"{r}: ctr task exec lost the exec's output (ctr's fifo race)", stacklevel=1)
+        res["exec after"] = (code, err)
         ok(daemon, "task", "kill", "-s", "KILL", cid)
         wait_status(daemon, cid, "STOPPED")
         res.update(remove(daemon, cid))

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,20 +23,24 @@ from contextlib import contextmanager
 
 import harness
 import pytest
-from harness import CTR, Containerd, new_id, wait_for
+from conftest import require
+from harness import CTR, PYSHIM, Containerd, new_id, wait_for
 from test_e2e import (
+    LOGGER,
     RUNTIMES,
     _checked,
     bundle_of,
     compare_with_runc,
     ctr,
     exit_warning,
+    logger_record,
     norm,
     ok,
     remove,
     same_as_runc,
     task_row,
     wait_status,
+    write_logger,
 )
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -567,6 +572,198 @@ def test_a_megabyte_through_a_terminal_loses_no_byte(daemon, rootfs: str, runtim
     assert code == 0
     assert out.count("x") == 1_000_000, out.count("x")
     compare_with_runc("tty_megabyte", runtime, (code, out.count("x")))
+
+
+# A terminal with a logging binary. ctr 1.6 drops --log-uri when -t is given (its tty
+# io wins), so these requests go to containerd's own Tasks API over gRPC, as a client
+# such as nerdctl sends them: terminal set, stdout and stderr naming the logger.
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _pb(*fields: tuple[int, str | bytes | bool]) -> bytes:
+    """A protobuf message from (field number, value): strings and bytes (an
+    embedded message) length-delimited, bools as varints."""
+    out = b""
+    for num, value in fields:
+        if isinstance(value, bool):
+            out += _varint(num << 3) + _varint(int(value))
+        else:
+            data = value.encode() if isinstance(value, str) else value
+            out += _varint(num << 3 | 2) + _varint(len(data)) + data
+    return out
+
+
+def _pb_varint_field(data: bytes, want: int) -> int:
+    """The varint field ``want`` of a protobuf message (0 when absent)."""
+    i = 0
+    while i < len(data):
+        key, i = _read_varint(data, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _read_varint(data, i)
+            if num == want:
+                return value
+        elif wire == 2:
+            size, i = _read_varint(data, i)
+            i += size
+        else:
+            raise ValueError(f"wire type {wire} not expected here")
+    return 0
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+
+def _grpc():
+    """The grpc module (grpcio); a test without it skips, or fails under CI=true."""
+    try:
+        import grpc
+    except ImportError:
+        require(False, "grpcio is not installed (.ci/setup installs it)")
+    return grpc
+
+
+def tasks_call(d: Containerd, method: str, payload: bytes) -> bytes:
+    """One call of containerd's containerd.services.tasks.v1.Tasks service."""
+    grpc = _grpc()
+    with grpc.insecure_channel(f"unix://{d.address}") as channel:
+        rpc = channel.unary_unary(f"/containerd.services.tasks.v1.Tasks/{method}",
+                                  request_serializer=None, response_deserializer=None)
+        return rpc(payload, metadata=[("containerd-namespace", d.namespace)], timeout=30)
+
+
+def _exit_status(d: Containerd, cid: str, exec_id: str = "") -> int:
+    """Tasks.Wait: blocks until the process has exited; its exit status."""
+    return _pb_varint_field(tasks_call(d, "Wait", _pb((1, cid), (2, exec_id))), 1)
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_run_with_a_terminal_and_a_logging_binary(daemon, rootfs: str, runtime: str, tmp_path) -> None:
+    """Create with a terminal and a `binary://` stdout: the terminal's output (CRs and
+    the echo of the input included) reaches the logger's fd 3, its fd 4 carries
+    nothing, stdin comes from the stdin fifo, and the exit status is the program's.
+    pyshim's logger sees EOF when the container exits; the Go shim's only once the
+    stderr pipe's write end it dropped is closed (by its garbage collector, or when
+    the shim exits): recorded, not compared."""
+    logger = write_logger(tmp_path, "logger", LOGGER)
+
+    def scenario(r: str) -> dict:
+        cid, out = new_id(), tempfile.mkdtemp(dir=tmp_path)
+        stdin = out + ".stdin"
+        os.mkfifo(stdin)
+        uri = f"binary://{logger}?dir={out}"
+        # `-ec`, not `-c`: ctr container create takes a `-c` after the id for its --config.
+        ok(daemon, "container", "create", "-t", "--runtime", r, "--rootfs", rootfs, cid,
+           "/bin/sh", "-ec", "tty; read line; echo got $line; echo to-stderr >&2; exit 3")
+        tasks_call(daemon, "Create", _pb((1, cid), (4, stdin), (5, uri), (6, uri), (7, True)))
+        tasks_call(daemon, "Start", _pb((1, cid)))
+        stdout, done = os.path.join(out, "stdout"), os.path.join(out, "done")
+        wait_for(lambda: _read_bytes(stdout) == b"/dev/pts/0\r\n", 10,
+                 message=f"{r}: the logger never got the tty's first line: {_read_bytes(stdout)!r}")
+        fd = os.open(stdin, os.O_WRONLY | os.O_NONBLOCK)  # the shim holds a read end
+        try:
+            os.write(fd, b"hello\n")
+        finally:
+            os.close(fd)
+        status = _exit_status(daemon, cid)
+        if r == PYSHIM:
+            wait_for(lambda: os.path.exists(done), 10, message="the logger got no EOF at the exit")
+        rm = remove(daemon, cid)
+        wait_for(lambda: os.path.exists(done), 20, message=f"{r}: the logger never finished")
+        rec = logger_record(out, (bundle_of(daemon, cid), "<BUNDLE>"), (cid, "<ID>"), (out, "<DIR>"))
+        rec["stdout"] = _read_bytes(stdout)
+        assert status == 3, status
+        assert rm["task rm"] == (0, "", exit_warning(3)), rm
+        assert rec["stdout"] == b"/dev/pts/0\r\nhello\r\ngot hello\r\nto-stderr\r\n", rec["stdout"]
+        assert rec["stderr"] == "" and rec["done"] == "done\n"
+        assert rec["args"] == "2 dir <DIR>\n"
+        assert rec["env"] == "CONTAINER_ID=<ID>\nCONTAINER_NAMESPACE=pyshim-test\nPWD=<BUNDLE>\n", rec["env"]
+        assert rec["fds"].splitlines()[3:] == ["3 p r-x", "4 p r-x", "5 p -wx"], rec["fds"]
+        assert cid not in daemon.containers()
+        return {"status": status, "rm": rm, "logger": rec}
+
+    same_as_runc("tty-log-uri-binary", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_exec_with_a_terminal_and_a_logging_binary(daemon, rootfs: str, runtime: str, tmp_path) -> None:
+    """Exec with a terminal and a `binary://` stdout: the exec's own logger, named
+    after the exec id, gets the exec's terminal output."""
+    logger = write_logger(tmp_path, "logger", LOGGER)
+
+    def scenario(r: str) -> dict:
+        cid, out = run_sleeper(daemon, r, rootfs)[0], tempfile.mkdtemp(dir=tmp_path)
+        uri = f"binary://{logger}?dir={out}"
+        spec = json.loads(ok(daemon, "container", "info", cid))["Spec"]["process"]
+        spec.update(terminal=True, args=["/bin/sh", "-c", "tty; echo exec-out; echo exec-err >&2; exit 5"])
+        any_spec = _pb((1, "types.containerd.io/opencontainers/runtime-spec/1/Process"), (2, json.dumps(spec)))
+        tasks_call(daemon, "Exec", _pb((1, cid), (3, uri), (4, uri), (5, True), (6, any_spec), (7, "tx")))
+        tasks_call(daemon, "Start", _pb((1, cid), (2, "tx")))
+        status = _exit_status(daemon, cid, "tx")
+        done = os.path.join(out, "done")
+        if r == PYSHIM:
+            wait_for(lambda: os.path.exists(done), 10, message="the exec's logger got no EOF at its exit")
+        tasks_call(daemon, "DeleteProcess", _pb((1, cid), (2, "tx")))
+        res = kill_and_remove(daemon, cid)
+        wait_for(lambda: os.path.exists(done), 20, message=f"{r}: the exec's logger never finished")
+        rec = logger_record(out, (bundle_of(daemon, cid), "<BUNDLE>"), (cid, "<ID>"), (out, "<DIR>"))
+        rec["stdout"] = _read_bytes(os.path.join(out, "stdout"))
+        assert status == 5, status
+        assert rec["stdout"] == b"/dev/pts/0\r\nexec-out\r\nexec-err\r\n", rec["stdout"]
+        assert rec["stderr"] == "" and rec["done"] == "done\n"
+        assert rec["env"] == "CONTAINER_ID=tx\nCONTAINER_NAMESPACE=pyshim-test\nPWD=<BUNDLE>\n", rec["env"]
+        assert rec["fds"].splitlines()[3:] == ["3 p r-x", "4 p r-x", "5 p -wx"], rec["fds"]
+        return {"status": status, "rm": res, "logger": rec}
+
+    same_as_runc("exec-tty-log-uri-binary", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_terminal_with_a_logging_binary_that_cannot_start(daemon, rootfs: str, runtime: str,
+                                                          tmp_path) -> None:
+    """A missing logging binary with a terminal: Create fails with the binary's path
+    and why, and no task is left. (The Go shim starts this logger after runc create,
+    pyshim before it, as without a terminal; containerd cleans up either way.)"""
+    grpc = _grpc()
+    path = os.path.join(str(tmp_path), "missing")
+
+    def scenario(r: str) -> tuple:
+        cid = new_id()
+        ok(daemon, "container", "create", "-t", "--runtime", r, "--rootfs", rootfs, cid, "/bin/true")
+        uri = f"binary://{path}?dir=/nonexistent"
+        with pytest.raises(grpc.RpcError) as err:
+            tasks_call(daemon, "Create", _pb((1, cid), (5, uri), (6, uri), (7, True)))
+        details = err.value.details()
+        assert path in details and "no such file or directory" in details, details
+        assert cid not in daemon.tasks()
+        ok(daemon, "container", "rm", cid)
+        return err.value.code().name, path in details
+
+    same_as_runc("tty-log-uri-binary-missing", runtime, scenario)
 
 
 # ------------------------------------------------------------------ grouped containers

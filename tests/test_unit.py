@@ -1254,8 +1254,44 @@ def test_logger_needs_an_absolute_path(uri: str) -> None:
 def test_binary_stdio_refusals(loop) -> None:
     with pytest.raises(pyshim.InvalidArgument, match="named by stdout"):
         pyshim.Stdio(loop, "", "", "binary:///bin/logger").open()
-    with pytest.raises(pyshim.Unimplemented, match="terminal"):
-        pyshim.Stdio(loop, "", "binary:///bin/logger", "", terminal=True).open()
+
+
+def test_terminal_output_goes_to_the_logging_binary(loop) -> None:
+    """With a terminal and a logging binary: runc gets /dev/null, the binary's fd 4
+    pipe is at EOF at once, and what the program writes to the tty arrives on its
+    fd 3 pipe, which ends when the tty's last user closes it (the pty's EIO)."""
+    import socket
+
+    s = pyshim.Stdio(loop, "", "binary:///bin/logger", "binary:///bin/logger", terminal=True)
+    fds = s.open()
+    master, slave = os.openpty()
+    try:
+        assert fds[0] == fds[1] == fds[2] and os.path.samestat(os.fstat(fds[0]), os.stat(os.devnull))
+        out, err = s.logger.fds
+        assert os.read(err, 10) == b""  # nobody writes a terminal's stderr
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(s.console_path)
+            pyshim.send_fd(c.fileno(), master)
+            s.receive_console()
+        os.close(master)
+        master = -1
+        s.close_after_start()
+        os.write(slave, b"to the logger\n" * 200)  # less than a pty buffers: no reader yet
+        os.close(slave)
+        slave = -1
+        loop.run_until_complete(asyncio.wait_for(s.drain(5), 10))
+        assert [c.done.done() for c in s.copiers] == [True]
+        got = b""
+        while chunk := os.read(out, 65536):
+            got += chunk
+        assert got == b"to the logger\r\n" * 200  # the tty's ONLCR
+        assert s.log_pipe == -1 and not os.path.exists(s.console_dir or "/nonexistent")
+    finally:
+        for fd in (master, slave):
+            if fd >= 0:
+                os.close(fd)
+        s.close()
+    assert s.logger.fds == [] and s.master == -1
 
 
 def test_binary_stdio_gives_the_container_write_ends_and_keeps_no_read_end(loop) -> None:
