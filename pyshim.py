@@ -2616,28 +2616,46 @@ class Flags:
 
 def group_id(bundle: str, default: str) -> str:
     """The shim group of a container: its group annotation, else its id."""
+    try:
+        raw = _read_small(os.path.join(bundle, "config.json"), 16 << 20)
+    except OSError:
+        return default
+    # json costs `start` ~10 ms of imports (re): only parsed when it may matter.
+    if not any(key.encode() in raw for key in GROUP_ANNOTATIONS):
+        return default
     import json
 
     try:
-        spec = json.loads(_read_small(os.path.join(bundle, "config.json"), 16 << 20))
-    except (OSError, ValueError):
+        spec = json.loads(raw)
+    except ValueError:
         return default
-    ann = spec.get("annotations") or {}
+    ann = (spec.get("annotations") if isinstance(spec, dict) else None) or {}
     for key in GROUP_ANNOTATIONS:
         if ann.get(key):
             return ann[key]
     return default
 
 
+def _sha256_hex(data: bytes) -> str:
+    """sha256 without hashlib, whose OpenSSL binding costs `start` ~4 ms."""
+    try:
+        from _sha256 import sha256  # CPython <= 3.11
+    except ImportError:
+        try:
+            from _sha2 import sha256  # CPython >= 3.12
+        except ImportError:
+            from hashlib import sha256
+    return sha256(data).hexdigest()
+
+
 def socket_path(containerd_address: str, namespace: str, group: str) -> str:
     """Path of the shim socket: sha256 of containerd address/namespace/group."""
-    import hashlib
     import posixpath
 
     joined = posixpath.normpath(posixpath.join(containerd_address, namespace, group))
     if joined.startswith("//"):
         joined = joined[1:]
-    path = os.path.join(SOCKET_DIR, hashlib.sha256(joined.encode()).hexdigest())
+    path = os.path.join(SOCKET_DIR, _sha256_hex(joined.encode()))
     if len(path) > SOCKET_PATH_LIMIT:
         raise OSError(36, f"socket path {path!r} is longer than {SOCKET_PATH_LIMIT} bytes")
     return path
@@ -2660,11 +2678,18 @@ def _can_connect(path: str) -> bool:
         return False
 
 
+def _python_argv() -> list[str]:
+    """How this program was started: the interpreter with its -I/-S flags
+    (see bin/containerd-shim-pyshim-v1) and the script, or `-m pyshim`."""
+    script = os.path.abspath(sys.argv[0]) if sys.argv and os.path.isfile(sys.argv[0]) else ""
+    opts = ("I" if sys.flags.isolated else "") + ("S" if sys.flags.no_site else "")
+    argv = [sys.executable] + (["-" + opts] if opts and script else [])
+    return argv + ([script] if script else ["-m", "pyshim"])
+
+
 def shim_argv(flags: Flags) -> list[str]:
     """The command line of the long-lived shim for these flags."""
-    script = os.path.abspath(sys.argv[0]) if sys.argv and os.path.isfile(sys.argv[0]) else ""
-    argv = [sys.executable] + ([script] if script else ["-m", "pyshim"])
-    argv += ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
+    argv = _python_argv() + ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
     if flags.publish_binary:
         argv += ["-publish-binary", flags.publish_binary]
     if flags.debug:
@@ -3029,12 +3054,10 @@ def template_path(containerd_address: str) -> str:
     pyshim build: an upgrade never forks shims from old code, and a shim is
     always a descendant of its own containerd's `start` (process tree and
     cgroup), never of another containerd's."""
-    import hashlib
-
     st = os.stat(__file__)
     key = (f"{os.path.realpath(sys.executable)}\0{os.path.realpath(__file__)}\0{VERSION}\0"
            f"{st.st_mtime_ns}\0{st.st_size}\0{containerd_address}")
-    return os.path.join(SOCKET_DIR, "pyshim-template-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+    return os.path.join(SOCKET_DIR, "pyshim-template-" + _sha256_hex(key.encode())[:16])
 
 
 def _template_connect(path: str) -> int:
@@ -3067,7 +3090,7 @@ def _template_connect(path: str) -> int:
         lfd = unix_listen(path)
         try:
             os.chmod(path, 0o600)
-            argv = shim_argv(Flags([]))[:2] + ["template", " " * TEMPLATE_TITLE_ROOM]
+            argv = _python_argv() + ["template", " " * TEMPLATE_TITLE_ROOM]
             null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:
                 spawn(argv, (null, null, null), setsid=True, extra=((lfd, 3),))
@@ -3115,18 +3138,43 @@ def _remove_dead_templates(keep: str) -> None:
                 os.close(lock)
 
 
+def _pack_request(argv: list[str], env: dict[str, str], cwd: str) -> bytes:
+    """A fork request's body: cwd, argc, argv, then KEY=VALUE env entries,
+    NUL-separated (none of them can hold a NUL). No json on the `start` path:
+    importing it costs ~10 ms."""
+    fields = [cwd, str(len(argv)), *argv, *(f"{k}={v}" for k, v in env.items())]
+    return b"\0".join(os.fsencode(f) for f in fields)
+
+
+def _unpack_request(body: bytes) -> dict:
+    """{"cwd", "argv", "env"} from _pack_request's bytes; ValueError if malformed."""
+    fields = [os.fsdecode(f) for f in body.split(b"\0")]
+    if len(fields) < 2:
+        raise ValueError("malformed request")
+    argc = int(fields[1])
+    if not 0 < argc <= len(fields) - 2:
+        raise ValueError("malformed request")
+    env = {}
+    for entry in fields[2 + argc:]:
+        k, eq, v = entry.partition("=")
+        if not eq or not k:
+            raise ValueError(f"malformed environment entry {entry!r}")
+        env[k] = v
+    return {"cwd": fields[0], "argv": fields[2:2 + argc], "env": env}
+
+
 def template_fork(argv: list[str], sock_fd: int, containerd_address: str, timeout: float = 3.0) -> int:
     """Asks the warm template to fork a shim running `argv` on `sock_fd`.
 
-    One request per connection: a length-prefixed JSON body (argv, env, cwd)
-    with the socket attached (SCM_RIGHTS); the answer is "ok PID" or "error TEXT".
+    One request per connection: a length-prefixed body (_pack_request: cwd,
+    argv, env) with the socket attached (SCM_RIGHTS); the answer is "ok PID"
+    or "error TEXT".
     """
-    import json
     import select
 
     fd = _template_connect(template_path(containerd_address))
     try:
-        body = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
+        body = _pack_request(argv, dict(os.environ), os.getcwd())
         msg = _LEN.pack(len(body)) + body
         sent = send_fd(fd, sock_fd, msg)
         while sent < len(msg):
@@ -3232,6 +3280,7 @@ def _warm_up(rounds: int = 12) -> None:
                 os.close(w)
                 await copier.done
                 os.close(r2)
+
             await publisher.flush(5.0)
             client.close()
             await server.shutdown(0.5)
@@ -3259,7 +3308,7 @@ def serve_template() -> int:
     shims) are reaped here; a shim never needs the template after the fork.
     """
     import gc
-    import json
+    import json  # noqa: F401  (for the shims: loaded once, shared)
     import select
     import signal
     import socket
@@ -3349,7 +3398,7 @@ def serve_template() -> int:
                 if not chunk:
                     break
                 data += chunk
-            req = json.loads(data[4:want])
+            req = _unpack_request(data[4:want])
             pid = os.fork()
             if pid == 0:
                 _template_child(lsock, conn, fd, req)  # never returns
@@ -3390,8 +3439,8 @@ def _template_child(lsock, conn, fd: int, req: dict) -> None:
         os.close(fd)
         argv = req["argv"]
         set_title(argv)
-        i = 2 if len(argv) > 1 and not argv[1].startswith("-") else 3
-        sys.argv = argv[1:]
+        i = argv.index("-namespace")  # after the interpreter, its flags and the script
+        sys.argv = argv[i - 1:]
         import gc
 
         gc.enable()

@@ -58,7 +58,8 @@ def _shim_of(daemon: harness.Containerd, cid: str) -> int:
 
 def _is_template(pid: int) -> bool:
     argv = harness.cmdline(pid)
-    return len(argv) >= 3 and argv[2] == "template" and "pyshim" in argv[1]
+    # python [-IS] .../containerd-shim-pyshim-v1 template
+    return "template" in argv[2:4] and any("pyshim" in a for a in argv[1:3])
 
 
 @contextmanager

@@ -924,9 +924,12 @@ def test_publisher_falls_back_to_the_publish_binary(tmp_path) -> None:
 
 
 def _binary() -> str:
+    """The binary pip installed for this interpreter (as the harness's containerd
+    finds it), else the one on PATH."""
     import shutil
+    import sysconfig
 
-    path = shutil.which(BINARY)
+    path = shutil.which(BINARY, path=os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")]))
     assert path, f"{BINARY} is not on PATH: run `pip install .`"
     return path
 
@@ -963,3 +966,63 @@ def test_unknown_flag_fails_clearly(tmp_path, how: str) -> None:
     res = _run([*_shim(how), "-bogus", "start"], cwd=str(tmp_path), stdin=subprocess.DEVNULL)
     assert res.returncode != 0
     assert "flag provided but not defined: -bogus" in res.stderr
+
+
+def test_installed_binary_ignores_pythonpath(tmp_path) -> None:
+    # The launcher runs Python with -I -S: a PYTHONPATH in containerd's
+    # environment (here one holding a broken pyshim) changes nothing.
+    (tmp_path / "pyshim.py").write_text("raise SystemExit('the wrong pyshim was imported')\n")
+    res = _run([_binary(), "-v"], env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("containerd-shim-pyshim-v1:")
+
+
+_LEAN_START = """
+import os, sys
+sys.path[:0] = {paths!r}
+import pyshim
+pyshim.spawn_shim = lambda flags, fd: os.getpid()  # the shim itself is not under test
+rc = pyshim.main(["-namespace", "ns", "-address", {address!r}, "-id", "c1", "start"])
+heavy = ["json", "hashlib", "re", "asyncio", "uvloop", "google.protobuf", "pyshim_pb2"]
+print(rc, [m for m in heavy if m in sys.modules])
+"""
+
+
+def test_start_path_imports_nothing_heavy(tmp_path) -> None:
+    # `start` runs once per container in a fresh interpreter: every import
+    # it makes is paid at every container start.
+    (tmp_path / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "annotations": {"a": "b"}}))
+    address = f"/tmp/pysh-lean-{os.getpid()}/c.sock"
+    sock = pyshim.socket_path(address, "ns", "c1")
+    paths = [p for p in sys.path if p]
+    try:
+        res = _run([sys.executable, "-I", "-S", "-c", _LEAN_START.format(paths=paths, address=address)],
+                   cwd=str(tmp_path), stdin=subprocess.DEVNULL)
+    finally:
+        if os.path.exists(sock):
+            os.unlink(sock)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"unix://{sock}0 []"  # the address, then rc and no heavy module
+    assert (tmp_path / "address").read_text() == f"unix://{sock}"
+
+
+def test_fork_request_round_trip() -> None:
+    argv = ["/usr/bin/python3", "-IS", "/x/containerd-shim-pyshim-v1", "-namespace", "n s", "-id", "é"]
+    env = {"PATH": "/bin", "EMPTY": "", "EQ": "a=b=c"}
+    body = pyshim._pack_request(argv, env, "/run/bundle dir")
+    assert pyshim._unpack_request(body) == {"cwd": "/run/bundle dir", "argv": argv, "env": env}
+
+
+@pytest.mark.parametrize("body", [b"", b"/", b"/\0x", b"/\x000", b"/\x003\0a", b"/\x001\0a\0NOEQ", b"/\x001\0a\0=v"])
+def test_malformed_fork_request_is_refused(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        pyshim._unpack_request(body)
+
+
+def test_group_id_skips_json_without_group_keys(tmp_path) -> None:
+    (tmp_path / "config.json").write_text("not json at all")
+    assert pyshim.group_id(str(tmp_path), "cid") == "cid"
+    (tmp_path / "config.json").write_text('{"annotations": {"io.containerd.runc.v2.group": ')  # cut short
+    assert pyshim.group_id(str(tmp_path), "cid") == "cid"
+    (tmp_path / "config.json").write_text('["io.kubernetes.cri.sandbox-id"]')  # not an object
+    assert pyshim.group_id(str(tmp_path), "cid") == "cid"
