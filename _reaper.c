@@ -3,7 +3,7 @@
  * without allocating on a hot path): child-subreaper, the waitpid reap
  * loop, SIGCHLD delivery on a pipe the event loop can watch, SCM_RIGHTS fd
  * passing, unix sockets with path or abstract names, SO_PEERCRED, mount(2)
- * and malloc_trim.
+ * malloc_trim, and a bare fork for the warm template.
  *
  * Every function is flat: it returns a value >= 0 or -errno, and never
  * allocates. Buffers are owned by the caller.
@@ -302,4 +302,22 @@ int reaper_umount(const char *target, int flags)
 int reaper_malloc_trim(size_t pad)
 {
 	return malloc_trim(pad);
+}
+
+/* --- fork --------------------------------------------------------------- */
+
+/*
+ * fork(2) alone. os.fork() also runs, in the child, every callback Python
+ * code registered with os.register_at_fork (threading, logging, random,
+ * concurrent.futures): code that runs nowhere else and writes to objects
+ * spread over ~0.3 MB of pages the child shares with its parent. Only for a
+ * single-threaded caller that holds no lock and has the signals whose
+ * Python handlers must not run in the child blocked: the warm template.
+ * (cffi releases the GIL around this call, so the child takes it afresh.)
+ */
+int reaper_fork(void)
+{
+	pid_t pid = fork();
+
+	return pid < 0 ? -errno : pid;
 }

@@ -22,6 +22,7 @@ int reaper_mount(const char *source, const char *target, const char *fstype,
                  unsigned long flags, const char *data);
 int reaper_umount(const char *target, int flags);
 int reaper_malloc_trim(size_t pad);
+int reaper_fork(void);
 """
 
 # Kernel constants the Python side needs, taken from the system headers at

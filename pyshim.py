@@ -3047,6 +3047,7 @@ TEMPLATE_IDLE_ENV = "PYSHIM_TEMPLATE_IDLE"  # seconds idle (no request, no live 
 TEMPLATE_IDLE_DEFAULT = 600.0
 TEMPLATE_TITLE_ROOM = 1024  # bytes of argv reserved for the forked shims' titles
 _LEN = struct.Struct(">I")
+_TERM_SIGNALS = (15, 2)  # SIGTERM, SIGINT: the template's handlers leave on them
 
 
 def template_path(containerd_address: str) -> str:
@@ -3280,7 +3281,6 @@ def _warm_up(rounds: int = 12) -> None:
                 os.close(w)
                 await copier.done
                 os.close(r2)
-
             await publisher.flush(5.0)
             client.close()
             await server.shutdown(0.5)
@@ -3399,9 +3399,17 @@ def serve_template() -> int:
                     break
                 data += chunk
             req = _unpack_request(data[4:want])
-            pid = os.fork()
-            if pid == 0:
-                _template_child(lsock, conn, fd, req)  # never returns
+            # A bare fork (see reaper_fork in _reaper.c), with SIGTERM and
+            # SIGINT blocked across it: pending signals are not inherited,
+            # so `leave` can never run in the child, which unblocks them
+            # once it has reset their handlers.
+            signal.pthread_sigmask(signal.SIG_BLOCK, _TERM_SIGNALS)
+            try:
+                pid = _check(_lib.reaper_fork(), "fork")
+                if pid == 0:
+                    _template_child(lsock, conn, fd, req)  # never returns
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
             children.add(pid)
             conn.sendall(f"ok {pid}\n".encode())
         except (OSError, ValueError, KeyError) as e:
@@ -3423,8 +3431,9 @@ def _template_child(lsock, conn, fd: int, req: dict) -> None:
     try:
         lsock.close()
         conn.close()
-        for signo in (signal.SIGTERM, signal.SIGINT):  # the template's, not ours
+        for signo in _TERM_SIGNALS:  # the template's, not ours
             signal.signal(signo, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
         os.setsid()
         os.chdir(req["cwd"])
         # Only differences: usually none, since the template was launched by

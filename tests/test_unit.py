@@ -297,6 +297,28 @@ def test_malloc_trim_runs() -> None:
     assert pyshim._lib.reaper_malloc_trim(0) in (0, 1)
 
 
+_BARE_FORK = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import pyshim
+ran = []
+os.register_at_fork(after_in_child=lambda: ran.append("child"), after_in_parent=lambda: ran.append("parent"))
+pid = pyshim._check(pyshim._lib.reaper_fork())
+if pid == 0:
+    os._exit(10 + len(ran))
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), ran)
+"""
+
+
+def test_bare_fork_runs_no_python_at_fork_callbacks() -> None:
+    # The template forks with reaper_fork: what os.register_at_fork callbacks
+    # would do in the child is exactly the memory it avoids.
+    res = _run([sys.executable, "-c", _BARE_FORK.format(repo=REPO)])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split(None, 1) == ["10", "[]\n"]
+
+
 # =============================================================================
 # Reaper, in a child interpreter (subreaper and SIGCHLD handler are per process)
 # =============================================================================
