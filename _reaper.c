@@ -35,11 +35,15 @@ int reaper_set_subreaper(void)
 /* --- SIGCHLD on a pipe -------------------------------------------------- */
 
 static int sigchld_wfd = -1;
+static unsigned long caught;	/* bit n: signal n (other than SIGCHLD) arrived */
 
 static void on_sigchld(int sig)
 {
 	int saved = errno;
 	char b = (char)sig;
+
+	if (sig != SIGCHLD && sig > 0 && sig < 64)
+		__atomic_fetch_or(&caught, 1UL << sig, __ATOMIC_SEQ_CST);
 	/* A full pipe already holds a wake-up: dropping this byte loses nothing. */
 	(void)!write(sigchld_wfd, &b, 1);
 	errno = saved;
@@ -73,6 +77,35 @@ int reaper_sigchld_fd(void)
 		return -err;
 	}
 	return fds[0];
+}
+
+/*
+ * Sends signal `sig` down the same pipe as SIGCHLD (after reaper_sigchld_fd):
+ * the loop learns of it from one watched fd, and no other signal machinery
+ * (uvloop's add_signal_handler runs a good deal of Python for each) is set
+ * up in the shim. reaper_caught_signals tells which signals came.
+ */
+int reaper_catch_signal(int sig)
+{
+	struct sigaction sa;
+
+	if (sigchld_wfd < 0)
+		return -EBADF;
+	if (sig <= 0 || sig >= 64 || sig == SIGCHLD)
+		return -EINVAL;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_sigchld;
+	sa.sa_flags = SA_RESTART;
+	sigemptyset(&sa.sa_mask);
+	if (sigaction(sig, &sa, NULL) < 0)
+		return -errno;
+	return 0;
+}
+
+/* The caught signals (bit n for signal n) since the last call, and clears them. */
+long reaper_caught_signals(void)
+{
+	return (long)__atomic_exchange_n(&caught, 0UL, __ATOMIC_SEQ_CST);
 }
 
 /* --- reaping ------------------------------------------------------------ */

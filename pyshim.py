@@ -382,10 +382,11 @@ class Reaper:
     SIGCHLD arrives as a byte on a pipe made in C, watched by the loop. An
     exit whose pid was registered with `watch` resolves that future (runc
     commands); every other exit goes to `on_exit` (container processes).
+    Other signals the shim handles come down the same pipe (`catch`).
     Loop thread only.
     """
 
-    __slots__ = ("_codes", "_pids", "_waiters", "fd", "loop", "on_exit")
+    __slots__ = ("_codes", "_pids", "_waiters", "fd", "handlers", "loop", "on_exit")
 
     BATCH = 64
 
@@ -395,8 +396,14 @@ class Reaper:
         self._waiters: dict[int, object] = {}
         self._pids = _ffi.new("int[]", self.BATCH)
         self._codes = _ffi.new("int[]", self.BATCH)
+        self.handlers: dict[int, object] = {}
         self.fd = _check(_lib.reaper_sigchld_fd())
         loop.add_reader(self.fd, self.reap)
+
+    def catch(self, signo: int, handler) -> None:
+        """Calls handler() on the loop whenever `signo` arrives."""
+        _check(_lib.reaper_catch_signal(signo))
+        self.handlers[signo] = handler
 
     def watch(self, pid: int):
         """A future resolved with the exit code of `pid` (a child we spawned)."""
@@ -414,7 +421,7 @@ class Reaper:
             n = _lib.reaper_reap(self._pids, self._codes, self.BATCH)
             if n < 0:
                 log("error", "waitpid failed", error=os.strerror(-n))
-                return
+                break
             for i in range(n):
                 pid, code = self._pids[i], self._codes[i]
                 fut = self._waiters.pop(pid, None)
@@ -427,7 +434,14 @@ class Reaper:
                     except Exception as e:  # noqa: BLE001 - one bad exit never stops reaping
                         log("error", "exit handler failed", pid=pid, error=repr(e))
             if n < self.BATCH:
-                return
+                break
+        caught = _lib.reaper_caught_signals() if self.handlers else 0
+        for signo, handler in self.handlers.items():
+            if caught >> signo & 1:
+                try:
+                    handler()
+                except Exception as e:  # noqa: BLE001 - a failed handler never stops reaping
+                    log("error", "signal handler failed", signal=signo, error=repr(e))
 
 
 # =============================================================================
@@ -3009,9 +3023,11 @@ def serve(flags: Flags) -> int:
     def on_usr1() -> None:
         log("info", "=== BEGIN stack dump ===\n" + dump_stacks() + "=== END stack dump ===")
 
-    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
-    loop.add_signal_handler(signal.SIGTERM, finish)
-    loop.add_signal_handler(signal.SIGINT, finish)
+    # Through the reaper's pipe, not loop.add_signal_handler: uvloop's runs
+    # enough Python per signal to cost every shim ~0.2 MB of private pages.
+    reaper.catch(signal.SIGUSR1, on_usr1)
+    reaper.catch(signal.SIGTERM, finish)
+    reaper.catch(signal.SIGINT, finish)
 
     def release_memory() -> None:
         malloc_trim()

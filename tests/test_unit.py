@@ -324,7 +324,7 @@ def test_bare_fork_runs_no_python_at_fork_callbacks() -> None:
 # =============================================================================
 
 REAPER_SCRIPT = textwrap.dedent("""
-    import asyncio, json, os, sys, time
+    import asyncio, json, os, signal, sys, time
     sys.path.insert(0, {repo!r})
     import uvloop
     import pyshim
@@ -399,6 +399,21 @@ REAPER_SCRIPT = textwrap.dedent("""
         out["ok"] = got == {{pid: i % 100 for i, pid in enumerate(pids)}}
         out["count"] = len(got)
         out["batch"] = reaper.BATCH
+    elif mode == "signals":
+        seen = []
+        reaper.catch(signal.SIGUSR1, lambda: seen.append("usr1"))
+        reaper.catch(signal.SIGTERM, lambda: seen.append("term"))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        until(lambda: seen)
+        os.kill(os.getpid(), signal.SIGTERM)  # would kill us, were it not caught
+        pid = pyshim.spawn(["/bin/sh", "-c", "exit 4"], std)
+        until(lambda: len(seen) == 2 and exits)
+        out["seen"] = seen
+        out["exits"] = exits == [(pid, 4)]
+        try:
+            reaper.catch(signal.SIGCHLD, lambda: None)
+        except OSError as e:
+            out["sigchld"] = e.errno
     print(json.dumps(out))
 """).format(repo=REPO)
 
@@ -407,6 +422,13 @@ def _reaper_child(*args: str) -> dict:
     res = _run([sys.executable, "-c", REAPER_SCRIPT, *args], timeout=45)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
+
+
+def test_reaper_catches_signals_on_its_pipe() -> None:
+    out = _reaper_child("signals")
+    assert out["seen"] == ["usr1", "term"]
+    assert out["exits"] is True  # exits still flow while signals are caught
+    assert out["sigchld"] == errno.EINVAL  # SIGCHLD is the reaper's own
 
 
 def test_reaper_delivers_exit_codes_and_signal_deaths() -> None:
@@ -1048,3 +1070,4 @@ def test_group_id_skips_json_without_group_keys(tmp_path) -> None:
     assert pyshim.group_id(str(tmp_path), "cid") == "cid"
     (tmp_path / "config.json").write_text('["io.kubernetes.cri.sandbox-id"]')  # not an object
     assert pyshim.group_id(str(tmp_path), "cid") == "cid"
+
