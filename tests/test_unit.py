@@ -1071,3 +1071,12 @@ def test_group_id_skips_json_without_group_keys(tmp_path) -> None:
     (tmp_path / "config.json").write_text('["io.kubernetes.cri.sandbox-id"]')  # not an object
     assert pyshim.group_id(str(tmp_path), "cid") == "cid"
 
+
+@pytest.mark.parametrize(("pid", "status", "ns"), [
+    (4242, 137, 1_795_000_000_123_456_789), (0, 137, 1_795_000_000_000_000_000), (1, 0, 5), (2**32 - 1, 255, 0)])
+def test_delete_response_is_the_protobuf_encoding(pid: int, status: int, ns: int) -> None:
+    want = pb.DeleteResponse(pid=pid, exit_status=status)
+    want.exited_at.FromNanoseconds(ns)
+    got = pyshim._delete_response(pid, status, ns)
+    assert got == want.SerializeToString()
+    assert pb.DeleteResponse.FromString(got) == want
