@@ -3394,15 +3394,15 @@ def serve_template() -> int:
             if pid == 0:
                 break
             children.discard(pid)
-        if not select.select([lsock], [], [], min(5.0, idle_limit))[0]:
-            if not children and time.monotonic() - last_used >= idle_limit:
-                # Idle with no shim to reap: leave, unless a start already queued.
-                remove_socket()
-                if not select.select([lsock], [], [], 0)[0]:
-                    return 0
-            else:
-                continue
-        last_used = time.monotonic()
+        # Checked on every turn, not only when select times out: connections
+        # that ask for nothing may keep arriving.
+        if not children and time.monotonic() - last_used >= idle_limit:
+            # Idle with no shim to reap: leave, unless a start already queued.
+            remove_socket()
+            if not select.select([lsock], [], [], 0)[0]:
+                return 0
+        elif not select.select([lsock], [], [], min(5.0, idle_limit))[0]:
+            continue
         try:
             conn, _ = lsock.accept()
         except OSError:
@@ -3442,6 +3442,10 @@ def serve_template() -> int:
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
             children.add(pid)
+            # Only a fork counts as use: a bare connect (another launcher's
+            # _remove_dead_templates probes every template) must not keep
+            # an idle template alive for ever.
+            last_used = time.monotonic()
             conn.sendall(f"ok {pid}\n".encode())
         except (OSError, ValueError, KeyError) as e:
             try:
