@@ -3,7 +3,7 @@
  * without allocating on a hot path): child-subreaper, the waitpid reap
  * loop, SIGCHLD delivery on a pipe the event loop can watch, SCM_RIGHTS fd
  * passing, unix sockets with path or abstract names, SO_PEERCRED, mount(2)
- * and malloc_trim.
+ * malloc_trim, and a bare fork for the warm template.
  *
  * Every function is flat: it returns a value >= 0 or -errno, and never
  * allocates. Buffers are owned by the caller.
@@ -35,11 +35,15 @@ int reaper_set_subreaper(void)
 /* --- SIGCHLD on a pipe -------------------------------------------------- */
 
 static int sigchld_wfd = -1;
+static unsigned long caught;	/* bit n: signal n (other than SIGCHLD) arrived */
 
 static void on_sigchld(int sig)
 {
 	int saved = errno;
 	char b = (char)sig;
+
+	if (sig != SIGCHLD && sig > 0 && sig < 64)
+		__atomic_fetch_or(&caught, 1UL << sig, __ATOMIC_SEQ_CST);
 	/* A full pipe already holds a wake-up: dropping this byte loses nothing. */
 	(void)!write(sigchld_wfd, &b, 1);
 	errno = saved;
@@ -73,6 +77,35 @@ int reaper_sigchld_fd(void)
 		return -err;
 	}
 	return fds[0];
+}
+
+/*
+ * Sends signal `sig` down the same pipe as SIGCHLD (after reaper_sigchld_fd):
+ * the loop learns of it from one watched fd, and no other signal machinery
+ * (uvloop's add_signal_handler runs a good deal of Python for each) is set
+ * up in the shim. reaper_caught_signals tells which signals came.
+ */
+int reaper_catch_signal(int sig)
+{
+	struct sigaction sa;
+
+	if (sigchld_wfd < 0)
+		return -EBADF;
+	if (sig <= 0 || sig >= 64 || sig == SIGCHLD)
+		return -EINVAL;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_sigchld;
+	sa.sa_flags = SA_RESTART;
+	sigemptyset(&sa.sa_mask);
+	if (sigaction(sig, &sa, NULL) < 0)
+		return -errno;
+	return 0;
+}
+
+/* The caught signals (bit n for signal n) since the last call, and clears them. */
+long reaper_caught_signals(void)
+{
+	return (long)__atomic_exchange_n(&caught, 0UL, __ATOMIC_SEQ_CST);
 }
 
 /* --- reaping ------------------------------------------------------------ */
@@ -302,4 +335,22 @@ int reaper_umount(const char *target, int flags)
 int reaper_malloc_trim(size_t pad)
 {
 	return malloc_trim(pad);
+}
+
+/* --- fork --------------------------------------------------------------- */
+
+/*
+ * fork(2) alone. os.fork() also runs, in the child, every callback Python
+ * code registered with os.register_at_fork (threading, logging, random,
+ * concurrent.futures): code that runs nowhere else and writes to objects
+ * spread over ~0.3 MB of pages the child shares with its parent. Only for a
+ * single-threaded caller that holds no lock and has the signals whose
+ * Python handlers must not run in the child blocked: the warm template.
+ * (cffi releases the GIL around this call, so the child takes it afresh.)
+ */
+int reaper_fork(void)
+{
+	pid_t pid = fork();
+
+	return pid < 0 ? -errno : pid;
 }

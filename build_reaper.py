@@ -12,6 +12,8 @@ from cffi import FFI
 DECLARATIONS = """
 int reaper_set_subreaper(void);
 int reaper_sigchld_fd(void);
+int reaper_catch_signal(int sig);
+long reaper_caught_signals(void);
 int reaper_reap(int *pids, int *codes, int max);
 int reaper_unix_listen(const char *name, size_t len, int backlog);
 int reaper_unix_connect(const char *name, size_t len, int nonblock);
@@ -22,6 +24,7 @@ int reaper_mount(const char *source, const char *target, const char *fstype,
                  unsigned long flags, const char *data);
 int reaper_umount(const char *target, int flags);
 int reaper_malloc_trim(size_t pad);
+int reaper_fork(void);
 """
 
 # Kernel constants the Python side needs, taken from the system headers at

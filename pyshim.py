@@ -397,10 +397,11 @@ class Reaper:
     SIGCHLD arrives as a byte on a pipe made in C, watched by the loop. An
     exit whose pid was registered with `watch` resolves that future (runc
     commands); every other exit goes to `on_exit` (container processes).
+    Other signals the shim handles come down the same pipe (`catch`).
     Loop thread only.
     """
 
-    __slots__ = ("_codes", "_pids", "_waiters", "fd", "loop", "on_exit")
+    __slots__ = ("_codes", "_pids", "_waiters", "fd", "handlers", "loop", "on_exit")
 
     BATCH = 64
 
@@ -410,8 +411,14 @@ class Reaper:
         self._waiters: dict[int, object] = {}
         self._pids = _ffi.new("int[]", self.BATCH)
         self._codes = _ffi.new("int[]", self.BATCH)
+        self.handlers: dict[int, object] = {}
         self.fd = _check(_lib.reaper_sigchld_fd())
         loop.add_reader(self.fd, self.reap)
+
+    def catch(self, signo: int, handler) -> None:
+        """Calls handler() on the loop whenever `signo` arrives."""
+        _check(_lib.reaper_catch_signal(signo))
+        self.handlers[signo] = handler
 
     def watch(self, pid: int):
         """A future resolved with the exit code of `pid` (a child we spawned)."""
@@ -429,7 +436,7 @@ class Reaper:
             n = _lib.reaper_reap(self._pids, self._codes, self.BATCH)
             if n < 0:
                 log("error", "waitpid failed", error=os.strerror(-n))
-                return
+                break
             for i in range(n):
                 pid, code = self._pids[i], self._codes[i]
                 fut = self._waiters.pop(pid, None)
@@ -442,7 +449,14 @@ class Reaper:
                     except Exception as e:  # noqa: BLE001 - one bad exit never stops reaping
                         log("error", "exit handler failed", pid=pid, error=repr(e))
             if n < self.BATCH:
-                return
+                break
+        caught = _lib.reaper_caught_signals() if self.handlers else 0
+        for signo, handler in self.handlers.items():
+            if caught >> signo & 1:
+                try:
+                    handler()
+                except Exception as e:  # noqa: BLE001 - a failed handler never stops reaping
+                    log("error", "signal handler failed", signal=signo, error=repr(e))
 
 
 # =============================================================================
@@ -3102,28 +3116,46 @@ class Flags:
 
 def group_id(bundle: str, default: str) -> str:
     """The shim group of a container: its group annotation, else its id."""
+    try:
+        raw = _read_small(os.path.join(bundle, "config.json"), 16 << 20)
+    except OSError:
+        return default
+    # json costs `start` ~10 ms of imports (re): only parsed when it may matter.
+    if not any(key.encode() in raw for key in GROUP_ANNOTATIONS):
+        return default
     import json
 
     try:
-        spec = json.loads(_read_small(os.path.join(bundle, "config.json"), 16 << 20))
-    except (OSError, ValueError):
+        spec = json.loads(raw)
+    except ValueError:
         return default
-    ann = spec.get("annotations") or {}
+    ann = (spec.get("annotations") if isinstance(spec, dict) else None) or {}
     for key in GROUP_ANNOTATIONS:
         if ann.get(key):
             return ann[key]
     return default
 
 
+def _sha256_hex(data: bytes) -> str:
+    """sha256 without hashlib, whose OpenSSL binding costs `start` ~4 ms."""
+    try:
+        from _sha256 import sha256  # CPython <= 3.11
+    except ImportError:
+        try:
+            from _sha2 import sha256  # CPython >= 3.12
+        except ImportError:
+            from hashlib import sha256
+    return sha256(data).hexdigest()
+
+
 def socket_path(containerd_address: str, namespace: str, group: str) -> str:
     """Path of the shim socket: sha256 of containerd address/namespace/group."""
-    import hashlib
     import posixpath
 
     joined = posixpath.normpath(posixpath.join(containerd_address, namespace, group))
     if joined.startswith("//"):
         joined = joined[1:]
-    path = os.path.join(SOCKET_DIR, hashlib.sha256(joined.encode()).hexdigest())
+    path = os.path.join(SOCKET_DIR, _sha256_hex(joined.encode()))
     if len(path) > SOCKET_PATH_LIMIT:
         raise OSError(36, f"socket path {path!r} is longer than {SOCKET_PATH_LIMIT} bytes")
     return path
@@ -3146,11 +3178,18 @@ def _can_connect(path: str) -> bool:
         return False
 
 
+def _python_argv() -> list[str]:
+    """How this program was started: the interpreter with its -I/-S flags
+    (see bin/containerd-shim-pyshim-v1) and the script, or `-m pyshim`."""
+    script = os.path.abspath(sys.argv[0]) if sys.argv and os.path.isfile(sys.argv[0]) else ""
+    opts = ("I" if sys.flags.isolated else "") + ("S" if sys.flags.no_site else "")
+    argv = [sys.executable] + (["-" + opts] if opts and script else [])
+    return argv + ([script] if script else ["-m", "pyshim"])
+
+
 def shim_argv(flags: Flags) -> list[str]:
     """The command line of the long-lived shim for these flags."""
-    script = os.path.abspath(sys.argv[0]) if sys.argv and os.path.isfile(sys.argv[0]) else ""
-    argv = [sys.executable] + ([script] if script else ["-m", "pyshim"])
-    argv += ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
+    argv = _python_argv() + ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
     if flags.publish_binary:
         argv += ["-publish-binary", flags.publish_binary]
     if flags.debug:
@@ -3355,12 +3394,29 @@ def action_start(flags: Flags) -> int:
     return 0
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
+    """A containerd.task.v2.DeleteResponse{pid=1, exit_status=2, exited_at=3},
+    encoded by hand: `shim delete` is a fresh interpreter too, and importing
+    protobuf would cost it ~30 ms. Zero fields are left out, as proto3 does."""
+    seconds, nanos = divmod(exited_at_ns, 1_000_000_000)
+    ts = (b"\x08" + _varint(seconds) if seconds else b"") + (b"\x10" + _varint(nanos) if nanos else b"")
+    return ((b"\x08" + _varint(pid) if pid else b"") + (b"\x10" + _varint(exit_status) if exit_status else b"")
+            + b"\x1a" + _varint(len(ts)) + ts)
+
+
 def action_delete(flags: Flags) -> int:
     """Cleans up after a dead shim: runc delete --force, unmount, and report
     the task as killed (137) on stdout."""
     import json
-
-    import pyshim_pb2 as pb
 
     bundle = flags.bundle or os.getcwd()
     try:
@@ -3390,9 +3446,7 @@ def action_delete(flags: Flags) -> int:
         pid = int(_read_small(os.path.join(bundle, "init.pid")).strip() or 0)
     except (OSError, ValueError):
         pid = 0
-    resp = pb.DeleteResponse(pid=pid, exit_status=128 + 9)
-    resp.exited_at.FromNanoseconds(time.time_ns())
-    sys.stdout.buffer.write(resp.SerializeToString())
+    sys.stdout.buffer.write(_delete_response(pid, 128 + 9, time.time_ns()))
     return 0
 
 
@@ -3506,9 +3560,11 @@ def serve(flags: Flags) -> int:
     def on_usr1() -> None:
         log("info", "=== BEGIN stack dump ===\n" + dump_stacks() + "=== END stack dump ===")
 
-    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
-    loop.add_signal_handler(signal.SIGTERM, finish)
-    loop.add_signal_handler(signal.SIGINT, finish)
+    # Through the reaper's pipe, not loop.add_signal_handler: uvloop's runs
+    # enough Python per signal to cost every shim ~0.2 MB of private pages.
+    reaper.catch(signal.SIGUSR1, on_usr1)
+    reaper.catch(signal.SIGTERM, finish)
+    reaper.catch(signal.SIGINT, finish)
 
     interval = settings.memory_release_interval if settings else MEMORY_RELEASE_SECONDS
 
@@ -3563,6 +3619,7 @@ TEMPLATE_IDLE_ENV = "PYSHIM_TEMPLATE_IDLE"  # seconds idle (no request, no live 
 TEMPLATE_IDLE_DEFAULT = 600.0
 TEMPLATE_TITLE_ROOM = 1024  # bytes of argv reserved for the forked shims' titles
 _LEN = struct.Struct(">I")
+_TERM_SIGNALS = (15, 2)  # SIGTERM, SIGINT: the template's handlers leave on them
 
 
 def template_path(containerd_address: str) -> str:
@@ -3570,12 +3627,10 @@ def template_path(containerd_address: str) -> str:
     pyshim build: an upgrade never forks shims from old code, and a shim is
     always a descendant of its own containerd's `start` (process tree and
     cgroup), never of another containerd's."""
-    import hashlib
-
     st = os.stat(__file__)
     key = (f"{os.path.realpath(sys.executable)}\0{os.path.realpath(__file__)}\0{VERSION}\0"
            f"{st.st_mtime_ns}\0{st.st_size}\0{containerd_address}")
-    return os.path.join(SOCKET_DIR, "pyshim-template-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+    return os.path.join(SOCKET_DIR, "pyshim-template-" + _sha256_hex(key.encode())[:16])
 
 
 def _template_connect(path: str) -> int:
@@ -3608,7 +3663,7 @@ def _template_connect(path: str) -> int:
         lfd = unix_listen(path)
         try:
             os.chmod(path, 0o600)
-            argv = shim_argv(Flags([]))[:2] + ["template", " " * TEMPLATE_TITLE_ROOM]
+            argv = _python_argv() + ["template", " " * TEMPLATE_TITLE_ROOM]
             null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:
                 spawn(argv, (null, null, null), setsid=True, extra=((lfd, 3),))
@@ -3656,18 +3711,43 @@ def _remove_dead_templates(keep: str) -> None:
                 os.close(lock)
 
 
+def _pack_request(argv: list[str], env: dict[str, str], cwd: str) -> bytes:
+    """A fork request's body: cwd, argc, argv, then KEY=VALUE env entries,
+    NUL-separated (none of them can hold a NUL). No json on the `start` path:
+    importing it costs ~10 ms."""
+    fields = [cwd, str(len(argv)), *argv, *(f"{k}={v}" for k, v in env.items())]
+    return b"\0".join(os.fsencode(f) for f in fields)
+
+
+def _unpack_request(body: bytes) -> dict:
+    """{"cwd", "argv", "env"} from _pack_request's bytes; ValueError if malformed."""
+    fields = [os.fsdecode(f) for f in body.split(b"\0")]
+    if len(fields) < 2:
+        raise ValueError("malformed request")
+    argc = int(fields[1])
+    if not 0 < argc <= len(fields) - 2:
+        raise ValueError("malformed request")
+    env = {}
+    for entry in fields[2 + argc:]:
+        k, eq, v = entry.partition("=")
+        if not eq or not k:
+            raise ValueError(f"malformed environment entry {entry!r}")
+        env[k] = v
+    return {"cwd": fields[0], "argv": fields[2:2 + argc], "env": env}
+
+
 def template_fork(argv: list[str], sock_fd: int, containerd_address: str, timeout: float = 3.0) -> int:
     """Asks the warm template to fork a shim running `argv` on `sock_fd`.
 
-    One request per connection: a length-prefixed JSON body (argv, env, cwd)
-    with the socket attached (SCM_RIGHTS); the answer is "ok PID" or "error TEXT".
+    One request per connection: a length-prefixed body (_pack_request: cwd,
+    argv, env) with the socket attached (SCM_RIGHTS); the answer is "ok PID"
+    or "error TEXT".
     """
-    import json
     import select
 
     fd = _template_connect(template_path(containerd_address))
     try:
-        body = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
+        body = _pack_request(argv, dict(os.environ), os.getcwd())
         msg = _LEN.pack(len(body)) + body
         sent = send_fd(fd, sock_fd, msg)
         while sent < len(msg):
@@ -3800,7 +3880,7 @@ def serve_template() -> int:
     shims) are reaped here; a shim never needs the template after the fork.
     """
     import gc
-    import json
+    import json  # noqa: F401  (for the shims: loaded once, shared)
     import select
     import signal
     import socket
@@ -3859,15 +3939,15 @@ def serve_template() -> int:
             if pid == 0:
                 break
             children.discard(pid)
-        if not select.select([lsock], [], [], min(5.0, idle_limit))[0]:
-            if not children and time.monotonic() - last_used >= idle_limit:
-                # Idle with no shim to reap: leave, unless a start already queued.
-                remove_socket()
-                if not select.select([lsock], [], [], 0)[0]:
-                    return 0
-            else:
-                continue
-        last_used = time.monotonic()
+        # Checked on every turn, not only when select times out: connections
+        # that ask for nothing may keep arriving.
+        if not children and time.monotonic() - last_used >= idle_limit:
+            # Idle with no shim to reap: leave, unless a start already queued.
+            remove_socket()
+            if not select.select([lsock], [], [], 0)[0]:
+                return 0
+        elif not select.select([lsock], [], [], min(5.0, idle_limit))[0]:
+            continue
         try:
             conn, _ = lsock.accept()
         except OSError:
@@ -3894,7 +3974,7 @@ def serve_template() -> int:
                 if not chunk:
                     break
                 data += chunk
-            req = json.loads(data[4:want])
+            req = _unpack_request(data[4:want])
             hangup = select.poll()
             hangup.register(conn, select.POLLRDHUP)
             if hangup.poll(0):
@@ -3904,10 +3984,22 @@ def serve_template() -> int:
                 # never exit. (A start that times out between this check and
                 # the fork still gets one; its 3 s wait makes that rare.)
                 continue
-            pid = os.fork()
-            if pid == 0:
-                _template_child(lsock, conn, fd, req)  # never returns
+            # A bare fork (see reaper_fork in _reaper.c), with SIGTERM and
+            # SIGINT blocked across it: pending signals are not inherited,
+            # so `leave` can never run in the child, which unblocks them
+            # once it has reset their handlers.
+            signal.pthread_sigmask(signal.SIG_BLOCK, _TERM_SIGNALS)
+            try:
+                pid = _check(_lib.reaper_fork(), "fork")
+                if pid == 0:
+                    _template_child(lsock, conn, fd, req)  # never returns
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
             children.add(pid)
+            # Only a fork counts as use: a bare connect (another launcher's
+            # _remove_dead_templates probes every template) must not keep
+            # an idle template alive for ever.
+            last_used = time.monotonic()
             conn.sendall(f"ok {pid}\n".encode())
         except (OSError, ValueError, KeyError) as e:
             try:
@@ -3928,8 +4020,9 @@ def _template_child(lsock, conn, fd: int, req: dict) -> None:
     try:
         lsock.close()
         conn.close()
-        for signo in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # the template's, not ours
+        for signo in (*_TERM_SIGNALS, signal.SIGUSR1):  # the template's, not ours
             signal.signal(signo, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
         os.setsid()
         os.chdir(req["cwd"])
         # Only differences: usually none, since the template was launched by
@@ -3944,8 +4037,8 @@ def _template_child(lsock, conn, fd: int, req: dict) -> None:
         os.close(fd)
         argv = req["argv"]
         set_title(argv)
-        i = 2 if len(argv) > 1 and not argv[1].startswith("-") else 3
-        sys.argv = argv[1:]
+        i = argv.index("-namespace")  # after the interpreter, its flags and the script
+        sys.argv = argv[i - 1:]
         import gc
 
         gc.enable()

@@ -84,7 +84,8 @@ def templates_of(shims: list[int]) -> list[int]:
     for pid in shims:
         parent = ppid(pid)
         argv = harness.cmdline(parent)
-        if len(argv) >= 3 and argv[2] == "template" and "pyshim" in argv[1]:
+        # python [-IS] .../containerd-shim-pyshim-v1 template
+        if "template" in argv[2:4] and any("pyshim" in a for a in argv[1:3]):
             out.add(parent)
     return sorted(out)
 

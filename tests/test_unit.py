@@ -303,12 +303,34 @@ def test_malloc_trim_runs() -> None:
     assert pyshim._lib.reaper_malloc_trim(0) in (0, 1)
 
 
+_BARE_FORK = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import pyshim
+ran = []
+os.register_at_fork(after_in_child=lambda: ran.append("child"), after_in_parent=lambda: ran.append("parent"))
+pid = pyshim._check(pyshim._lib.reaper_fork())
+if pid == 0:
+    os._exit(10 + len(ran))
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), ran)
+"""
+
+
+def test_bare_fork_runs_no_python_at_fork_callbacks() -> None:
+    # The template forks with reaper_fork: what os.register_at_fork callbacks
+    # would do in the child is exactly the memory it avoids.
+    res = _run([sys.executable, "-c", _BARE_FORK.format(repo=REPO)])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split(None, 1) == ["10", "[]\n"]
+
+
 # =============================================================================
 # Reaper, in a child interpreter (subreaper and SIGCHLD handler are per process)
 # =============================================================================
 
 REAPER_SCRIPT = textwrap.dedent("""
-    import asyncio, json, os, sys, time
+    import asyncio, json, os, signal, sys, time
     sys.path.insert(0, {repo!r})
     import uvloop
     import pyshim
@@ -383,6 +405,21 @@ REAPER_SCRIPT = textwrap.dedent("""
         out["ok"] = got == {{pid: i % 100 for i, pid in enumerate(pids)}}
         out["count"] = len(got)
         out["batch"] = reaper.BATCH
+    elif mode == "signals":
+        seen = []
+        reaper.catch(signal.SIGUSR1, lambda: seen.append("usr1"))
+        reaper.catch(signal.SIGTERM, lambda: seen.append("term"))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        until(lambda: seen)
+        os.kill(os.getpid(), signal.SIGTERM)  # would kill us, were it not caught
+        pid = pyshim.spawn(["/bin/sh", "-c", "exit 4"], std)
+        until(lambda: len(seen) == 2 and exits)
+        out["seen"] = seen
+        out["exits"] = exits == [(pid, 4)]
+        try:
+            reaper.catch(signal.SIGCHLD, lambda: None)
+        except OSError as e:
+            out["sigchld"] = e.errno
     print(json.dumps(out))
 """).format(repo=REPO)
 
@@ -391,6 +428,13 @@ def _reaper_child(*args: str) -> dict:
     res = _run([sys.executable, "-c", REAPER_SCRIPT, *args], timeout=45)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
+
+
+def test_reaper_catches_signals_on_its_pipe() -> None:
+    out = _reaper_child("signals")
+    assert out["seen"] == ["usr1", "term"]
+    assert out["exits"] is True  # exits still flow while signals are caught
+    assert out["sigchld"] == errno.EINVAL  # SIGCHLD is the reaper's own
 
 
 def test_reaper_delivers_exit_codes_and_signal_deaths() -> None:
@@ -1305,3 +1349,73 @@ def test_binary_stdio_gives_the_container_write_ends_and_keeps_no_read_end(loop)
     finally:
         s.close()
     assert s.logger.fds == [] and s.child_fds == []
+
+
+def test_installed_binary_ignores_pythonpath(tmp_path) -> None:
+    # The launcher runs Python with -I -S: a PYTHONPATH in containerd's
+    # environment (here one holding a broken pyshim) changes nothing.
+    (tmp_path / "pyshim.py").write_text("raise SystemExit('the wrong pyshim was imported')\n")
+    res = _run([_binary(), "-v"], env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("containerd-shim-pyshim-v1:")
+
+
+_LEAN_START = """
+import os, sys
+sys.path[:0] = {paths!r}
+import pyshim
+pyshim.spawn_shim = lambda flags, fd, template=True: os.getpid()  # the shim itself is not under test
+rc = pyshim.main(["-namespace", "ns", "-address", {address!r}, "-id", "c1", "start"])
+heavy = ["json", "hashlib", "re", "asyncio", "uvloop", "google.protobuf", "pyshim_pb2"]
+print(rc, [m for m in heavy if m in sys.modules])
+"""
+
+
+def test_start_path_imports_nothing_heavy(tmp_path) -> None:
+    # `start` runs once per container in a fresh interpreter: every import
+    # it makes is paid at every container start.
+    (tmp_path / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "annotations": {"a": "b"}}))
+    address = f"/tmp/pysh-lean-{os.getpid()}/c.sock"
+    sock = pyshim.socket_path(address, "ns", "c1")
+    paths = [p for p in sys.path if p]
+    try:
+        res = _run([sys.executable, "-I", "-S", "-c", _LEAN_START.format(paths=paths, address=address)],
+                   cwd=str(tmp_path), stdin=subprocess.DEVNULL)
+    finally:
+        if os.path.exists(sock):
+            os.unlink(sock)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"unix://{sock}0 []"  # the address, then rc and no heavy module
+    assert (tmp_path / "address").read_text() == f"unix://{sock}"
+
+
+def test_fork_request_round_trip() -> None:
+    argv = ["/usr/bin/python3", "-IS", "/x/containerd-shim-pyshim-v1", "-namespace", "n s", "-id", "é"]
+    env = {"PATH": "/bin", "EMPTY": "", "EQ": "a=b=c"}
+    body = pyshim._pack_request(argv, env, "/run/bundle dir")
+    assert pyshim._unpack_request(body) == {"cwd": "/run/bundle dir", "argv": argv, "env": env}
+
+
+@pytest.mark.parametrize("body", [b"", b"/", b"/\0x", b"/\x000", b"/\x003\0a", b"/\x001\0a\0NOEQ", b"/\x001\0a\0=v"])
+def test_malformed_fork_request_is_refused(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        pyshim._unpack_request(body)
+
+
+def test_group_id_skips_json_without_group_keys(tmp_path) -> None:
+    (tmp_path / "config.json").write_text("not json at all")
+    assert pyshim.group_id(str(tmp_path), "cid") == "cid"
+    (tmp_path / "config.json").write_text('{"annotations": {"io.containerd.runc.v2.group": ')  # cut short
+    assert pyshim.group_id(str(tmp_path), "cid") == "cid"
+    (tmp_path / "config.json").write_text('["io.kubernetes.cri.sandbox-id"]')  # not an object
+    assert pyshim.group_id(str(tmp_path), "cid") == "cid"
+
+
+@pytest.mark.parametrize(("pid", "status", "ns"), [
+    (4242, 137, 1_795_000_000_123_456_789), (0, 137, 1_795_000_000_000_000_000), (1, 0, 5), (2**32 - 1, 255, 0)])
+def test_delete_response_is_the_protobuf_encoding(pid: int, status: int, ns: int) -> None:
+    want = pb.DeleteResponse(pid=pid, exit_status=status)
+    want.exited_at.FromNanoseconds(ns)
+    got = pyshim._delete_response(pid, status, ns)
+    assert got == want.SerializeToString()
+    assert pb.DeleteResponse.FromString(got) == want
