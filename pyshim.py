@@ -670,11 +670,24 @@ class ServerConnection:
                 resp = await task
             body = resp.SerializeToString()
         except TimeoutError:
+            # The handler goes on; whatever it ends with is logged, not lost.
+            task.add_done_callback(lambda t, m=req.method: _late_outcome(m, t))
             return status_response(DEADLINE_EXCEEDED, f"{req.method}: deadline exceeded")
         except Exception as e:  # noqa: BLE001 - every failure becomes a status, never a dead connection
             code, message = _error_status(e)
             return status_response(code, message)
         return status_response(OK, "", body)
+
+
+def _late_outcome(method: str, task) -> None:
+    """Done callback of a handler that outlived its caller's deadline."""
+    if task.cancelled():
+        return
+    e = task.exception()
+    if e is None:
+        log("info", "request finished after its deadline", method=method)
+    else:
+        log("info", "request failed after its deadline", method=method, error=str(e) or repr(e))
 
 
 class TtrpcClient:
@@ -1890,11 +1903,14 @@ def decode_options(any_msg):
     if any_msg is None or not any_msg.type_url:
         return opts
     url = any_msg.type_url.rsplit("/", 1)[-1]
-    if url == URL_RUNC_OPTIONS:
-        opts.ParseFromString(any_msg.value)
-    elif url == URL_LINUX_CREATE_OPTIONS:
-        lin = pb.LinuxCreateOptions()
-        lin.ParseFromString(any_msg.value)
+    if url not in (URL_RUNC_OPTIONS, URL_LINUX_CREATE_OPTIONS):
+        raise InvalidArgument(f"unsupported runtime options type {any_msg.type_url!r}")
+    lin = pb.LinuxCreateOptions()
+    try:
+        (opts if url == URL_RUNC_OPTIONS else lin).ParseFromString(any_msg.value)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the caller's bad input
+        raise InvalidArgument(f"runtime options {any_msg.type_url!r}: {e}") from None
+    if url == URL_LINUX_CREATE_OPTIONS:
         opts.no_pivot_root = lin.no_pivot_root
         opts.no_new_keyring = lin.no_new_keyring
         opts.shim_cgroup = lin.shim_cgroup
@@ -1903,8 +1919,6 @@ def decode_options(any_msg):
         opts.criu_image_path = lin.criu_image_path
         opts.criu_work_path = lin.criu_work_path
         opts.systemd_cgroup = lin.cgroups_mode == "systemd"
-    else:
-        raise InvalidArgument(f"unsupported runtime options type {any_msg.type_url!r}")
     return opts
 
 

@@ -46,6 +46,8 @@ class Served:
     def __init__(self, name: str) -> None:
         self.loop = uvloop.new_event_loop()
         self.slow_finished: list[str] = []
+        self.loop_errors: list[str] = []
+        self.loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(ctx["message"]))
         self.server = pyshim.TtrpcServer(self.loop, self._methods())
         self.thread = threading.Thread(target=self.loop.run_forever, name="ttrpc-server", daemon=True)
         self.thread.start()
@@ -74,6 +76,11 @@ class Served:
             self.slow_finished.append(req.id)
             return empty_pb2.Empty()
 
+        async def slow_fail(req: pb.KillRequest, meta: dict[str, str]) -> empty_pb2.Empty:
+            await asyncio.sleep(req.signal / 1000)
+            self.slow_finished.append(req.id)
+            raise pyshim.FailedPrecondition(f"{req.id}: refused late")
+
         async def returns_none(req: pb.StateRequest, meta: dict[str, str]) -> None:
             return None  # a handler bug: the request must still be answered
 
@@ -83,6 +90,7 @@ class Served:
             (SERVICE, "Esrch"): (pb.StateRequest, esrch),
             (SERVICE, "Slow"): (pb.KillRequest, slow),
             (SERVICE, "ReturnsNone"): (pb.StateRequest, returns_none),
+            (SERVICE, "SlowFail"): (pb.KillRequest, slow_fail),
         }
 
     def stop(self) -> None:
@@ -378,6 +386,31 @@ def test_deadline_shorter_than_handler_is_deadline_exceeded(served: Served, raw:
             break
         threading.Event().wait(0.01)
     assert "deadline" in served.slow_finished
+
+
+def test_failure_after_the_deadline_is_logged_not_lost(served: Served, raw: Raw) -> None:
+    """Found by bench/fuzz_ttrpc.py: a handler that failed after its caller's deadline
+    left "Task exception was never retrieved" to asyncio (raw text on stderr)."""
+    r, w = os.pipe()
+    old = pyshim.log.fd
+    pyshim.log.fd = w
+    try:
+        slow = pb.KillRequest(id="late-failure", signal=200).SerializeToString()
+        resp = raw.call(1, "SlowFail", slow, timeout_nano=20_000_000)
+        assert resp.status.code == pyshim.DEADLINE_EXCEEDED
+        for _ in range(500):
+            if "late-failure" in served.slow_finished:
+                break
+            threading.Event().wait(0.01)
+        echo_ok(raw, 3)  # one loop turn later, the callback has run
+    finally:
+        pyshim.log.fd = old
+        os.close(w)
+    with os.fdopen(r) as f:
+        logged = f.read()
+    assert 'msg="request failed after its deadline" method=SlowFail' in logged, logged
+    assert "late-failure: refused late" in logged
+    assert served.loop_errors == []
 
 
 def test_deadline_longer_than_handler_is_ok(raw: Raw) -> None:

@@ -646,6 +646,13 @@ def test_decode_unknown_type_url_is_invalid_argument() -> None:
         pyshim.decode_options(any_pb2.Any(type_url="type.googleapis.com/example.Other", value=b"\x08\x01"))
 
 
+@pytest.mark.parametrize("url", ["containerd.runc.v1.Options", "containerd.linux.runc.CreateOptions"])
+def test_decode_corrupt_options_is_invalid_argument(url: str) -> None:
+    """Found by bench/fuzz_ttrpc.py: a value that does not parse was answered INTERNAL."""
+    with pytest.raises(pyshim.InvalidArgument, match="runtime options"):
+        pyshim.decode_options(any_pb2.Any(type_url=url, value=b"\x0a\xff\xff\xff\x0f"))
+
+
 def test_decode_empty_gives_defaults() -> None:
     assert pyshim.decode_options(None) == pb.RuncOptions()
     assert pyshim.decode_options(any_pb2.Any()) == pb.RuncOptions()
