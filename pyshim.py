@@ -326,11 +326,24 @@ def _atomic_write(directory: str, name: str, data: bytes, mode: int = 0o644) -> 
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      mode, dir_fd=dfd)
         try:
-            os.write(fd, data)
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException as e:
+            # ENOSPC and friends: no half-written temp file is left behind, and
+            # the error names the file (os.write's does not).
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            if isinstance(e, OSError) and not e.filename:
+                raise OSError(e.errno, e.strerror, os.path.join(directory, name)) from None
+            raise
     finally:
         os.close(dfd)
 
