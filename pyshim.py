@@ -602,11 +602,16 @@ class ServerConnection:
     def eof_received(self):
         return False
 
+    # A peer that sends requests but does not read the answers is not read
+    # from either, so the answers waiting for it stay bounded (the Go server
+    # stops reading, too, when its writer blocks).
     def pause_writing(self) -> None:
-        pass
+        if not self.closed:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        pass
+        if not self.closed:
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:

@@ -668,3 +668,38 @@ def test_client_wire_format_odd_increasing_ids_timeout_and_metadata() -> None:
     assert first.timeout_nano == 2_500_000_000
     assert [(kv.key, kv.value) for kv in first.metadata] == [("k", "v")]
     assert second.timeout_nano == 0 and not second.metadata
+
+
+def test_a_peer_that_does_not_read_is_not_read_either(served: Served) -> None:
+    """Requests sent without reading the answers: once the answers pile up, the
+    server stops reading, so the sender blocks instead of the server's memory growing."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(served.address)
+    s.setblocking(False)
+    payload = pb.StateRequest(id="flood").SerializeToString()
+    chunk = b"".join(frame(sid, request_bytes(payload=payload)) for sid in range(1, 2001, 2))
+    sid0, sent, cap = 2001, 0, 16 << 20
+    try:
+        while sent < cap:
+            try:
+                sent += s.send(chunk)
+            except BlockingIOError:
+                # Blocked: does the server read on, if given time? (bounded wait)
+                import select
+
+                if not select.select([], [s], [], 2.0)[1]:
+                    break
+                continue
+            # The next chunk carries fresh, increasing stream ids.
+            chunk = b"".join(frame(sid, request_bytes(payload=payload))
+                             for sid in range(sid0, sid0 + 2000, 2))
+            sid0 += 2000
+        assert sent < cap, f"the server read {sent} bytes of requests nobody read the answers to"
+        print(f"blocked after {sent} bytes of requests")
+        other = Raw(served.address)
+        try:
+            echo_ok(other, 1)  # it serves others meanwhile
+        finally:
+            other.close()
+    finally:
+        s.close()
