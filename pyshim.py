@@ -527,10 +527,11 @@ class TtrpcServer:
     """Serves registered ttrpc methods on listening unix sockets.
 
     `services` maps (service, method) to (request class, coroutine function).
-    Only peers with the shim's own euid are served (SO_PEERCRED).
+    Only peers with the shim's own euid and egid are served (SO_PEERCRED),
+    as the Go shim's ttrpc server requires.
     """
 
-    __slots__ = ("conns", "loop", "methods", "servers", "uid")
+    __slots__ = ("conns", "gid", "loop", "methods", "servers", "uid")
 
     def __init__(self, loop, methods: dict) -> None:
         self.loop = loop
@@ -538,6 +539,7 @@ class TtrpcServer:
         self.servers: list = []
         self.conns: set = set()
         self.uid = os.geteuid()
+        self.gid = os.getegid()
 
     async def serve_fd(self, fd: int) -> None:
         import socket
@@ -582,14 +584,15 @@ class ServerConnection:
         self.transport = transport
         sock = transport.get_extra_info("socket")
         try:
-            pid, uid, _gid = peer_cred(sock.fileno())
+            pid, uid, gid = peer_cred(sock.fileno())
         except OSError as e:
             log("warning", "refusing connection: no peer credentials", error=str(e))
             transport.close()
             self.closed = True
             return
-        if uid != self.server.uid:
-            log("warning", "refusing connection from another user", peer_pid=pid, peer_uid=uid)
+        if uid != self.server.uid or gid != self.server.gid:
+            log("warning", "refusing connection from another user", peer_pid=pid, peer_uid=uid,
+                peer_gid=gid)
             transport.close()
             self.closed = True
             return
@@ -3333,7 +3336,7 @@ def serve_template() -> int:
     signal.signal(signal.SIGTERM, leave)
     signal.signal(signal.SIGINT, leave)
     gc.freeze()
-    uid = os.geteuid()
+    uid, gid = os.geteuid(), os.getegid()
     children: set[int] = set()
     last_used = time.monotonic()
     while True:
@@ -3365,7 +3368,7 @@ def serve_template() -> int:
             tv = struct.pack("ll", 5, 0)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-            if peer_cred(conn.fileno())[1] != uid:
+            if peer_cred(conn.fileno())[1:] != (uid, gid):
                 conn.sendall(b"error refused: another user\n")
                 continue
             data, fd = recv_fd(conn.fileno(), 65536)

@@ -157,7 +157,8 @@ def test_unreachable_template_falls_back_to_a_cold_spawn(templated: harness.Cont
         os.rmdir(path)
 
 
-def test_template_refuses_another_user(templated: harness.Containerd, rootfs: str) -> None:
+@pytest.mark.parametrize("who", ["other-uid", "other-gid"])
+def test_template_refuses_another_user(templated: harness.Containerd, rootfs: str, who: str) -> None:
     cid = harness.new_id("tu")
     _run_d(templated, rootfs, cid)  # makes sure a template is up
     path = _template_socket(templated)
@@ -173,8 +174,10 @@ def test_template_refuses_another_user(templated: harness.Containerd, rootfs: st
     if pid == 0:  # pragma: no cover - child
         try:
             os.close(r)
+            os.setgroups([])
             os.setgid(65534)
-            os.setuid(65534)
+            if who == "other-uid":
+                os.setuid(65534)
             s = socket.socket(socket.AF_UNIX)
             try:
                 s.connect(path)

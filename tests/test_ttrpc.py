@@ -519,7 +519,7 @@ def test_server_still_answers_after_the_fuzzing(served: Served) -> None:
 # ----------------------------------------------------------------------------- peer check
 
 
-def test_peer_with_another_uid_is_refused(served: Served) -> None:
+def test_peer_with_another_uid_or_gid_is_refused(served: Served) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to another uid")
     name = f"@pyshim-test-peer-{os.getpid()}"
@@ -527,8 +527,10 @@ def test_peer_with_another_uid_is_refused(served: Served) -> None:
     req = frame(1, request_bytes(payload=pb.StateRequest(id="p").SerializeToString())).hex()
     script = (
         "import os, socket, sys\n"
+        "if sys.argv[1] in ('nobody', 'other-gid'):\n"
+        "    os.setgroups([]); os.setgid(65534)\n"
         "if sys.argv[1] == 'nobody':\n"
-        "    os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "    os.setuid(65534)\n"
         "s = socket.socket(socket.AF_UNIX)\n"
         "s.settimeout(5)\n"
         f"s.connect('\\0' + {name[1:]!r})\n"
@@ -544,6 +546,10 @@ def test_peer_with_another_uid_is_refused(served: Served) -> None:
     assert int(same.stdout) > 0  # control: our own uid is answered
     assert other.returncode == 0, other.stderr
     assert int(other.stdout) == 0  # another uid: closed without an answer
+    # Our uid with another gid is refused too, as by the Go shim's ttrpc server.
+    gid = subprocess.run([sys.executable, "-c", script, "other-gid"], check=False, capture_output=True, text=True, timeout=20)
+    assert gid.returncode == 0, gid.stderr
+    assert int(gid.stdout) == 0
 
 
 # ----------------------------------------------------------------------------- shutdown, client
