@@ -970,3 +970,39 @@ def test_unknown_flag_fails_clearly(tmp_path, how: str) -> None:
     res = _run([*_shim(how), "-bogus", "start"], cwd=str(tmp_path), stdin=subprocess.DEVNULL)
     assert res.returncode != 0
     assert "flag provided but not defined: -bogus" in res.stderr
+
+
+def test_atomic_write_never_writes_through_a_planted_symlink(tmp_path) -> None:
+    """Bundle files (address, options.json) replace a symlink planted in the bundle,
+    at their name or at their temp name, instead of writing to where it points."""
+    bundle, outside = tmp_path / "bundle", tmp_path / "outside"
+    bundle.mkdir()
+    outside.write_bytes(b"precious")
+    (bundle / "address").symlink_to(outside)
+    (bundle / f".address.{os.getpid()}.tmp").symlink_to(outside)
+    pyshim._atomic_write(str(bundle), "address", b"unix:///run/containerd/s/x")
+    assert outside.read_bytes() == b"precious"
+    assert not (bundle / "address").is_symlink()
+    assert (bundle / "address").read_bytes() == b"unix:///run/containerd/s/x"
+    assert sorted(p.name for p in bundle.iterdir()) == ["address"]
+    assert os.stat(bundle / "address").st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("uri,error", [
+    ("tcp://host:1", pyshim.InvalidArgument),
+    ("file://relative/path", pyshim.InvalidArgument),
+    ("binary:///usr/bin/logger", pyshim.Unimplemented),
+])
+def test_stdio_uris_are_validated(uri: str, error: type) -> None:
+    with pytest.raises(error):
+        pyshim._open_output(uri)
+
+
+def test_stdio_file_uri_appends_to_an_absolute_path(tmp_path) -> None:
+    target = tmp_path / "logs" / "out.log"
+    fd, keep = pyshim._open_output(f"file://{target}?maxsize=1")
+    try:
+        os.write(fd, b"x")
+    finally:
+        os.close(fd)
+    assert keep == -1 and target.read_bytes() == b"x"
