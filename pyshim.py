@@ -1943,6 +1943,15 @@ def decode_options(any_msg):
     return opts
 
 
+def _read_pid(path: str) -> int:
+    """The pid runc wrote; RuntimeFailure unless it is a positive number (a
+    pid of 0 would make a later kill(2) signal the shim's own group)."""
+    text = _read_small(path, 64).strip()
+    if not text.isdigit() or int(text) <= 0:
+        raise RuntimeFailure(f"failed to retrieve OCI runtime container pid: {path}: {text[:20]!r}")
+    return int(text)
+
+
 def _ts(msg_field, ns: int) -> None:
     if ns:
         msg_field.FromNanoseconds(ns)
@@ -1975,6 +1984,7 @@ class TaskService:
         self.containers: dict[str, Container] = {}
         self.pids: dict[int, Process] = {}
         self.stash: dict[int, tuple[int, int]] = {}
+        self.creating: set[str] = set()  # ids whose Create is in flight
         self.oom: OomWatcher | None = None  # made at the first Start
 
     def methods(self) -> dict:
@@ -2019,15 +2029,27 @@ class TaskService:
     # --- Create / Start ------------------------------------------------------
 
     async def create(self, req, meta):
+
+
+        cid = _valid_id("container id", req.id)
+        if cid in self.containers or cid in self.creating:
+            raise AlreadyExists(f"container {cid}: already exists")
+        if req.checkpoint:
+            raise Unimplemented("pyshim: restoring from a checkpoint is not implemented yet")
+        # Claimed until this Create ends: a second Create of the same id while
+        # the first waits for runc must not mount over (and, failing, unmount)
+        # the first one's rootfs.
+        self.creating.add(cid)
+        try:
+            return await self._create(cid, req, meta)
+        finally:
+            self.creating.discard(cid)
+
+    async def _create(self, cid: str, req, meta):
         import json
 
         import pyshim_pb2 as pb
 
-        cid = _valid_id("container id", req.id)
-        if cid in self.containers:
-            raise AlreadyExists(f"container {cid}: already exists")
-        if req.checkpoint:
-            raise Unimplemented("pyshim: restoring from a checkpoint is not implemented yet")
         bundle = req.bundle
         try:
             config = json.loads(_read_small(os.path.join(bundle, "config.json"), 16 << 20))
@@ -2067,7 +2089,7 @@ class TaskService:
             await self.runner.runc(rc, *args, cid, what="OCI runtime create failed", stdio=fds)
             if stdio.terminal:
                 stdio.receive_console()
-            pid = int(_read_small(os.path.join(bundle, "init.pid")).strip() or 0)
+            pid = _read_pid(os.path.join(bundle, "init.pid"))
         except BaseException:
             stdio.close()
             if c.mounted:
@@ -2145,7 +2167,7 @@ class TaskService:
                                    what="OCI runtime exec failed", stdio=fds)
             if p.stdio.terminal:
                 p.stdio.receive_console()
-            pid = int(_read_small(pid_path).strip() or 0)
+            pid = _read_pid(pid_path)
         except BaseException:
             p.starting = False
             p.stdio.close()

@@ -495,6 +495,7 @@ class Harness:
         (as the shim's own exit would), and forget the service."""
         svc = self.service
         for p in list(svc.pids.values()):
+            assert p.pid > 0, f"the service holds pid {p.pid}"  # kill(0) would hit us
             try:
                 os.kill(p.pid, 9)
             except ProcessLookupError:

@@ -1006,3 +1006,47 @@ def test_stdio_file_uri_appends_to_an_absolute_path(tmp_path) -> None:
     finally:
         os.close(fd)
     assert keep == -1 and target.read_bytes() == b"x"
+
+
+def _bundle_with_config(tmp_path) -> str:
+    (tmp_path / "config.json").write_text('{"linux": {"namespaces": [{"type": "pid"}]}}')
+    return str(tmp_path)
+
+
+def _writes_pid(text: str):
+    """A FakeRunner action: runc create/exec writes `text` as the pid file."""
+    def during(args: tuple[str, ...]) -> None:
+        if "--pid-file" in args:
+            with open(args[args.index("--pid-file") + 1], "w") as f:
+                f.write(text)
+    return during
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1", "abc"])
+def test_service_create_refuses_a_pid_file_without_a_pid(loop, tmp_path, text: str) -> None:
+    """Found by bench/fuzz_ttrpc.py: an empty pid file made a task of pid 0, and a
+    kill(2) of pid 0 signals the caller's own process group."""
+    svc = pyshim.TaskService(loop, FakeRunner(_writes_pid(text)), FakePublisher(), "ns1", lambda: None)
+    req = pb.CreateTaskRequest(id="c9", bundle=_bundle_with_config(tmp_path))
+    with pytest.raises(pyshim.RuntimeFailure, match="container pid"):
+        loop.run_until_complete(svc.create(req, {}))
+    assert svc.containers == {} and svc.pids == {} and svc.creating == set()
+    # With a pid, the same Create works.
+    svc.runner.during = _writes_pid("4242\n")
+    assert loop.run_until_complete(svc.create(req, {})).pid == 4242
+
+
+def test_service_second_create_of_an_id_in_flight_is_already_exists(loop, tmp_path) -> None:
+    """Found by bench/fuzz_ttrpc.py: two Creates of one id both ran, and the loser's
+    cleanup would unmount the winner's rootfs."""
+    svc = pyshim.TaskService(loop, FakeRunner(_writes_pid("4242")), FakePublisher(), "ns1", lambda: None)
+    req = pb.CreateTaskRequest(id="c9", bundle=_bundle_with_config(tmp_path))
+
+    async def both():
+        return await asyncio.gather(svc.create(req, {}), svc.create(req, {}), return_exceptions=True)
+
+    first, second = loop.run_until_complete(both())
+    assert first.pid == 4242
+    assert isinstance(second, pyshim.AlreadyExists), second
+    assert svc.runner.calls[0][0] == "create" and len(svc.runner.calls) == 1
+    assert list(svc.containers) == ["c9"] and svc.creating == set()
