@@ -341,11 +341,24 @@ def _atomic_write(directory: str, name: str, data: bytes, mode: int = 0o644) -> 
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      mode, dir_fd=dfd)
         try:
-            os.write(fd, data)
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException as e:
+            # ENOSPC and friends: no half-written temp file is left behind, and
+            # the error names the file (os.write's does not).
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            if isinstance(e, OSError) and not e.filename:
+                raise OSError(e.errno, e.strerror, os.path.join(directory, name)) from None
+            raise
     finally:
         os.close(dfd)
 
@@ -543,10 +556,11 @@ class TtrpcServer:
     """Serves registered ttrpc methods on listening unix sockets.
 
     `services` maps (service, method) to (request class, coroutine function).
-    Only peers with the shim's own euid are served (SO_PEERCRED).
+    Only peers with the shim's own euid and egid are served (SO_PEERCRED),
+    as the Go shim's ttrpc server requires.
     """
 
-    __slots__ = ("conns", "loop", "methods", "servers", "uid")
+    __slots__ = ("conns", "gid", "loop", "methods", "servers", "uid")
 
     def __init__(self, loop, methods: dict) -> None:
         self.loop = loop
@@ -554,6 +568,7 @@ class TtrpcServer:
         self.servers: list = []
         self.conns: set = set()
         self.uid = os.geteuid()
+        self.gid = os.getegid()
 
     async def serve_fd(self, fd: int) -> None:
         import socket
@@ -598,14 +613,15 @@ class ServerConnection:
         self.transport = transport
         sock = transport.get_extra_info("socket")
         try:
-            pid, uid, _gid = peer_cred(sock.fileno())
+            pid, uid, gid = peer_cred(sock.fileno())
         except OSError as e:
             log("warning", "refusing connection: no peer credentials", error=str(e))
             transport.close()
             self.closed = True
             return
-        if uid != self.server.uid:
-            log("warning", "refusing connection from another user", peer_pid=pid, peer_uid=uid)
+        if uid != self.server.uid or gid != self.server.gid:
+            log("warning", "refusing connection from another user", peer_pid=pid, peer_uid=uid,
+                peer_gid=gid)
             transport.close()
             self.closed = True
             return
@@ -618,11 +634,16 @@ class ServerConnection:
     def eof_received(self):
         return False
 
+    # A peer that sends requests but does not read the answers is not read
+    # from either, so the answers waiting for it stay bounded (the Go server
+    # stops reading, too, when its writer blocks).
     def pause_writing(self) -> None:
-        pass
+        if not self.closed:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        pass
+        if not self.closed:
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -700,11 +721,24 @@ class ServerConnection:
                 resp = await task
             body = resp.SerializeToString()
         except TimeoutError:
+            # The handler goes on; whatever it ends with is logged, not lost.
+            task.add_done_callback(lambda t, m=req.method: _late_outcome(m, t))
             return status_response(DEADLINE_EXCEEDED, f"{req.method}: deadline exceeded")
         except Exception as e:  # noqa: BLE001 - every failure becomes a status, never a dead connection
             code, message = _error_status(e)
             return status_response(code, message)
         return status_response(OK, "", body)
+
+
+def _late_outcome(method: str, task) -> None:
+    """Done callback of a handler that outlived its caller's deadline."""
+    if task.cancelled():
+        return
+    e = task.exception()
+    if e is None:
+        log("info", "request finished after its deadline", method=method)
+    else:
+        log("info", "request failed after its deadline", method=method, error=str(e) or repr(e))
 
 
 class TtrpcClient:
@@ -2226,9 +2260,22 @@ def decode_options(any_msg, settings: Settings | None = None):
     if any_msg is None or not any_msg.type_url:
         return opts
     url = any_msg.type_url.rsplit("/", 1)[-1]
+    try:
+        if url in URL_CRI_OPTIONS:
+            cri = pb.CriRuntimeOptions()
+            cri.ParseFromString(any_msg.value)
+        elif url == URL_RUNC_OPTIONS:
+            opts.ParseFromString(any_msg.value)
+        elif url == URL_LINUX_CREATE_OPTIONS:
+            lin = pb.LinuxCreateOptions()
+            lin.ParseFromString(any_msg.value)
+        else:
+            raise InvalidArgument(f"unsupported runtime options type {any_msg.type_url!r}")
+    except InvalidArgument:
+        raise
+    except Exception as e:  # noqa: BLE001 - any parse failure is the caller's bad input
+        raise InvalidArgument(f"runtime options {any_msg.type_url!r}: {e}") from None
     if url in URL_CRI_OPTIONS:
-        cri = pb.CriRuntimeOptions()
-        cri.ParseFromString(any_msg.value)
         if not cri.config_path and not cri.config_body:
             return opts
         if settings is not None and settings.path == cri.config_path and not cri.config_body:
@@ -2238,11 +2285,7 @@ def decode_options(any_msg, settings: Settings | None = None):
         opts.binary_name = s.runc_binary
         opts.root = s.runc_root
         opts.systemd_cgroup = s.systemd_cgroup
-    elif url == URL_RUNC_OPTIONS:
-        opts.ParseFromString(any_msg.value)
     elif url == URL_LINUX_CREATE_OPTIONS:
-        lin = pb.LinuxCreateOptions()
-        lin.ParseFromString(any_msg.value)
         opts.no_pivot_root = lin.no_pivot_root
         opts.no_new_keyring = lin.no_new_keyring
         opts.shim_cgroup = lin.shim_cgroup
@@ -2251,8 +2294,6 @@ def decode_options(any_msg, settings: Settings | None = None):
         opts.criu_image_path = lin.criu_image_path
         opts.criu_work_path = lin.criu_work_path
         opts.systemd_cgroup = lin.cgroups_mode == "systemd"
-    else:
-        raise InvalidArgument(f"unsupported runtime options type {any_msg.type_url!r}")
     return opts
 
 
@@ -2297,6 +2338,15 @@ def checkpoint_args(path: str, work: str, opts) -> list[str]:
     return args
 
 
+def _read_pid(path: str) -> int:
+    """The pid runc wrote; RuntimeFailure unless it is a positive number (a
+    pid of 0 would make a later kill(2) signal the shim's own group)."""
+    text = _read_small(path, 64).strip()
+    if not text.isdigit() or int(text) <= 0:
+        raise RuntimeFailure(f"failed to retrieve OCI runtime container pid: {path}: {text[:20]!r}")
+    return int(text)
+
+
 def _ts(msg_field, ns: int) -> None:
     if ns:
         msg_field.FromNanoseconds(ns)
@@ -2331,6 +2381,7 @@ class TaskService:
         self.containers: dict[str, Container] = {}
         self.pids: dict[int, Process] = {}
         self.stash: dict[int, tuple[int, int]] = {}
+        self.creating: set[str] = set()  # ids whose Create is in flight
         self.oom: OomWatcher | None = None  # made at the first Start
 
     def methods(self) -> dict:
@@ -2369,13 +2420,25 @@ class TaskService:
     # --- Create / Start ------------------------------------------------------
 
     async def create(self, req, meta):
+
+
+        cid = _valid_id("container id", req.id)
+        if cid in self.containers or cid in self.creating:
+            raise AlreadyExists(f"container {cid}: already exists")
+        # Claimed until this Create ends: a second Create of the same id while
+        # the first waits for runc must not mount over (and, failing, unmount)
+        # the first one's rootfs.
+        self.creating.add(cid)
+        try:
+            return await self._create(cid, req, meta)
+        finally:
+            self.creating.discard(cid)
+
+    async def _create(self, cid: str, req, meta):
         import json
 
         import pyshim_pb2 as pb
 
-        cid = _valid_id("container id", req.id)
-        if cid in self.containers:
-            raise AlreadyExists(f"container {cid}: already exists")
         bundle = req.bundle
         try:
             config = json.loads(_read_small(os.path.join(bundle, "config.json"), 16 << 20))
@@ -2424,7 +2487,7 @@ class TaskService:
                 await self.runner.runc(rc, *args, cid, what="OCI runtime create failed", stdio=fds)
                 if stdio.terminal:
                     stdio.receive_console()
-                pid = int(_read_small(os.path.join(bundle, "init.pid")).strip() or 0)
+                pid = _read_pid(os.path.join(bundle, "init.pid"))
         except BaseException:
             stdio.close()
             if c.mounted:
@@ -2503,7 +2566,7 @@ class TaskService:
         await self.runner.runc(c.runc, *args, what="OCI runtime restore failed", stdio=fds)
         if p.stdio.terminal:
             p.stdio.receive_console()
-        pid = int(_read_small(pid_path).strip() or 0)
+        pid = _read_pid(pid_path)
         c.restore = None
         p.stdio.close_after_start()
         p.pid = pid
@@ -2539,7 +2602,7 @@ class TaskService:
                                    what="OCI runtime exec failed", stdio=fds)
             if p.stdio.terminal:
                 p.stdio.receive_console()
-            pid = int(_read_small(pid_path).strip() or 0)
+            pid = _read_pid(pid_path)
         except BaseException:
             p.starting = False
             p.stdio.close()
@@ -3926,7 +3989,7 @@ def serve_template() -> int:
     # goes nowhere, so it has nothing to dump.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     gc.freeze()
-    uid = os.geteuid()
+    uid, gid = os.geteuid(), os.getegid()
     children: set[int] = set()
     last_used = time.monotonic()
     while True:
@@ -3958,7 +4021,7 @@ def serve_template() -> int:
             tv = struct.pack("ll", 5, 0)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-            if peer_cred(conn.fileno())[1] != uid:
+            if peer_cred(conn.fileno())[1:] != (uid, gid):
                 conn.sendall(b"error refused: another user\n")
                 continue
             data, fd = recv_fd(conn.fileno(), 65536)

@@ -75,14 +75,15 @@ class Direct:
         self.ids.append(cid)
         return path
 
-    def start(self, bundle: str, cid: str, options: bytes = b"", expect: int = 0) -> str:
-        """Runs `shim start` in the bundle with `options` (an Any) on stdin;
-        returns the address it wrote ("" when it was expected to fail)."""
+    def start(self, bundle: str, cid: str, options: bytes = b"", expect: int = 0,
+              binary: str = "") -> str:
+        """Runs `shim start` (pyshim's, or `binary`) in the bundle with `options` (an
+        Any) on stdin; returns the address it wrote ("" when it was expected to fail)."""
         stdin = os.path.join(self.dir, f"{cid}.options")
         with open(stdin, "wb") as f:
             f.write(options)
         argv = ["/bin/sh", "-c", 'cd "$1" && shift && exec "$@" <"$0"', stdin, bundle,
-                harness.shim_binary_path(), "-namespace", NS, "-id", cid,
+                binary or harness.shim_binary_path(), "-namespace", NS, "-id", cid,
                 "-address", self.address, "-publish-binary", self.publisher, "start"]
         pid = self.reaper.spawn(argv, self.env, os.path.join(self.dir, "shim.log"))
         code = self._wait_status(pid)

@@ -209,7 +209,8 @@ def test_usr1_leaves_the_template_alone_and_still_dumps_its_shims(templated: har
     assert _ppid(_shim_of(templated, second)) == template
 
 
-def test_template_refuses_another_user(templated: harness.Containerd, rootfs: str) -> None:
+@pytest.mark.parametrize("who", ["other-uid", "other-gid"])
+def test_template_refuses_another_user(templated: harness.Containerd, rootfs: str, who: str) -> None:
     cid = harness.new_id("tu")
     _run_d(templated, rootfs, cid)  # makes sure a template is up
     path = _template_socket(templated)
@@ -225,8 +226,10 @@ def test_template_refuses_another_user(templated: harness.Containerd, rootfs: st
     if pid == 0:  # pragma: no cover - child
         try:
             os.close(r)
+            os.setgroups([])
             os.setgid(65534)
-            os.setuid(65534)
+            if who == "other-uid":
+                os.setuid(65534)
             s = socket.socket(socket.AF_UNIX)
             try:
                 s.connect(path)

@@ -46,6 +46,8 @@ class Served:
     def __init__(self, name: str) -> None:
         self.loop = uvloop.new_event_loop()
         self.slow_finished: list[str] = []
+        self.loop_errors: list[str] = []
+        self.loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(ctx["message"]))
         self.server = pyshim.TtrpcServer(self.loop, self._methods())
         self.thread = threading.Thread(target=self.loop.run_forever, name="ttrpc-server", daemon=True)
         self.thread.start()
@@ -74,6 +76,11 @@ class Served:
             self.slow_finished.append(req.id)
             return empty_pb2.Empty()
 
+        async def slow_fail(req: pb.KillRequest, meta: dict[str, str]) -> empty_pb2.Empty:
+            await asyncio.sleep(req.signal / 1000)
+            self.slow_finished.append(req.id)
+            raise pyshim.FailedPrecondition(f"{req.id}: refused late")
+
         async def returns_none(req: pb.StateRequest, meta: dict[str, str]) -> None:
             return None  # a handler bug: the request must still be answered
 
@@ -83,6 +90,7 @@ class Served:
             (SERVICE, "Esrch"): (pb.StateRequest, esrch),
             (SERVICE, "Slow"): (pb.KillRequest, slow),
             (SERVICE, "ReturnsNone"): (pb.StateRequest, returns_none),
+            (SERVICE, "SlowFail"): (pb.KillRequest, slow_fail),
         }
 
     def stop(self) -> None:
@@ -380,6 +388,31 @@ def test_deadline_shorter_than_handler_is_deadline_exceeded(served: Served, raw:
     assert "deadline" in served.slow_finished
 
 
+def test_failure_after_the_deadline_is_logged_not_lost(served: Served, raw: Raw) -> None:
+    """Found by bench/fuzz_ttrpc.py: a handler that failed after its caller's deadline
+    left "Task exception was never retrieved" to asyncio (raw text on stderr)."""
+    r, w = os.pipe()
+    old = pyshim.log.fd
+    pyshim.log.fd = w
+    try:
+        slow = pb.KillRequest(id="late-failure", signal=200).SerializeToString()
+        resp = raw.call(1, "SlowFail", slow, timeout_nano=20_000_000)
+        assert resp.status.code == pyshim.DEADLINE_EXCEEDED
+        for _ in range(500):
+            if "late-failure" in served.slow_finished:
+                break
+            threading.Event().wait(0.01)
+        echo_ok(raw, 3)  # one loop turn later, the callback has run
+    finally:
+        pyshim.log.fd = old
+        os.close(w)
+    with os.fdopen(r) as f:
+        logged = f.read()
+    assert 'msg="request failed after its deadline" method=SlowFail' in logged, logged
+    assert "late-failure: refused late" in logged
+    assert served.loop_errors == []
+
+
 def test_deadline_longer_than_handler_is_ok(raw: Raw) -> None:
     slow = pb.KillRequest(id="in-time", signal=10).SerializeToString()
     resp = raw.call(1, "Slow", slow, timeout_nano=5_000_000_000)
@@ -486,7 +519,7 @@ def test_server_still_answers_after_the_fuzzing(served: Served) -> None:
 # ----------------------------------------------------------------------------- peer check
 
 
-def test_peer_with_another_uid_is_refused(served: Served) -> None:
+def test_peer_with_another_uid_or_gid_is_refused(served: Served) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to another uid")
     name = f"@pyshim-test-peer-{os.getpid()}"
@@ -494,8 +527,10 @@ def test_peer_with_another_uid_is_refused(served: Served) -> None:
     req = frame(1, request_bytes(payload=pb.StateRequest(id="p").SerializeToString())).hex()
     script = (
         "import os, socket, sys\n"
+        "if sys.argv[1] in ('nobody', 'other-gid'):\n"
+        "    os.setgroups([]); os.setgid(65534)\n"
         "if sys.argv[1] == 'nobody':\n"
-        "    os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "    os.setuid(65534)\n"
         "s = socket.socket(socket.AF_UNIX)\n"
         "s.settimeout(5)\n"
         f"s.connect('\\0' + {name[1:]!r})\n"
@@ -511,6 +546,10 @@ def test_peer_with_another_uid_is_refused(served: Served) -> None:
     assert int(same.stdout) > 0  # control: our own uid is answered
     assert other.returncode == 0, other.stderr
     assert int(other.stdout) == 0  # another uid: closed without an answer
+    # Our uid with another gid is refused too, as by the Go shim's ttrpc server.
+    gid = subprocess.run([sys.executable, "-c", script, "other-gid"], check=False, capture_output=True, text=True, timeout=20)
+    assert gid.returncode == 0, gid.stderr
+    assert int(gid.stdout) == 0
 
 
 # ----------------------------------------------------------------------------- shutdown, client
@@ -635,3 +674,38 @@ def test_client_wire_format_odd_increasing_ids_timeout_and_metadata() -> None:
     assert first.timeout_nano == 2_500_000_000
     assert [(kv.key, kv.value) for kv in first.metadata] == [("k", "v")]
     assert second.timeout_nano == 0 and not second.metadata
+
+
+def test_a_peer_that_does_not_read_is_not_read_either(served: Served) -> None:
+    """Requests sent without reading the answers: once the answers pile up, the
+    server stops reading, so the sender blocks instead of the server's memory growing."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(served.address)
+    s.setblocking(False)
+    payload = pb.StateRequest(id="flood").SerializeToString()
+    chunk = b"".join(frame(sid, request_bytes(payload=payload)) for sid in range(1, 2001, 2))
+    sid0, sent, cap = 2001, 0, 16 << 20
+    try:
+        while sent < cap:
+            try:
+                sent += s.send(chunk)
+            except BlockingIOError:
+                # Blocked: does the server read on, if given time? (bounded wait)
+                import select
+
+                if not select.select([], [s], [], 2.0)[1]:
+                    break
+                continue
+            # The next chunk carries fresh, increasing stream ids.
+            chunk = b"".join(frame(sid, request_bytes(payload=payload))
+                             for sid in range(sid0, sid0 + 2000, 2))
+            sid0 += 2000
+        assert sent < cap, f"the server read {sent} bytes of requests nobody read the answers to"
+        print(f"blocked after {sent} bytes of requests")
+        other = Raw(served.address)
+        try:
+            echo_ok(other, 1)  # it serves others meanwhile
+        finally:
+            other.close()
+    finally:
+        s.close()

@@ -700,6 +700,13 @@ def test_decode_unknown_type_url_is_invalid_argument() -> None:
         pyshim.decode_options(any_pb2.Any(type_url="type.googleapis.com/example.Other", value=b"\x08\x01"))
 
 
+@pytest.mark.parametrize("url", ["containerd.runc.v1.Options", "containerd.linux.runc.CreateOptions"])
+def test_decode_corrupt_options_is_invalid_argument(url: str) -> None:
+    """Found by bench/fuzz_ttrpc.py: a value that does not parse was answered INTERNAL."""
+    with pytest.raises(pyshim.InvalidArgument, match="runtime options"):
+        pyshim.decode_options(any_pb2.Any(type_url=url, value=b"\x0a\xff\xff\xff\x0f"))
+
+
 def test_decode_empty_gives_defaults() -> None:
     assert pyshim.decode_options(None) == pb.RuncOptions()
     assert pyshim.decode_options(any_pb2.Any()) == pb.RuncOptions()
@@ -1419,3 +1426,83 @@ def test_delete_response_is_the_protobuf_encoding(pid: int, status: int, ns: int
     got = pyshim._delete_response(pid, status, ns)
     assert got == want.SerializeToString()
     assert pb.DeleteResponse.FromString(got) == want
+
+
+def test_atomic_write_never_writes_through_a_planted_symlink(tmp_path) -> None:
+    """Bundle files (address, options.json) replace a symlink planted in the bundle,
+    at their name or at their temp name, instead of writing to where it points."""
+    bundle, outside = tmp_path / "bundle", tmp_path / "outside"
+    bundle.mkdir()
+    outside.write_bytes(b"precious")
+    (bundle / "address").symlink_to(outside)
+    (bundle / f".address.{os.getpid()}.tmp").symlink_to(outside)
+    pyshim._atomic_write(str(bundle), "address", b"unix:///run/containerd/s/x")
+    assert outside.read_bytes() == b"precious"
+    assert not (bundle / "address").is_symlink()
+    assert (bundle / "address").read_bytes() == b"unix:///run/containerd/s/x"
+    assert sorted(p.name for p in bundle.iterdir()) == ["address"]
+    assert os.stat(bundle / "address").st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("uri,error", [
+    ("tcp://host:1", pyshim.InvalidArgument),
+    ("file://relative/path", pyshim.InvalidArgument),
+    ("binary:///usr/bin/logger", pyshim.InvalidArgument),  # only Stdio starts a logger
+])
+def test_stdio_uris_are_validated(uri: str, error: type) -> None:
+    with pytest.raises(error):
+        pyshim._open_output(uri)
+
+
+def test_stdio_file_uri_appends_to_an_absolute_path(tmp_path) -> None:
+    target = tmp_path / "logs" / "out.log"
+    fd, keep = pyshim._open_output(f"file://{target}?maxsize=1")
+    try:
+        os.write(fd, b"x")
+    finally:
+        os.close(fd)
+    assert keep == -1 and target.read_bytes() == b"x"
+
+
+def _bundle_with_config(tmp_path) -> str:
+    (tmp_path / "config.json").write_text('{"linux": {"namespaces": [{"type": "pid"}]}}')
+    return str(tmp_path)
+
+
+def _writes_pid(text: str):
+    """A FakeRunner action: runc create/exec writes `text` as the pid file."""
+    def during(args: tuple[str, ...]) -> None:
+        if "--pid-file" in args:
+            with open(args[args.index("--pid-file") + 1], "w") as f:
+                f.write(text)
+    return during
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1", "abc"])
+def test_service_create_refuses_a_pid_file_without_a_pid(loop, tmp_path, text: str) -> None:
+    """Found by bench/fuzz_ttrpc.py: an empty pid file made a task of pid 0, and a
+    kill(2) of pid 0 signals the caller's own process group."""
+    svc = pyshim.TaskService(loop, FakeRunner(_writes_pid(text)), FakePublisher(), "ns1", lambda: None)
+    req = pb.CreateTaskRequest(id="c9", bundle=_bundle_with_config(tmp_path))
+    with pytest.raises(pyshim.RuntimeFailure, match="container pid"):
+        loop.run_until_complete(svc.create(req, {}))
+    assert svc.containers == {} and svc.pids == {} and svc.creating == set()
+    # With a pid, the same Create works.
+    svc.runner.during = _writes_pid("4242\n")
+    assert loop.run_until_complete(svc.create(req, {})).pid == 4242
+
+
+def test_service_second_create_of_an_id_in_flight_is_already_exists(loop, tmp_path) -> None:
+    """Found by bench/fuzz_ttrpc.py: two Creates of one id both ran, and the loser's
+    cleanup would unmount the winner's rootfs."""
+    svc = pyshim.TaskService(loop, FakeRunner(_writes_pid("4242")), FakePublisher(), "ns1", lambda: None)
+    req = pb.CreateTaskRequest(id="c9", bundle=_bundle_with_config(tmp_path))
+
+    async def both():
+        return await asyncio.gather(svc.create(req, {}), svc.create(req, {}), return_exceptions=True)
+
+    first, second = loop.run_until_complete(both())
+    assert first.pid == 4242
+    assert isinstance(second, pyshim.AlreadyExists), second
+    assert svc.runner.calls[0][0] == "create" and len(svc.runner.calls) == 1
+    assert list(svc.containers) == ["c9"] and svc.creating == set()
