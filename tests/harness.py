@@ -204,6 +204,12 @@ def shim_binary_path(runtime: str = PYSHIM) -> str:
     return path
 
 
+def is_template_argv(argv: list[str]) -> bool:
+    """Whether a command line is pyshim's warm template: the interpreter, its
+    flags if any (-IS), the binary, then `template` (and the title padding)."""
+    return "template" in argv[2:4] and any("containerd-shim-pyshim" in a for a in argv[1:3])
+
+
 def shim_pids(daemon: Containerd | str, runtime: str | None = None) -> list[int]:
     """Pids of live shim processes started for ``daemon`` (a Containerd or its address).
 
@@ -878,7 +884,7 @@ disabled_plugins = [{cri_disabled}
         out = set()
         for pid in _descendants(self._reaper.pid):
             argv = cmdline(pid)
-            if len(argv) >= 3 and argv[2] == "template" and "pyshim" in argv[1]:
+            if is_template_argv(argv):
                 for path in _unix_socket_paths(pid):
                     if path.startswith(SHIM_SOCKET_DIR + "/pyshim-template-"):
                         out |= {path, path + ".lock"}

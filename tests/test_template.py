@@ -57,9 +57,7 @@ def _shim_of(daemon: harness.Containerd, cid: str) -> int:
 
 
 def _is_template(pid: int) -> bool:
-    argv = harness.cmdline(pid)
-    # python [-IS] .../containerd-shim-pyshim-v1 template
-    return "template" in argv[2:4] and any("pyshim" in a for a in argv[1:3])
+    return harness.is_template_argv(harness.cmdline(pid))
 
 
 @contextmanager
