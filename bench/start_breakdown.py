@@ -19,8 +19,9 @@ every run. Each run gives these moments, in ms after ctr was launched:
   ctr exit       ctr returns
 
 and prints the median of each moment and of each step between them. A run
-without tracing is timed beside each traced one (the "plain" column), so the
-tracing's own cost shows. Needs root and tracefs at /sys/kernel/tracing.
+without tracing is timed beside each traced one (the "untraced" medians on the
+first line), so the tracing's own cost shows. Needs root and tracefs at
+/sys/kernel/tracing; other processes on the machine are left out by ancestry.
 """
 
 from __future__ import annotations
