@@ -3593,8 +3593,11 @@ def serve(flags: Flags) -> int:
         log("error", "no listening socket on fd 3")
         return 1
 
-    # libuv would give every loop an io_uring ring (an fd and locked kernel
-    # memory) for file operations the shim never makes.
+    # UV_USE_IO_URING=0 only matters to libuv 1.45-1.48, where it stops the
+    # loop's io_uring rings. The libuv in uvloop 0.21+ (1.49 and later) reads
+    # it only for the file-operation ring, which uvloop never asks for, and
+    # always creates the small epoll_ctl ring (one fd, ~28 kB USS per shim):
+    # no environment variable avoids that one.
     os.environ.setdefault("UV_USE_IO_URING", "0")
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -3949,7 +3952,7 @@ def serve_template() -> int:
     import socket
 
     gc.disable()
-    os.environ.setdefault("UV_USE_IO_URING", "0")  # read once by libuv: no ring per shim
+    os.environ.setdefault("UV_USE_IO_URING", "0")  # see serve(): only older libuvs heed it
     import pyshim_pb2  # noqa: F401
     os.chdir("/")  # never pin the launching container's bundle
     try:

@@ -117,6 +117,39 @@ def test_forked_shim_is_titled_like_a_cold_one(templated: harness.Containerd, ro
     assert r.returncode == 4
 
 
+def _fds(pid: int) -> dict[int, str]:
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            pass
+    return out
+
+
+def test_forked_shim_holds_none_of_the_templates_files(templated: harness.Containerd,
+                                                       rootfs: str) -> None:
+    """Every pipe, socket or other file the template holds stays in the template:
+    a shim inherits nothing from it but what it would get from a cold spawn."""
+    cid = harness.new_id("tfd")
+    _run_d(templated, rootfs, cid)
+    shim = _shim_of(templated, cid)
+    template = _ppid(shim)
+    assert _is_template(template)
+    template_fds = _fds(template)
+    shim_fds = _fds(shim)
+    shared = {fd: target for fd, target in shim_fds.items()
+              if target in template_fds.values() and target != "/dev/null"}
+    assert not shared, (shared, template_fds, shim_fds)
+    # The template holds stdio (/dev/null), its listening socket, and at most
+    # libuv's process-wide signal lock pipe (both ends), made by its warm-up loop.
+    assert all(template_fds[fd] == "/dev/null" for fd in (0, 1, 2)), template_fds
+    assert template_fds[3].startswith("socket:"), template_fds
+    extra = [t for fd, t in template_fds.items() if fd > 3]
+    assert len(extra) in (0, 2) and all(t.startswith("pipe:") for t in extra) \
+        and len(set(extra)) <= 1, template_fds
+
+
 def test_killing_the_template_leaves_shims_alone(templated: harness.Containerd, rootfs: str) -> None:
     first = harness.new_id("tk")
     _run_d(templated, rootfs, first)
