@@ -204,6 +204,34 @@ def shim_binary_path(runtime: str = PYSHIM) -> str:
     return path
 
 
+def pb_fields(buf: bytes):
+    """(field number, value) of each field of a protobuf message, for tests that
+    read a few fields without the generated classes: varints as ints,
+    length-delimited fields as bytes; other wire types raise ValueError."""
+    def varint(i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            b = buf[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return value, i
+
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        if key & 7 == 0:
+            value, i = varint(i)
+            yield key >> 3, value
+        elif key & 7 == 2:
+            n, i = varint(i)
+            yield key >> 3, buf[i:i + n]
+            i += n
+        else:
+            raise ValueError(f"wire type {key & 7}")
+
+
 def is_template_argv(argv: list[str]) -> bool:
     """Whether a command line is pyshim's warm template: the interpreter, its
     flags if any (-IS), the binary, then `template` (and the title padding)."""

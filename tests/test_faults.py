@@ -590,35 +590,10 @@ def _frame(sid: int, body: bytes, mtype: int = 1) -> bytes:
 
 def _status(body: bytes) -> int:
     """google.rpc.Status.code of a ttrpc Response (0 if no status)."""
-    def fields(buf: bytes):
-        i = 0
-        while i < len(buf):
-            key, i = _read_varint(buf, i)
-            if key & 7 == 0:
-                value, i = _read_varint(buf, i)
-                yield key >> 3, value
-            elif key & 7 == 2:
-                n, i = _read_varint(buf, i)
-                yield key >> 3, buf[i:i + n]
-                i += n
-            else:
-                raise ValueError(f"wire type {key & 7}")
-
-    for num, value in fields(body):
+    for num, value in harness.pb_fields(body):
         if num == 1:
-            return dict(fields(value)).get(1, 0)
+            return dict(harness.pb_fields(value)).get(1, 0)
     return 0
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    v = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        v |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return v, i
 
 
 class Raw:

@@ -18,13 +18,14 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import harness
 import pytest
 from conftest import require
-from harness import CTR, PYSHIM, Containerd, new_id, wait_for
+from harness import CTR, PYSHIM, RUNC, Containerd, new_id, wait_for
 from test_e2e import (
     LOGGER,
     RUNTIMES,
@@ -570,8 +571,15 @@ def test_a_megabyte_through_a_terminal_loses_no_byte(daemon, rootfs: str, runtim
     code, out = _under_pty(daemon, "run", "-t", "--rm", "--runtime", runtime, "--rootfs", rootfs, cid,
                            "/bin/sh", "-c", "head -c 1000000 /dev/zero | tr '\\0' x; exit 0")
     assert code == 0
-    assert out.count("x") == 1_000_000, out.count("x")
-    compare_with_runc("tty_megabyte", runtime, (code, out.count("x")))
+    got = out.count("x")
+    if runtime == RUNC and got != 1_000_000:
+        # The Go shim (containerd 1.6.20) sometimes loses the end of a tty's output
+        # under load (950,272 and 991,221 of 1,000,000 bytes seen): recorded, not
+        # asserted. pyshim drains the pty before it publishes the exit.
+        warnings.warn(f"the Go shim delivered {got} of 1000000 bytes through a tty", stacklevel=1)
+        return
+    assert got == 1_000_000, got
+    compare_with_runc("tty_megabyte", runtime, (code, got))
 
 
 # A terminal with a logging binary. ctr 1.6 drops --log-uri when -t is given (its tty
@@ -603,31 +611,10 @@ def _pb(*fields: tuple[int, str | bytes | bool]) -> bytes:
 
 def _pb_varint_field(data: bytes, want: int) -> int:
     """The varint field ``want`` of a protobuf message (0 when absent)."""
-    i = 0
-    while i < len(data):
-        key, i = _read_varint(data, i)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _read_varint(data, i)
-            if num == want:
-                return value
-        elif wire == 2:
-            size, i = _read_varint(data, i)
-            i += size
-        else:
-            raise ValueError(f"wire type {wire} not expected here")
+    for num, value in harness.pb_fields(data):
+        if num == want and isinstance(value, int):
+            return value
     return 0
-
-
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = data[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, i
 
 
 def _grpc():
