@@ -17,7 +17,8 @@ Rows (the numbers of the issue):
  8. malformed ttrpc input: each gets a status error or a closed connection, the shim
     keeps serving and its RSS stays bounded.
  9. create/start/exec/kill/delete cycles on one grouped shim: RSS and fds do not grow.
-    100 cycles by default, 1000 with PYSHIM_SOAK=1.
+    100 cycles by default, 1000 with PYSHIM_SOAK=1; tests/soak_cycles.py holds the
+    scenario, which bench/soak.py runs too and prints the figures of.
 10. bad bundles: a rootfs that does not exist; a full filesystem ("/run full"), met by
     the shim itself, driven directly as in test_shim_direct.py (through ctr, a full
     tmpfs only makes ctr's own mkfifo fail before any shim runs): the bundle on a tmpfs
@@ -55,6 +56,7 @@ from typing import Any
 
 import harness
 import pytest
+import soak_cycles
 import test_e2e
 import test_shim_direct as shim_direct_mod
 from harness import CTR, PYSHIM, RUNC, Containerd, new_id, shim_pids, wait_for
@@ -81,8 +83,6 @@ import pyshim
 # for leftover shims, zombies and ctr children after a passing test.
 daemon = test_e2e.daemon
 fresh = test_e2e.fresh
-
-GROUP_ANNOTATION = "io.containerd.runc.v2.group"
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -738,50 +738,22 @@ def test_malformed_ttrpc_input(daemon: Containerd, rootfs: str, runtime: str) ->
 
 SOAK = os.environ.get("PYSHIM_SOAK", "") == "1"
 CYCLES = 1000 if SOAK else 100
-WARMUP = 10
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_grouped_shim_cycles_do_not_leak(fresh: Containerd, rootfs: str, runtime: str) -> None:
-    d, group = fresh, new_id("grp")
-    extra = ("--annotation", f"{GROUP_ANNOTATION}={group}")
-    anchor = new_id("anchor")  # keeps the grouped shim alive between cycles
-    run_d(d, runtime, rootfs, anchor, "/bin/sleep", "100000", extra=extra)
-    shim = live_shim(d, runtime, anchor)
-
-    def cycle(i: int) -> None:
-        cid = new_id("cyc")
-        run_d(d, runtime, rootfs, cid, "/bin/sleep", "1000", extra=extra)
-        assert ctr(d, "task", "exec", "--exec-id", f"x{i}", cid, "/bin/sh", "-c", "exit 4") \
-            == (4, "", ""), i
-        ok(d, "task", "kill", "-s", "KILL", cid)
-        wait_status(d, cid, "STOPPED")
-        assert norm(ctr(d, "task", "rm", cid), cid) == (0, "", exit_warning(137)), i
-        ok(d, "containers", "rm", cid)
-
-    for i in range(WARMUP):
-        cycle(i)
-    assert shim_pids(d, runtime) == [shim], "the group must keep one shim"
-    rss0, fds0, t0 = rss_kb(shim), fd_count(shim), time.monotonic()
-    for i in range(CYCLES):
-        cycle(WARMUP + i)
-    took = time.monotonic() - t0
-    assert [p for p in shim_pids(d, runtime) if p != shim] == [], "a second shim appeared"
-    try:
-        wait_for(lambda: fd_count(shim) <= fds0, 5)
-    except TimeoutError:
-        pass
-    rss1, fds1 = rss_kb(shim), fd_count(shim)
-    print(f"{runtime}: {CYCLES} cycles in {took:.0f}s; RSS {rss0} -> {rss1} kB "
+    """The scenario is tests/soak_cycles.py's, shared with bench/soak.py (which prints
+    the figures); each cycle checks ctr's answers and raises at the first surprise."""
+    r = soak_cycles.run(fresh, runtime, rootfs, CYCLES)
+    s0, s1 = r["samples"]["start"], r["samples"]["end"]
+    rss0, rss1, fds0, fds1 = s0["rss_kb"], s1["rss_kb"], s0["fds"], s1["fds"]
+    print(f"{runtime}: {CYCLES} cycles in {r['seconds']:.0f}s; RSS {rss0} -> {rss1} kB "
           f"({rss1 - rss0:+d} kB); fds {fds0} -> {fds1}")
     budget = 1024 * CYCLES // 1000  # < 1 MB per 1000 cycles
     # Asserted for pyshim only: the Go shim grew by 1476 kB and 2 fds in 1000 cycles.
     if runtime == PYSHIM:
         assert rss1 - rss0 < budget, f"RSS grew {rss1 - rss0} kB in {CYCLES} cycles"
         assert fds1 == fds0, f"fds {fds0} -> {fds1}"
-    kill_rm(d, anchor)
-    wait_for(lambda: not shim_pids(d), 10, message="the grouped shim did not exit")
-
 
 
 # ------------------------------------------------------------------ 10. bad bundles
