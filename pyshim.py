@@ -2248,6 +2248,16 @@ def _valid_id(kind: str, value: str) -> str:
     return value
 
 
+def _parse_any(msg, any_msg, what: str):
+    """`msg` parsed from the value of `any_msg`: a value that does not parse
+    is the caller's bad input (InvalidArgument), never an internal error."""
+    try:
+        msg.ParseFromString(any_msg.value)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and its kin
+        raise InvalidArgument(f"{what} {any_msg.type_url!r}: {e}") from None
+    return msg
+
+
 def decode_options(any_msg, settings: Settings | None = None):
     """Runtime options of any type containerd sends, as one RuncOptions.
 
@@ -2260,21 +2270,14 @@ def decode_options(any_msg, settings: Settings | None = None):
     if any_msg is None or not any_msg.type_url:
         return opts
     url = any_msg.type_url.rsplit("/", 1)[-1]
-    try:
-        if url in URL_CRI_OPTIONS:
-            cri = pb.CriRuntimeOptions()
-            cri.ParseFromString(any_msg.value)
-        elif url == URL_RUNC_OPTIONS:
-            opts.ParseFromString(any_msg.value)
-        elif url == URL_LINUX_CREATE_OPTIONS:
-            lin = pb.LinuxCreateOptions()
-            lin.ParseFromString(any_msg.value)
-        else:
-            raise InvalidArgument(f"unsupported runtime options type {any_msg.type_url!r}")
-    except InvalidArgument:
-        raise
-    except Exception as e:  # noqa: BLE001 - any parse failure is the caller's bad input
-        raise InvalidArgument(f"runtime options {any_msg.type_url!r}: {e}") from None
+    if url in URL_CRI_OPTIONS:
+        cri = _parse_any(pb.CriRuntimeOptions(), any_msg, "runtime options")
+    elif url == URL_RUNC_OPTIONS:
+        _parse_any(opts, any_msg, "runtime options")
+    elif url == URL_LINUX_CREATE_OPTIONS:
+        lin = _parse_any(pb.LinuxCreateOptions(), any_msg, "runtime options")
+    else:
+        raise InvalidArgument(f"unsupported runtime options type {any_msg.type_url!r}")
     if url in URL_CRI_OPTIONS:
         if not cri.config_path and not cri.config_body:
             return opts
@@ -2307,10 +2310,9 @@ def decode_checkpoint_options(any_msg):
         return opts
     url = any_msg.type_url.rsplit("/", 1)[-1]
     if url == URL_RUNC_CHECKPOINT_OPTIONS:
-        opts.ParseFromString(any_msg.value)
+        _parse_any(opts, any_msg, "checkpoint options")
     elif url == URL_LINUX_CHECKPOINT_OPTIONS:
-        lin = pb.LinuxCheckpointOptions()
-        lin.ParseFromString(any_msg.value)
+        lin = _parse_any(pb.LinuxCheckpointOptions(), any_msg, "checkpoint options")
         for name in ("exit", "open_tcp", "external_unix_sockets", "terminal", "file_locks",
                      "cgroups_mode", "image_path", "work_path"):
             setattr(opts, name, getattr(lin, name))

@@ -462,6 +462,10 @@ def test_checkpoint_options_of_either_type_decode_alike() -> None:
     assert pyshim.decode_checkpoint_options(None) == pb.RuncCheckpointOptions()
     with pytest.raises(pyshim.InvalidArgument, match="example.com/Other"):
         pyshim.decode_checkpoint_options(any_pb2.Any(type_url="example.com/Other"))
+    for url in (pyshim.URL_RUNC_CHECKPOINT_OPTIONS, pyshim.URL_LINUX_CHECKPOINT_OPTIONS):
+        # A value that does not parse is the caller's error, as for runtime options.
+        with pytest.raises(pyshim.InvalidArgument, match="checkpoint options"):
+            pyshim.decode_checkpoint_options(any_pb2.Any(type_url=url, value=b"\x0a\xff\xff\xff\x0f"))
 
 
 def test_checkpoint_args() -> None:
