@@ -578,10 +578,14 @@ class TtrpcServer:
         srv = await self.loop.create_unix_server(lambda: ServerConnection(self), sock=sock)
         self.servers.append(srv)
 
-    async def shutdown(self, deadline: float = 2.0) -> None:
-        """Closes the listeners, then waits for in-flight requests to be answered."""
+    def stop_listening(self) -> None:
+        """No new connections; the open ones are still served (idempotent)."""
         for srv in self.servers:
             srv.close()
+
+    async def shutdown(self, deadline: float = 2.0) -> None:
+        """Closes the listeners, then waits for in-flight requests to be answered."""
+        self.stop_listening()
         end = self.loop.time() + deadline
         while any(c.inflight for c in self.conns) and self.loop.time() < end:
             await _sleep(0.01)
@@ -3657,8 +3661,7 @@ def serve(flags: Flags) -> int:
         # Kill and reap before hanging up: containerd runs `shim delete` as soon
         # as the connection drops, and its `runc delete --force` must meet a
         # stopped container, not race our own `runc kill`.
-        for srv in server.servers:
-            srv.close()
+        server.stop_listening()
         for c in list(service.containers.values()):
             await service._kill_all(c)
         waits = [c.init.wait for c in service.containers.values()
