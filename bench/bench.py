@@ -30,31 +30,13 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import harness
+from harness import smaps_rollup
 
 RUNTIMES = (harness.PYSHIM, harness.RUNC)
 SHORT = {harness.PYSHIM: "pyshim", harness.RUNC: "runc-v2 (Go)"}
 
 
 # ------------------------------------------------------------------------ /proc readers
-
-
-def smaps_rollup(pid: int) -> dict[str, int] | None:
-    """kB figures of /proc/PID/smaps_rollup plus uss and threads; None if gone."""
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) == 3 and parts[2] == "kB":
-                    out[parts[0].rstrip(":").lower()] = int(parts[1])
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Threads:"):
-                    out["threads"] = int(line.split()[1])
-    except OSError:
-        return None
-    out["uss"] = out.get("private_clean", 0) + out.get("private_dirty", 0)
-    return out
 
 
 def mem_available_kb() -> int:

@@ -261,6 +261,39 @@ def shim_pids(daemon: Containerd | str, runtime: str | None = None) -> list[int]
     return out
 
 
+def smaps_rollup(pid: int) -> dict[str, int] | None:
+    """kB figures of /proc/PID/smaps_rollup plus uss and threads; None if gone."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] == "kB":
+                    out[parts[0].rstrip(":").lower()] = int(parts[1])
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    out["threads"] = int(line.split()[1])
+    except OSError:
+        return None
+    out["uss"] = out.get("private_clean", 0) + out.get("private_dirty", 0)
+    return out
+
+
+def live_shim(daemon: Containerd, runtime: str, cid: str) -> int:
+    """Pid of the long-lived shim of ``runtime`` started with ``-id cid`` (waits
+    up to 10 s for it)."""
+    def find() -> int | None:
+        for pid in shim_pids(daemon, runtime):
+            argv = cmdline(pid)
+            if argv and argv[-1] not in ("start", "delete") and "-id" in argv \
+                    and argv[argv.index("-id") + 1] == cid:
+                return pid
+        return None
+
+    return wait_for(find, 10, message=f"no live {runtime} shim for {cid}")
+
+
 def _unescape_mountinfo(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 

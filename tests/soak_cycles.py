@@ -27,17 +27,11 @@ class SoakError(AssertionError):
 
 def probe(pid: int) -> dict[str, int]:
     """kB of RSS, PSS and USS (/proc/PID/smaps_rollup), open fds and threads."""
-    kb: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) == 3 and parts[2] == "kB":
-                kb[parts[0].rstrip(":").lower()] = int(parts[1])
-    with open(f"/proc/{pid}/status") as f:
-        threads = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
-    return {"rss_kb": kb["rss"], "pss_kb": kb["pss"],
-            "uss_kb": kb.get("private_clean", 0) + kb.get("private_dirty", 0),
-            "fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": threads}
+    m = harness.smaps_rollup(pid)
+    if m is None:
+        raise SoakError(f"shim {pid} is gone")
+    return {"rss_kb": m["rss"], "pss_kb": m["pss"], "uss_kb": m["uss"],
+            "fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": m["threads"]}
 
 
 def _ctr(d: Containerd, *args: str) -> tuple[int, str, str]:
@@ -60,19 +54,6 @@ def _run_d(d: Containerd, runtime: str, rootfs: str, cid: str, group: str, *argv
     _ok(d, "run", "-d", "--runtime", runtime, "--annotation", f"{GROUP_ANNOTATION}={group}",
         "--rootfs", rootfs, cid, *argv)
     _wait_status(d, cid, "RUNNING")
-
-
-def _live_shim(d: Containerd, runtime: str, cid: str) -> int:
-    """Pid of the long-lived shim started with ``-id cid``."""
-    def find() -> int | None:
-        for pid in shim_pids(d, runtime):
-            argv = harness.cmdline(pid)
-            if argv and argv[-1] not in ("start", "delete") and "-id" in argv \
-                    and argv[argv.index("-id") + 1] == cid:
-                return pid
-        return None
-
-    return wait_for(find, 10, message=f"no live {runtime} shim for {cid}")
 
 
 def cycle(d: Containerd, runtime: str, rootfs: str, group: str, i: int) -> None:
@@ -104,7 +85,7 @@ def run(d: Containerd, runtime: str, rootfs: str, cycles: int,
     """
     group, anchor = new_id("grp"), new_id("anchor")
     _run_d(d, runtime, rootfs, anchor, group, "/bin/sleep", "100000")
-    shim = _live_shim(d, runtime, anchor)
+    shim = harness.live_shim(d, runtime, anchor)
     for i in range(WARMUP):
         cycle(d, runtime, rootfs, group, i)
     if shim_pids(d, runtime) != [shim]:

@@ -78,11 +78,7 @@ def crid() -> Iterator[Cri]:
     daemon.env["PYSHIM_TEMPLATE"] = "1"  # the default, whatever the caller's environment
     client = None
     try:
-        daemon.start()
-        for tar, build in (("pause.tar", harness.build_sandbox_image),
-                           ("busybox.tar", harness.build_busybox_image)):
-            build(os.path.join(tmp, tar))
-            daemon.import_image(os.path.join(tmp, tar), namespace=NS)
+        _start_with_images(daemon, tmp)
         client = cri.CriClient(daemon.address)
         yield Cri(daemon, client, settings, bad, root)
     finally:
@@ -120,6 +116,16 @@ def _bundles(daemon: harness.Containerd) -> set[str]:
 def _socket(daemon: harness.Containerd, group: str) -> str:
     digest = hashlib.sha256(f"{daemon.address}/{NS}/{group}".encode()).hexdigest()
     return os.path.join(harness.SHIM_SOCKET_DIR, digest)
+
+
+def _start_with_images(daemon: harness.Containerd, tmp: str) -> None:
+    """Starts the daemon and imports the sandbox and busybox images into k8s.io
+    (built locally in `tmp`: there is no registry)."""
+    daemon.start()
+    for tar, build in (("pause.tar", harness.build_sandbox_image),
+                       ("busybox.tar", harness.build_busybox_image)):
+        build(os.path.join(tmp, tar))
+        daemon.import_image(os.path.join(tmp, tar), namespace=NS)
 
 
 def _template_socket(daemon: harness.Containerd) -> str:
@@ -260,11 +266,7 @@ def test_daemon_cleanup_with_a_live_pod_leaves_nothing(handler: str) -> None:
     d = harness.Containerd(cri={handler: HANDLERS[handler]})
     tmp = tempfile.mkdtemp(prefix="pysh-cri-")
     try:
-        d.start()
-        for tar, build in (("pause.tar", harness.build_sandbox_image),
-                           ("busybox.tar", harness.build_busybox_image)):
-            build(os.path.join(tmp, tar))
-            d.import_image(os.path.join(tmp, tar), namespace=NS)
+        _start_with_images(d, tmp)
         with cri.CriClient(d.address) as client:
             pod, _, cids = _run_pod(Cri(d, client, "", "", ""), handler, "left-running")
         shm = [m for m in harness.mounts_under(d.dir) if m.endswith("/shm")]

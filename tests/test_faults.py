@@ -59,7 +59,16 @@ import pytest
 import soak_cycles
 import test_e2e
 import test_shim_direct as shim_direct_mod
-from harness import CTR, PYSHIM, RUNC, Containerd, new_id, shim_pids, wait_for
+from harness import (
+    CTR,
+    PYSHIM,
+    RUNC,
+    Containerd,
+    live_shim,
+    new_id,
+    shim_pids,
+    wait_for,
+)
 from test_e2e import (
     RUNTIMES,
     EventLog,
@@ -86,19 +95,6 @@ fresh = test_e2e.fresh
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def live_shim(d: Containerd, runtime: str, cid: str) -> int:
-    """Pid of the long-lived shim serving ``cid`` (started with ``-id cid``)."""
-    def find() -> int | None:
-        for pid in shim_pids(d, runtime):
-            argv = harness.cmdline(pid)
-            if argv and argv[-1] not in ("start", "delete") and "-id" in argv \
-                    and argv[argv.index("-id") + 1] == cid:
-                return pid
-        return None
-
-    return wait_for(find, 10, message=f"no live {runtime} shim for {cid}")
 
 
 def shim_socket(d: Containerd, cid: str) -> str:

@@ -75,6 +75,16 @@ class Direct:
         self.ids.append(cid)
         return path
 
+    def recording_runc(self, name: str) -> tuple[str, str]:
+        """(path of a runc wrapper named `name`, the file where it appends each
+        command line before it runs the real runc)."""
+        calls = os.path.join(self.dir, "runc-calls")
+        wrapper = os.path.join(self.dir, name)
+        with open(wrapper, "w") as f:
+            f.write(f'#!/bin/sh\necho "$@" >> {calls}\nexec {harness.RUNC_BINARY} "$@"\n')
+        os.chmod(wrapper, 0o755)
+        return wrapper, calls
+
     def start(self, bundle: str, cid: str, options: bytes = b"", expect: int = 0,
               binary: str = "") -> str:
         """Runs `shim start` (pyshim's, or `binary`) in the bundle with `options` (an
@@ -329,11 +339,7 @@ def test_binary_name_and_root_are_honoured_also_by_delete(direct: Direct) -> Non
     up, reporting the task as killed (137)."""
     cid = harness.new_id("bin")
     bundle = direct.bundle(cid, ["/bin/sleep", "1000"])
-    calls = os.path.join(direct.dir, "runc-calls")
-    wrapper = os.path.join(direct.dir, "my-runc")
-    with open(wrapper, "w") as f:
-        f.write(f'#!/bin/sh\necho "$@" >> {calls}\nexec {harness.RUNC_BINARY} "$@"\n')
-    os.chmod(wrapper, 0o755)
+    wrapper, calls = direct.recording_runc("my-runc")
     root = os.path.join(direct.dir, "runc-root")
     opts = any_pb2.Any(type_url=pyshim.URL_RUNC_OPTIONS,
                        value=pb.RuncOptions(binary_name=wrapper, root=root).SerializeToString())
@@ -419,11 +425,7 @@ def test_settings_file_named_by_cri_options(direct: Direct) -> None:
     drives the file's runc with its runc_root, and `shim delete` after a SIGKILL does
     too. A file with an unknown key fails `start` with file and key named, no socket
     and no shim left."""
-    calls = os.path.join(direct.dir, "runc-calls")
-    wrapper = os.path.join(direct.dir, "settings-runc")
-    with open(wrapper, "w") as f:
-        f.write(f'#!/bin/sh\necho "$@" >> {calls}\nexec {harness.RUNC_BINARY} "$@"\n')
-    os.chmod(wrapper, 0o755)
+    wrapper, calls = direct.recording_runc("settings-runc")
     root = os.path.join(direct.dir, "settings-root")
     settings = os.path.join(direct.dir, "pyshim.toml")
     with open(settings, "w") as f:
