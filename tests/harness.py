@@ -31,6 +31,7 @@ it and reaped there, never to PID 1, and the test process's own children are unt
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import gzip
 import hashlib
@@ -59,8 +60,13 @@ BUSYBOX_REF = "localhost/pyshim/busybox:latest"
 CRI_NAMESPACE = "k8s.io"  # where containerd's CRI plugin keeps pods, containers, images
 SANDBOX_REF = "localhost/pyshim/pause:1"  # never pulled: built and imported by the harness
 
-CONTAINERD = "/usr/bin/containerd"
-CTR = "/usr/bin/ctr"
+# The platform under test (.ci/matrix sets these): the directory holding containerd, ctr
+# and that containerd's own Go shim, containerd-shim-runc-v2 (default: Debian's package).
+PLATFORM = os.environ.get("PYSHIM_PLATFORM", "host")
+CONTAINERD_DIR = os.environ.get("PYSHIM_CONTAINERD_DIR", "/usr/bin")
+CONTAINERD = os.path.join(CONTAINERD_DIR, "containerd")
+CTR = os.path.join(CONTAINERD_DIR, "ctr")
+GO_SHIM = os.path.join(CONTAINERD_DIR, "containerd-shim-runc-v2")
 RUNC_BINARY = "/usr/sbin/runc"
 BUSYBOX = "/bin/busybox"
 
@@ -81,6 +87,60 @@ T = TypeVar("T")
 
 class HarnessError(RuntimeError):
     """The harness could not set up or drive the daemon."""
+
+
+# ---------------------------------------------------------------------------- platform
+
+
+@dataclasses.dataclass(frozen=True)
+class Behaviour:
+    """What one containerd line (and its own Go shim) does where the lines differ. Tests
+    look their expectation up here (``behaviour()``) rather than assume one version;
+    pyshim is held to the same row as the Go shim."""
+
+    # `ctr task ps` INFO column for an exec's ProcessDetails: 1.6 prints the Go struct
+    # (ExecID:x), 1.7 and later the protobuf text form (exec_id:"x").
+    ps_exec_info: str
+    # After a containerd restart, a task that exited while it was down still shows
+    # STOPPED (1.6); 1.7 and later clean up a shim that reports no pids ("cleaning
+    # leaked shim process"), so the task is gone.
+    keeps_exited_task_over_restart: bool
+    # The Go shim passes --criu to runc checkpoint/restore (1.6 only).
+    go_shim_passes_criu: bool
+
+
+BEHAVIOURS: dict[tuple[int, int], Behaviour] = {
+    (1, 6): Behaviour(ps_exec_info="ExecID:{}", keeps_exited_task_over_restart=True,
+                      go_shim_passes_criu=True),
+    (1, 7): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
+                      go_shim_passes_criu=False),
+    (2, 0): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
+                      go_shim_passes_criu=False),
+}
+
+_version_cache: dict[str, tuple[int, int, int]] = {}
+
+
+def containerd_version(binary: str = CONTAINERD) -> tuple[int, int, int]:
+    """(major, minor, patch) of a containerd binary, asked once (``containerd --version``
+    prints e.g. "containerd github.com/containerd/containerd/v2 2.1.9+unknown")."""
+    if binary not in _version_cache:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+        m = re.search(r"\s[v]?(\d+)\.(\d+)\.(\d+)", out)
+        if not m:
+            raise HarnessError(f"cannot read a version in {binary} --version: {out!r}")
+        _version_cache[binary] = (int(m[1]), int(m[2]), int(m[3]))
+    return _version_cache[binary]
+
+
+def behaviour(version: tuple[int, ...] | None = None) -> Behaviour:
+    """The row of BEHAVIOURS for this containerd: the newest line at or below it."""
+    v = tuple(version or containerd_version())[:2]
+    lines = [k for k in BEHAVIOURS if k <= v]
+    if not lines:
+        raise HarnessError(f"containerd {v} is older than every line the tests know")
+    return BEHAVIOURS[max(lines)]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -190,8 +250,9 @@ def shim_binary(runtime: str) -> str:
 
 
 def shim_search_path() -> str:
-    """Where the daemon looks for shim binaries: pip's scripts dir, then the usual dirs."""
-    dirs = [sysconfig.get_path("scripts"), *os.environ.get("PATH", "").split(os.pathsep),
+    """Where the daemon looks for shim binaries: the platform's containerd dir (its Go
+    shim), pip's scripts dir, then the usual dirs."""
+    dirs = [CONTAINERD_DIR, sysconfig.get_path("scripts"), *os.environ.get("PATH", "").split(os.pathsep),
             "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
     return os.pathsep.join(d for d in dict.fromkeys(dirs) if d)
 
@@ -682,7 +743,7 @@ class Containerd:
         if len(self.ttrpc_address.encode()) >= 108:
             raise HarnessError(f"socket path too long: {self.ttrpc_address}")
         # The Python scripts dir is where `pip install` puts containerd-shim-pyshim-v1.
-        path = [*(extra_path or ()), sysconfig.get_path("scripts"),
+        path = [*(extra_path or ()), CONTAINERD_DIR, sysconfig.get_path("scripts"),
                 *os.environ.get("PATH", "").split(os.pathsep)]
         for std in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"):
             if std not in path:

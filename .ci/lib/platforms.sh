@@ -1,0 +1,67 @@
+# The platforms of the test matrix: how each is provisioned and entered. Sourced by
+# .ci/matrix after lib/common.sh. Each provision_* is idempotent and prints nothing on
+# stdout but the path it provides.
+
+CONTAINERD2_VERSION=2.1.9   # Debian unstable's containerd package
+
+# containerd 2.x: Debian unstable's containerd package, unpacked (not installed): its
+# binaries run on Debian 12 and 13. Its runc is not taken (it needs a newer glibc): the
+# host's runc serves both shims. Prints the directory holding containerd, ctr and the
+# Go shim containerd-shim-runc-v2.
+provision_containerd2() {
+    local dir=$CACHE/containerd-$CONTAINERD2_VERSION
+    if [ ! -e "$dir/.complete" ]; then
+        log "containerd2: fetching Debian unstable's containerd $CONTAINERD2_VERSION"
+        rm -rf "$dir"
+        mkdir -p "$dir"
+        private_apt_init "$dir/apt" unstable
+        (cd "$dir/apt" && private_apt "$dir/apt" apt-get download -q \
+            "containerd=$CONTAINERD2_VERSION*" >&2)
+        dpkg-deb -x "$dir"/apt/containerd_*.deb "$dir/root"
+        rm -rf "$dir/apt"
+        "$dir/root/usr/bin/containerd" --version >&2
+        touch "$dir/.complete"
+    fi
+    printf '%s\n' "$dir/root/usr/bin"
+}
+
+DEBIAN13_PACKAGES=containerd,runc,busybox-static,criu,python3,python3-venv,python3-dev,gcc,libc6-dev,libffi-dev,git,ca-certificates,procps,iproute2
+
+# Debian 13 (containerd 1.7, runc 1.1.15, Python 3.13) as a root made by debootstrap
+# from the host's own mirror. Prints the root's path.
+provision_debian13() {
+    local root=$CACHE/debian13 mirror
+    local stamp="$root/.complete-$DEBIAN13_PACKAGES"
+    if [ ! -e "$stamp" ]; then
+        mirror=$(host_mirror)
+        log "debian13: debootstrap trixie from $mirror (a few minutes)"
+        rm -rf "$root"
+        debootstrap --variant=minbase --include="$DEBIAN13_PACKAGES" trixie "$root" "$mirror" \
+            > "$CACHE/debian13-debootstrap.log" 2>&1 \
+            || { tail -n 30 "$CACHE/debian13-debootstrap.log" >&2; return 1; }
+        touch "$stamp"
+    fi
+    # pip in the root reaches PyPI as the host does.
+    cp /etc/resolv.conf "$root/etc/resolv.conf"
+    cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    printf '%s\n' "$root"
+}
+
+# Runs a command as root inside a provisioned root, in a private mount namespace: the
+# root bound onto itself (runc wants a mount point), /proc, /sys, /dev from the host,
+# fresh tmpfs on /run and /tmp; everything is gone when the command ends.
+in_root() {
+    local root=$1; shift
+    unshare -m --propagation private /bin/sh -eu -c '
+        root=$1; shift
+        mount --bind "$root" "$root"
+        mount --rbind /proc "$root/proc"
+        mount --rbind /sys "$root/sys"
+        mount --rbind /dev "$root/dev"
+        mount -t tmpfs -o mode=0755 tmpfs "$root/run"
+        mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+        exec chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
+            PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+            CI="${CI:-}" "$@"
+    ' in_root "$root" "$@"
+}
