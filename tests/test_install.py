@@ -138,6 +138,38 @@ def test_the_wheel_in_a_fresh_venv_works_and_uninstalls_without_a_trace(wheel: s
     assert res.returncode == 0 and res.stderr.startswith(f"Usage: {BINARY} [flags] [start | delete]")
     assert os.listdir(work) == []
 
+    # As the README installs it: the binary symlinked into a directory on containerd's
+    # PATH, run from a clean environment whose PATH holds only system dirs and the link.
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / BINARY).symlink_to(binary)
+    clean = {"PATH": f"/usr/sbin:/usr/bin:/sbin:/bin:{links}"}
+    res = run([BINARY, "-v"], env=clean, cwd=str(tmp_path))
+    assert res.returncode == 0 and res.stdout == version, (res.stdout, res.stderr)
+
+    # A half-removed install (the module gone, the binary left): one line naming the
+    # interpreter and what it tried, never a traceback.
+    module = where.split()[0]
+    os.rename(module, module + ".away")
+    try:
+        res = run([BINARY, "-v"], env=clean, cwd=str(tmp_path))
+    finally:
+        os.rename(module + ".away", module)
+    assert res.returncode == 127 and res.stdout == "", res
+    assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith(f"{BINARY}: {python}") and "cannot import pyshim" in res.stderr, res.stderr
+    # ... and with the interpreter itself gone, the same kind of line from the sh part.
+    pyshim_python = venv / "bin" / "pyshim-python"
+    saved = pyshim_python.read_bytes()
+    pyshim_python.unlink()
+    try:
+        res = run([BINARY, "-v"], env=clean, cwd=str(tmp_path))
+    finally:
+        pyshim_python.write_bytes(saved)
+        pyshim_python.chmod(0o755)
+    assert res.returncode == 127 and res.stderr == (
+        f"{BINARY}: no Python to run pyshim: {venv}/bin/pyshim-python is missing; reinstall pyshim\n"), res.stderr
+
     ok([python, "-m", "pip", "uninstall", "-y", "pyshim"])
     assert not binary.exists()
     left = sorted(tree(str(venv)) - before)
