@@ -304,19 +304,20 @@ class Log:
     the fifo is full, a line is dropped rather than stalling the shim.
     """
 
-    __slots__ = ("fd", "fields", "level")
+    __slots__ = ("fd", "fields", "lead", "level")
 
     def __init__(self, fd: int = 2, level: str = "info") -> None:
         self.fd = fd
         self.level = _LEVELS[level]
-        self.fields = ""
+        self.lead = ""  # right after msg: the shim's " pid=N", as the Go shim's lines carry it
+        self.fields = ""  # at the end of every line: namespace and runtime
 
     def __call__(self, level: str, msg: str, **kv: object) -> None:
         if _LEVELS[level] < self.level:
             return
         ns = time.time_ns()
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 1_000_000_000))
-        line = f'time="{stamp}.{ns % 1_000_000_000:09d}Z" level={level} msg={_quote(msg)}'
+        line = f'time="{stamp}.{ns % 1_000_000_000:09d}Z" level={level} msg={_quote(msg)}{self.lead}'
         for k, v in kv.items():
             line += f" {k}={_quote(v)}"
         try:
@@ -460,7 +461,7 @@ class Reaper:
                     try:
                         self.on_exit(pid, code)
                     except Exception as e:  # noqa: BLE001 - one bad exit never stops reaping
-                        log("error", "exit handler failed", pid=pid, error=repr(e))
+                        log("error", "exit handler failed", process_pid=pid, error=repr(e))
             if n < self.BATCH:
                 break
         caught = _lib.reaper_caught_signals() if self.handlers else 0
@@ -1374,7 +1375,7 @@ class Logger:
                                  f"within {timeout:g}s: killed") from None
         finally:
             fd_forget(loop, r)
-        log("debug", "logging binary ready", id=cid, pid=self.pid, binary=self.argv[0])
+        log("debug", "logging binary ready", id=cid, logger_pid=self.pid, binary=self.argv[0])
 
     async def stop(self, timeout: float = LOGGER_STOP_SECONDS) -> None:
         """At Delete: SIGTERM, then SIGKILL if it has not exited within
@@ -1386,7 +1387,7 @@ class Logger:
             try:
                 await asyncio.wait_for(asyncio.shield(self.exited), timeout)
             except TimeoutError:
-                log("warning", "logging binary still running after SIGTERM: killed", pid=self.pid)
+                log("warning", "logging binary still running after SIGTERM: killed", logger_pid=self.pid)
         self.close()
 
     def _signal(self, sig: int) -> bool:
@@ -2517,7 +2518,7 @@ class TaskService:
         early = self.stash.pop(pid, None) if pid else None
         if early is not None:
             self.on_exit(pid, *early)
-        log("info", "task created", id=cid, pid=pid, checkpoint=req.checkpoint)
+        log("info", "task created", id=cid, process_pid=pid, checkpoint=req.checkpoint)
         return pb.CreateTaskResponse(pid=pid)
 
     async def start(self, req, meta):
@@ -2717,7 +2718,7 @@ class TaskService:
         ev = pb.TaskExit(container_id=p.container.id, id=p.id, pid=p.pid, exit_status=code)
         _ts(ev.exited_at, at)
         self._publish("/tasks/exit", ev)
-        log("info", "process exited", id=p.container.id, exec_id=p.id, pid=p.pid, status=code)
+        log("info", "process exited", id=p.container.id, exec_id=p.id, process_pid=p.pid, status=code)
 
     async def _kill_all(self, c: Container) -> None:
         try:
@@ -3120,6 +3121,9 @@ meant to be started by hand. Flags:
   -debug                log at debug level
   -settings JSON        settings `start` read from a CRI handler's ConfigPath
   -v                    print the version and exit
+By hand, on a node: containerd-shim-pyshim-v1 memory [-json] lists every
+pyshim process with its memory (PSS, USS, RSS), the total and the total per
+container.
 """
 
 
@@ -3540,30 +3544,86 @@ def _open_log() -> None:
     os.close(fd)
 
 
+STACK_DUMPS_KEPT = 3  # stack dump files a shim keeps in its bundle, newest first
+STACK_DUMP_MAX = 1 << 20  # bytes of one dump file
+
+
+def _await_chain(task) -> list[str]:
+    """A task's await chain as traceback-style lines: each coroutine (or generator) it
+    awaits, outermost first, down to the one that is suspended, then what that waits for."""
+    import linecache
+
+    lines = []
+    coro = task.get_coro()
+    for _ in range(128):  # a cycle-proof bound: chains are a few deep
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            code = frame.f_code
+            lines.append(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_qualname}')
+            text = linecache.getline(code.co_filename, frame.f_lineno).strip()
+            if text:
+                lines.append(f"    {text}")
+        nxt = getattr(coro, "cr_await", None)
+        if nxt is None:
+            nxt = getattr(coro, "gi_yieldfrom", None)
+        if nxt is None or not (hasattr(nxt, "cr_frame") or hasattr(nxt, "gi_frame")):
+            break
+        coro = nxt
+    waiter = getattr(task, "_fut_waiter", None)
+    if waiter is not None and hasattr(waiter, "get_coro"):  # another task: its own chain is listed
+        lines.append(f"  waiting for task {waiter.get_name()} ({_coro_name(waiter.get_coro())})")
+    elif waiter is not None:
+        lines.append(f"  waiting for {waiter!r}")
+    return lines
+
+
+def _coro_name(coro) -> str:
+    return getattr(coro, "__qualname__", type(coro).__name__)
+
+
 def dump_stacks() -> str:
-    """Every thread's stack and every asyncio task's, as text."""
+    """Every thread's whole stack and every asyncio task's whole await chain, as text."""
     import asyncio
-    import io
     import threading
     import traceback
 
-    out = io.StringIO()
+    out = []
     frames = sys._current_frames()
+    me = threading.get_ident()
     for t in threading.enumerate():
-        out.write(f"thread {t.name} (ident {t.ident}):\n")
+        out.append(f"thread {t.name} (ident {t.ident}{', dumping' if t.ident == me else ''}):")
         frame = frames.get(t.ident)
         if frame is not None:
-            out.write("".join(traceback.format_stack(frame)))
-        out.write("\n")
+            out.append("".join(traceback.format_stack(frame)).rstrip("\n"))
+        out.append("")
     try:
-        tasks = asyncio.all_tasks()
+        tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
     except RuntimeError:
-        tasks = set()
+        tasks = []
     for task in tasks:
-        out.write(f"task {task.get_name()} ({task.get_coro()!r}):\n")
-        task.print_stack(file=out)
-        out.write("\n")
-    return out.getvalue()
+        out.append(f"task {task.get_name()} ({_coro_name(task.get_coro())}, {task._state.lower()}):")
+        out.extend(_await_chain(task))
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def write_stack_dump(directory: str, text: str) -> str:
+    """Writes a dump, unescaped, to <directory>/stacks-<pid>-<utc time>.log (at most
+    STACK_DUMP_MAX bytes), keeping this shim's newest STACK_DUMPS_KEPT; returns its path."""
+    pid = os.getpid()
+    prefix = f"stacks-{pid}-"
+    name = prefix + time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z.log"
+    data = text.encode(errors="replace")
+    if len(data) > STACK_DUMP_MAX:
+        data = data[:STACK_DUMP_MAX - 32] + b"\n... (dump truncated)\n"
+    _atomic_write(directory, name, data, 0o600)
+    old = sorted(n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".log"))
+    for stale in old[:-STACK_DUMPS_KEPT]:
+        try:
+            os.unlink(os.path.join(directory, stale))
+        except OSError:
+            pass
+    return os.path.join(directory, name)
 
 
 def serve(flags: Flags) -> int:
@@ -3577,6 +3637,7 @@ def serve(flags: Flags) -> int:
     import pyshim_pb2  # noqa: F401  (loaded before the heap is frozen)
 
     _open_log()
+    log.lead = f" pid={os.getpid()}"
     log.level = _LEVELS["debug" if flags.debug else "info"]
     log.fields = f" namespace={_quote(flags.namespace)} runtime={RUNTIME_NAME}"
     settings = None
@@ -3630,7 +3691,14 @@ def serve(flags: Flags) -> int:
     reaper.reap()  # children that exited before the fd was watched
 
     def on_usr1() -> None:
-        log("info", "=== BEGIN stack dump ===\n" + dump_stacks() + "=== END stack dump ===")
+        text = dump_stacks()
+        tasks = ",".join(sorted(service.containers)) if service is not None else ""
+        kv: dict[str, object] = {"tasks": tasks}
+        try:  # the bundle the shim runs in; a grouped shim's may be gone
+            kv["file"] = write_stack_dump(os.getcwd(), text)
+        except OSError as e:
+            kv["file_error"] = str(e)
+        log("info", "=== BEGIN stack dump ===\n" + text + "=== END stack dump ===", **kv)
 
     # Through the reaper's pipe, not loop.add_signal_handler: uvloop's runs
     # enough Python per signal to cost every shim ~0.2 MB of private pages.
@@ -3648,7 +3716,7 @@ def serve(flags: Flags) -> int:
         loop.call_later(interval, release_memory)
     gc.freeze()
     log("debug", "serving api on socket", socket=sock_path)
-    log("info", "shim started", pid=os.getpid(), socket=sock_path, version=VERSION)
+    log("info", "shim started", socket=sock_path, version=VERSION)
     if settings:
         log("debug", "settings", path=settings.path, runc_root=settings.runc_root,
             runc_binary=settings.runc_binary, systemd_cgroup=settings.systemd_cgroup,
@@ -4123,8 +4191,183 @@ def _template_child(lsock, conn, fd: int, req: dict) -> None:
         os._exit(code)
 
 
+# =============================================================================
+# Memory report: what every pyshim process on this node costs
+# (`containerd-shim-pyshim-v1 memory [-json]`, an operator's command).
+# =============================================================================
+
+BINARY_NAME = "containerd-shim-pyshim-v1"
+
+
+def _proc_kb(pid: int, name: str, keys: tuple[str, ...]) -> dict[str, int]:
+    """The kB values of `keys` in /proc/PID/<name> ("Key:  123 kB" lines); {} if gone."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            for line in f:
+                key, _, rest = line.decode(errors="replace").partition(":")
+                if key in keys:
+                    out[key] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+def _listening_unix_paths(pid: int) -> list[str]:
+    """Paths of the listening unix sockets process `pid` holds (/proc/net/unix)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        with open(f"/proc/{pid}/net/unix") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+    except OSError:
+        return []
+    # Num RefCount Protocol Flags Type St Inode Path; flag 0x10000 = listening.
+    return [r[7] for r in rows if len(r) >= 8 and r[6] in inodes and int(r[3], 16) & 0x10000]
+
+
+def _bundle_address(bundle: str) -> str:
+    """The shim address a bundle names (`address`, or 2.x's bootstrap.json), as a path."""
+    for name in ("address", "bootstrap.json"):
+        try:
+            text = _read_small(os.path.join(bundle, name), 1 << 16).decode(errors="replace")
+        except OSError:
+            continue
+        if name == "bootstrap.json":
+            import json
+
+            try:
+                text = str(json.loads(text).get("address", ""))
+            except (ValueError, AttributeError):
+                continue
+        return text.strip().removeprefix("unix://")
+    return ""
+
+
+def memory_processes() -> list[dict]:
+    """Every pyshim process on this node: its kind (template or shim), namespace, shim
+    id, bundle, the containers it serves (bundles beside its own whose address is its
+    socket), RSS/PSS/USS and KSM-merged pages from /proc. start/delete runs are left out."""
+    procs = []
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        pid = int(name)
+        try:
+            argv = _read_small(f"/proc/{pid}/cmdline").decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        at = next((i for i, a in enumerate(argv[:3]) if a.endswith(BINARY_NAME)), None)
+        if at is None:
+            continue
+        args = argv[at + 1:]
+        if "template" in args[:2]:
+            kind = "template"
+        elif args and args[-1] in ("start", "delete", "memory") or "-namespace" not in args:
+            continue
+        else:
+            kind = "shim"
+        opt = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("-")}
+        mem = _proc_kb(pid, "smaps_rollup", ("Rss", "Pss", "Private_Clean", "Private_Dirty"))
+        if not mem:
+            continue
+        entry = {"pid": pid, "kind": kind, "namespace": opt.get("-namespace", ""),
+                 "id": opt.get("-id", ""), "bundle": "", "containers": [],
+                 "rss_kb": mem.get("Rss", 0), "pss_kb": mem.get("Pss", 0),
+                 "uss_kb": mem.get("Private_Clean", 0) + mem.get("Private_Dirty", 0),
+                 "ksm_merging_pages": None}
+        try:
+            with open(f"/proc/{pid}/ksm_merging_pages") as f:
+                entry["ksm_merging_pages"] = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            pass
+        if kind == "shim":
+            try:
+                entry["bundle"] = os.readlink(f"/proc/{pid}/cwd").removesuffix(" (deleted)")
+            except OSError:
+                pass
+            sockets = set(_listening_unix_paths(pid))
+            parent = os.path.dirname(entry["bundle"])
+            try:
+                siblings = sorted(os.listdir(parent)) if parent else []
+            except OSError:
+                siblings = []
+            entry["containers"] = [c for c in siblings
+                                   if _bundle_address(os.path.join(parent, c)) in sockets]
+        procs.append(entry)
+    return sorted(procs, key=lambda e: (e["kind"] != "template", e["namespace"], e["id"], e["pid"]))
+
+
+def _ksm_running() -> bool:
+    try:
+        with open("/sys/kernel/mm/ksm/run") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def memory_report(argv: list[str]) -> int:
+    """`memory [-json]`: a table (or JSON) of every pyshim process, the total and the
+    total per container. PSS is a process's private pages plus its share of each page
+    it shares (a page shared by 10 shims counts 1/10 to each): summed over processes
+    it is what they cost together, with nothing counted twice."""
+    as_json = False
+    for arg in argv:
+        if arg.lstrip("-") == "json":
+            as_json = True
+        elif arg.lstrip("-") in ("h", "help"):
+            sys.stderr.write(f"Usage: {BINARY_NAME} memory [-json]\n")
+            return 0
+        else:
+            sys.stderr.write(f"unknown argument {arg!r}\nUsage: {BINARY_NAME} memory [-json]\n")
+            return 2
+    procs = memory_processes()
+    containers = sum(len(p["containers"]) for p in procs)
+    total = {k: sum(p[k] for p in procs) for k in ("rss_kb", "pss_kb", "uss_kb")}
+    ksm = _ksm_running()
+    summary = {"processes": len(procs), "containers": containers, **total,
+               "pss_kb_per_container": round(total["pss_kb"] / containers) if containers else None,
+               "ksm_running": ksm}
+    if as_json:
+        import json
+
+        print(json.dumps({"processes": procs, "total": summary}, indent=2))
+        return 0
+
+    def mb(kb: int) -> str:
+        return f"{kb / 1024:.2f} MB"
+
+    rows = [("PID", "KIND", "NAMESPACE", "ID", "CONTAINERS", "RSS", "PSS", "USS", "KSM PAGES")]
+    for p in procs:
+        ksm_pages = p["ksm_merging_pages"]
+        rows.append((str(p["pid"]), p["kind"], p["namespace"] or "-", p["id"] or "-",
+                     str(len(p["containers"])) if p["kind"] == "shim" else "-",
+                     mb(p["rss_kb"]), mb(p["pss_kb"]), mb(p["uss_kb"]),
+                     "-" if ksm_pages is None else str(ksm_pages)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    per = mb(summary["pss_kb_per_container"]) if containers else "-"
+    print(f"\ntotal: {len(procs)} processes, {containers} containers: PSS {mb(total['pss_kb'])}, "
+          f"USS {mb(total['uss_kb'])}, RSS {mb(total['rss_kb'])}; PSS per container {per}")
+    print(f"KSM: {'on' if ksm else 'off'} on this host (/sys/kernel/mm/ksm/run)")
+    print("PSS counts each shared page once, split among the processes sharing it; "
+          "USS is what a process holds alone.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    flags = Flags(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "memory":  # an operator's command, not containerd's
+        return memory_report(args[1:])
+    flags = Flags(args)
     if flags.version:
         # The Go shim's layout, blank last line included, with Python for Go.
         print(f"containerd-shim-pyshim-v1:\n  Version:  {VERSION}\n  Revision: {REVISION}\n"

@@ -31,6 +31,8 @@ import harness
 import pytest
 from harness import CTR, PYSHIM, RUNC, Containerd, new_id, shim_pids, wait_for
 
+from pyshim import STACK_DUMPS_KEPT
+
 RUNTIMES = [pytest.param(RUNC, id="runc"), pytest.param(PYSHIM, id="pyshim")]
 CTR_TIMEOUT = 30.0
 
@@ -904,23 +906,52 @@ def test_vanished_reader_blocks_output_not_the_shim(daemon: Containerd, rootfs: 
 
 
 def test_usr1_dumps_stacks_and_the_shim_keeps_serving(daemon: Containerd, rootfs: str) -> None:
+    """`kill -USR1 <shim>` with an exec running: one log line carrying the shim's pid,
+    namespace and task ids, holding every thread's whole stack and every asyncio task's
+    whole await chain down to what it waits for (here the exec's Wait); the same text,
+    unescaped, in the file the line names (in the bundle); the shim keeps serving."""
     cid = new_id()
     assert ctr(daemon, "run", "-d", "--runtime", PYSHIM, "--rootfs", rootfs, cid,
                "/bin/sleep", "1000")[0] == 0
     shim = next(p for p in shim_pids(daemon, PYSHIM)
                 if cid in harness.cmdline(p) and harness.cmdline(p)[-1] not in ("start", "delete"))
-    start = len(daemon.log_text())
-    os.kill(shim, signal.SIGUSR1)
+    bundle = os.path.join(daemon.state, harness.TASK_PLUGIN_DIR, daemon.namespace, cid)
+    with ctr_bg(daemon, "task", "exec", "--exec-id", "long", cid, "/bin/sleep", "1001") as proc:
+        wait_for(lambda: "long" in ok(daemon, "task", "ps", cid), 10, message="the exec never ran")
+        texts = []
+        for _ in range(STACK_DUMPS_KEPT + 1):  # one more than a shim keeps
+            start = len(daemon.log_text())
+            os.kill(shim, signal.SIGUSR1)
 
-    def dumped() -> str | None:
-        text = daemon.log_text()[start:]
-        return text if "=== END stack dump ===" in text else None
+            def dumped(start: int = start) -> str | None:
+                text = daemon.log_text()[start:]
+                return text if "=== END stack dump ===" in text else None
 
-    text = wait_for(dumped, 10, message="no stack dump in the log")
-    line = next(ln for ln in text.splitlines() if "BEGIN stack dump" in ln)
+            texts.append(wait_for(dumped, 10, message="no stack dump in the log"))
+        proc.kill()
+    line = next(ln for ln in texts[-1].splitlines() if "BEGIN stack dump" in ln)
     assert _LOGRUS.match(line), line
-    assert "thread MainThread" in line and "serve" in line  # the main thread's stack
-    assert "task " in line  # asyncio tasks are listed
+    assert re.search(rf'msg="=== BEGIN stack dump ===.*=== END stack dump ===" pid={shim} ', line), line
+    assert f" tasks={cid} " in line and f" namespace={daemon.namespace} " in line, line
+    path = re.search(r" file=(\S+)", line)[1]
+    assert os.path.dirname(path) == bundle, path
+    with open(path) as f:
+        dump = f.read()
+    # The file holds the log line's text unescaped.
+    msg = json.loads('"' + re.search(r'msg="((?:[^"\\]|\\.)*)"', line)[1] + '"', strict=False)
+    assert msg == "=== BEGIN stack dump ===\n" + dump + "=== END stack dump ===", (msg[:300], dump[:300])
+    assert "thread MainThread (ident" in dump and ", dumping):" in dump and "in serve" in dump, dump
+    # The Wait of the running exec: the request's whole chain down to the handler's task,
+    # and that task's chain down to the future it awaits (the exec's exit).
+    chains = dict(re.findall(r"task (\S+) \((?:\S+), pending\):\n((?:  .*\n)+)", dump))
+    handler = next(name for name, chain in chains.items()
+                   if "in TaskService.wait" in chain and "waiting for <Future pending" in chain)
+    assert any("in ServerConnection._dispatch" in chain and "in ServerConnection._call" in chain
+               and f"waiting for task {handler} (TaskService.wait)" in chain
+               for chain in chains.values()), dump
+    assert "Publisher._run" in dump  # every task is listed
+    kept = [n for n in os.listdir(bundle) if n.startswith(f"stacks-{shim}-")]
+    assert len(kept) == STACK_DUMPS_KEPT and os.path.basename(path) in kept, kept
     assert ctr(daemon, "task", "exec", "--exec-id", "after", cid, "/bin/sh", "-c", "exit 6")[0] == 6
     assert ctr(daemon, "task", "kill", "-s", "KILL", cid)[0] == 0
     wait_for(lambda: daemon.tasks()[cid] == "STOPPED", 10)

@@ -1241,7 +1241,7 @@ def test_debug_flag_raises_the_log_level(tmp_path, debug: bool) -> None:
     levels = re.findall(r"^time=\S+ level=(\w+) ", err, re.MULTILINE)
     assert "info" in levels, err  # "shim started", "shim exiting"
     if debug:
-        assert re.search(r'level=debug msg="serving api on socket" socket=\S*shim.sock', err), err
+        assert re.search(r'level=debug msg="serving api on socket" pid=\d+ socket=\S*shim.sock', err), err
     else:
         assert "debug" not in levels, err
 
