@@ -62,6 +62,53 @@ def measure(daemon: harness.Containerd, rootfs: str, runtime: str, n: int) -> di
     }
 
 
+def verdict(rows: list[dict]) -> list[str]:
+    """The result in words: pyshim's PSS per container against the Go shim's, on this
+    platform's containerd and Python, and what PSS is."""
+    by = {r["runtime"]: r for r in rows}
+    ours, go = by[harness.PYSHIM]["pss_per_container_kb"], by[harness.RUNC]["pss_per_container_kb"]
+    version = ".".join(map(str, harness.containerd_version()))
+    return [
+        (f"pyshim: {ours / 1024:.2f} MB per container, {ours / go:.2f}x the Go shim's "
+        f"({go / 1024:.2f} MB) on containerd {version} (platform {harness.PLATFORM}, "
+        f"Python {sys.version.split()[0]}, N={by[harness.PYSHIM]['containers']})"),
+        ("PSS: each process's private memory plus its share of every page it shares (a page "
+        "shared by 10 shims counts 1/10 to each), so the sum over shims (pyshim's template "
+        "included) divided by N is what one container's shim costs."),
+    ]
+
+
+def write_plot(rows: list[dict], path: str) -> None:
+    """A bar per shim: PSS per container, pyshim's split into its shims and its template."""
+    w, h, left, top, bar = 520, 260, 70, 30, 120
+    top_kb = max(r["pss_per_container_kb"] for r in rows) * 1.15 or 1
+
+    def y(kb: float) -> float:
+        return top + (h - top - 40) * (1 - kb / top_kb)
+
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+           'font-size="12">'),
+           (f'<text x="{left}" y="18">PSS per container, N={rows[0]["containers"]}, '
+           f'containerd {".".join(map(str, harness.containerd_version()))}</text>'),
+           f'<line x1="{left}" y1="{y(0)}" x2="{w - 20}" y2="{y(0)}" stroke="black"/>']
+    for i, r in enumerate(rows):
+        x = left + 40 + i * (bar + 80)
+        total = r["pss_per_container_kb"]
+        template = r["template_pss_kb"] / r["containers"]
+        name = "pyshim" if r["runtime"] == harness.PYSHIM else "Go shim"
+        out.append(f'<rect x="{x}" y="{y(total - template)}" width="{bar}" '
+                   f'height="{y(0) - y(total - template)}" fill="#4477aa"/>')
+        if template:
+            out.append(f'<rect x="{x}" y="{y(total)}" width="{bar}" height="{y(total - template) - y(total)}" '
+                       'fill="#88bbee"><title>template share</title></rect>')
+        out.append(f'<text x="{x}" y="{y(total) - 5}">{total / 1024:.2f} MB</text>')
+        out.append(f'<text x="{x}" y="{y(0) + 16}">{name}</text>')
+    out.append(f'<text x="{left}" y="{h - 6}">light: the warm template\'s share</text></svg>')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=5, help="containers per runtime (default 5)")
@@ -84,6 +131,11 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    plot = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "shim_memory.svg")
+    write_plot(rows, plot)
+    print()
+    print("\n".join(verdict(rows)))
+    print(f"plot: {plot}")
     return 0
 
 
