@@ -154,8 +154,7 @@ def _bootstrap_scenario(d: Containerd, runtime: str, rootfs: str) -> dict:
     assert shim_address(d, first) == shim_address(d, second) != shim_address(d, alone)
     assert len(shim_pids(d, runtime)) == 2
     out = {"connections": seen, "bootstrap": params}
-    # The shim answers the task API of the version it announced, and the
-    # sandbox API (containerd.runtime.sandbox.v1) is served by neither shim.
+    # The shim answers the task API of the version it announced.
     addr = shim_address(d, alone)
     codes = {s: call(addr, s, "Connect", pyshim_connect(alone)) for s in pyshim.TASK_SERVICES}
     served = {s for s, code in codes.items() if code == 0}
@@ -164,8 +163,11 @@ def _bootstrap_scenario(d: Containerd, runtime: str, rootfs: str) -> dict:
         assert served == set(pyshim.TASK_SERVICES)
     else:
         assert served == set(b.go_shim_task_services)
-    out["sandbox"] = call(addr, SANDBOX_SERVICE, "PingSandbox")
-    assert out["sandbox"] == pyshim.UNIMPLEMENTED
+    # 1.7's Go shim serves a no-op "pause" Sandbox service (its plugin
+    # io.containerd.ttrpc.v1.pause), 2.1's dropped it; pyshim serves none: see
+    # docs/containerd2.md for who would call it.
+    sandbox = call(addr, SANDBOX_SERVICE, "PingSandbox")
+    assert sandbox == (0 if runtime == RUNC and b.go_shim_serves_sandbox else pyshim.UNIMPLEMENTED)
     out["connected"] = codes[pyshim.TASK_SERVICE_V3 if b.shim_version == 3 else pyshim.TASK_SERVICE]
     remove_all(d, alone, first, second)
     return out
@@ -268,8 +270,9 @@ def test_info_flag(runtime: str) -> None:
     # No options at all: none are echoed.
     bare = _decode_info(_info(binary).stdout)
     assert "options" not in bare and bare["features"] == info["features"]
-    same_as_go_shim("info", runtime, {"options": info["options"], "features": info["features"],
-                                      "bare": sorted(bare)})
+    if b.go_shim_info:  # else pyshim answers where the line's Go shim cannot
+        same_as_go_shim("info", runtime, {"options": info["options"], "features": info["features"],
+                                          "bare": sorted(bare)})
     # A bad options Any is refused, with a message, by both.
     bad = _info(binary, b"\x0a\x1acontainerd.runc.v1.Options\x12\x03\xff\xff\xff")
     assert bad.returncode == 1 and bad.stderr
