@@ -384,3 +384,121 @@ def test_upgrade_from_the_host_containerd(rootfs: str, runtime: str,
         same_as_go_shim("upgrade", runtime, {"files": files, "seen": seen[-1:], "bootstrap": after})
     finally:
         d.cleanup()
+
+
+# ---------------------------------------------------------------------------- the wire
+
+
+def _varint_at(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+
+def _descriptor_end(data: bytes, start: int) -> int:
+    """End of the serialized FileDescriptorProto at `start`: its top-level fields are
+    numbers 1-14 of wire type 0 or 2, and the next file begins with another field 1."""
+    i, names = start, 0
+    while i < len(data):
+        try:
+            key, j = _varint_at(data, i)
+            if key >> 3 not in range(1, 15) or key & 7 not in (0, 2):
+                break
+            if key >> 3 == 1:
+                names += 1
+                if names > 1:
+                    break
+            n, j = _varint_at(data, j)
+            j += n if key & 7 == 2 else 0
+        except IndexError:
+            break
+        if j > len(data):
+            break
+        i = j
+    return i
+
+
+def embedded_descriptor(binary: str, name: str):
+    """The FileDescriptorProto of `name` compiled into a Go binary: raw bytes in a
+    google.golang.org/protobuf build (containerd 1.7, 2.x), gzipped in a gogo one (1.6).
+    None when the binary holds no such file."""
+    import zlib
+
+    from google.protobuf import descriptor_pb2
+
+    with open(binary, "rb") as f:
+        data = f.read()
+    tag = b"\x0a" + bytes([len(name)]) + name.encode()
+    at = data.find(tag)
+    while at >= 0:
+        fd = descriptor_pb2.FileDescriptorProto()
+        try:
+            fd.ParseFromString(data[at:_descriptor_end(data, at)])
+            if fd.name == name and fd.message_type:
+                return fd
+        except Exception:  # noqa: BLE001, S112 - not a descriptor after all
+            pass
+        at = data.find(tag, at + 1)
+    at = data.find(b"\x1f\x8b\x08\x00\x00\x00\x00\x00")
+    while at >= 0:
+        try:
+            raw = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data[at:at + (1 << 20)])
+        except zlib.error:
+            raw = b""
+        if raw.startswith(tag):
+            fd = descriptor_pb2.FileDescriptorProto()
+            fd.ParseFromString(raw)
+            return fd
+        at = data.find(b"\x1f\x8b\x08\x00\x00\x00\x00\x00", at + 1)
+    return None
+
+
+TASK_PROTOS = {  # ttrpc service name -> the proto file containerd's lines build it from
+    pyshim.TASK_SERVICE: ("github.com/containerd/containerd/api/runtime/task/v2/shim.proto",
+                          "github.com/containerd/containerd/runtime/v2/task/shim.proto"),
+    pyshim.TASK_SERVICE_V3: ("github.com/containerd/containerd/api/runtime/task/v3/shim.proto",),
+}
+
+
+def _fields(msg) -> list[tuple[int, str, int, int]]:
+    return sorted((f.number, f.name, f.type, f.label) for f in msg.field)
+
+
+def test_task_messages_match_the_daemons_protos() -> None:
+    """Every request and response of each task service the platform's containerd was
+    built with (read from its binary) has pyshim.proto's field numbers, names, types
+    and labels: the v2 and v3 messages are one table, so pyshim serves both with the
+    same handlers. 1.6/1.7 know only v2."""
+    import pyshim_pb2 as pb
+
+    major = harness.containerd_version()[0]
+    found = {}
+    for service, names in TASK_PROTOS.items():
+        fd = next((d for n in names if (d := embedded_descriptor(harness.CONTAINERD, n))), None)
+        if fd is None:
+            continue
+        found[service] = fd
+        (svc,) = [s for s in fd.service if s.name == "Task"]
+        assert f"{fd.package}.Task" == service
+        msgs = {m.name: m for m in fd.message_type}
+        ours = pb.DESCRIPTOR.services_by_name["Task"]
+        assert sorted(m.name for m in svc.method) == sorted(m.name for m in ours.methods)
+        for method in svc.method:
+            mine = ours.methods_by_name[method.name]
+            for theirs_type, my_type in ((method.input_type, mine.input_type),
+                                         (method.output_type, mine.output_type)):
+                short = theirs_type.rsplit(".", 1)[-1]
+                assert short == my_type.name, (method.name, theirs_type, my_type.full_name)
+                if theirs_type.startswith(".google.protobuf."):
+                    continue
+                from google.protobuf import descriptor_pb2
+
+                proto = descriptor_pb2.DescriptorProto()
+                my_type.CopyToProto(proto)
+                assert _fields(msgs[short]) == _fields(proto), (service, short)
+    assert sorted(found) == sorted(TASK_PROTOS if major >= 2 else [pyshim.TASK_SERVICE])
