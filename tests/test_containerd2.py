@@ -504,3 +504,72 @@ def test_task_messages_match_the_daemons_protos() -> None:
     # 1.7's api module already has the v3 messages (wire-equal too); 1.6 has none.
     assert pyshim.TASK_SERVICE in found
     assert (pyshim.TASK_SERVICE_V3 in found) == (harness.containerd_version()[:2] >= (1, 7))
+
+
+# ---------------------------------------------------------------------------- a shim that dies
+
+
+def _task_events(lines: list[str], cids: set[str]) -> list[tuple[str, str, int, int]]:
+    """(topic, container, pid, exit status) of the /tasks/ events of `cids` among
+    `ctr events` lines, whichever way the line prints the event (1.6 and 2.x differ
+    before the JSON payload)."""
+    out = []
+    for line in lines:
+        m = re.search(r"(/tasks/[a-z-]+)\s+(\{.*\})\s*$", line)
+        if not m:
+            continue
+        payload = json.loads(m[2])
+        if payload.get("container_id") in cids:
+            out.append((m[1], payload["container_id"], payload.get("pid", 0),
+                        payload.get("exit_status", 0)))
+    return out
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_shim_killed_under_a_running_daemon(fresh_containerd: Containerd, rootfs: str,
+                                            runtime: str) -> None:
+    """SIGKILL a grouped shim while containerd runs: containerd runs `shim delete` for
+    each of its tasks and publishes TaskExit (137, the init's pid) then TaskDelete, and
+    the tasks are gone; the same for both shims on every line."""
+    import threading
+
+    d = fresh_containerd
+    group = new_id("grp")
+    cids = [new_id("k1"), new_id("k2")]
+    for cid in cids:
+        run(d, runtime, rootfs, cid, group)
+    pids = {cid: int(d.ctr("task", "ls").stdout.split(cid, 1)[1].split()[0]) for cid in cids}
+    lines: list[str] = []
+    proc = subprocess.Popen([harness.CTR, "--address", d.address, "-n", d.namespace, "events"],
+                            env=d.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        # Subscribed once an event of our own shows up.
+        def subscribed() -> bool:
+            ok(d, "namespaces", "label", d.namespace, f"pyshim-c2={new_id('sub')}")
+            return any("/namespaces/update" in line for line in list(lines))
+
+        wait_for(subscribed, 10, 0.2, message=f"ctr events never subscribed: {lines}")
+        os.kill(harness.live_shim(d, runtime, cids[0]), signal.SIGKILL)
+
+        def both_deleted() -> list:
+            ev = _task_events(list(lines), set(cids))
+            return ev if sum(t == "/tasks/delete" for t, *_ in ev) == 2 else []
+
+        events = wait_for(both_deleted, 20, 0.1, message=f"no TaskExit/TaskDelete: {lines}")
+    finally:
+        proc.kill()
+        proc.wait()
+        reader.join(5)
+    for cid in cids:
+        mine = [(t, pid, status) for t, c, pid, status in events if c == cid]
+        assert mine == [("/tasks/exit", pids[cid], 137), ("/tasks/delete", pids[cid], 137)]
+    wait_for(lambda: not set(cids) & set(d.tasks()), 10, message="tasks left after shim delete")
+    for cid in cids:
+        d.ctr("container", "rm", cid, timeout=30)
+    wait_for(lambda: not shim_pids(d), 10)
+    # Per container: containerd cleans the group's tasks up in either interleaving.
+    same_as_go_shim("shim-killed", runtime,
+                    [[(t, status) for t, c, _, status in events if c == cid] for cid in cids])
