@@ -11,7 +11,7 @@ Public surface:
     FrameDecoder, encode_frame  the ttrpc frame codec
     TtrpcServer, TtrpcClient    ttrpc over unix sockets on uvloop
     Process, Container          per-process state machines
-    TaskService                 containerd.task.v2.Task
+    TaskService                 containerd.task.v2.Task and containerd.task.v3.Task
     Publisher                   ordered, retrying event delivery to containerd
     Settings                    pyshim's settings file (a CRI handler's ConfigPath)
     ShimError and subclasses    errors that carry a ttrpc status code
@@ -57,6 +57,13 @@ MSG_RESPONSE = 2
 MSG_DATA = 3
 
 TASK_SERVICE = "containerd.task.v2.Task"
+# containerd 2.x's task API for version-3 shims: the same 17 methods and, in 2.1,
+# wire-identical messages (docs/containerd2.md), so one handler table serves both.
+TASK_SERVICE_V3 = "containerd.task.v3.Task"
+TASK_SERVICES = (TASK_SERVICE, TASK_SERVICE_V3)
+# The bootstrap version `start` answers a containerd that accepts it (its
+# MAX_SHIM_VERSION): 3 is task API v3 over ttrpc, as containerd-shim-runc-v2 2.x.
+SHIM_VERSION = 3
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 
 # Any type URLs, as containerd's typeurl registry names them.
@@ -68,6 +75,8 @@ URL_PROCESS_DETAILS = "containerd.runc.v1.ProcessDetails"
 # "runtimeoptions.v1.Options" (seen on the wire); the "cri." form is accepted too.
 URL_CRI_OPTIONS = ("runtimeoptions.v1.Options", "cri.runtimeoptions.v1.Options")
 URL_RUNC_CHECKPOINT_OPTIONS = "containerd.runc.v1.CheckpointOptions"
+# `-info`'s features: `runc features` JSON under the type URL the Go shim gives it.
+URL_RUNTIME_FEATURES = "types.containerd.io/opencontainers/runtime-spec/1/features/Features"
 URL_LINUX_CHECKPOINT_OPTIONS = "containerd.linux.runc.CheckpointOptions"
 EVENT_URL = "containerd.events."
 
@@ -2367,7 +2376,8 @@ def _kill_error(e: RuntimeFailure) -> ShimError:
 
 
 class TaskService:
-    """containerd.task.v2.Task for the containers of this shim.
+    """containerd.task.v2.Task and containerd.task.v3.Task (one handler table
+    under both names) for the containers of this shim.
 
     Handlers are thin: look up, call runc, publish the event. Loop thread only.
     Ordering invariants kept here:
@@ -2413,7 +2423,7 @@ class TaskService:
             "Connect": (pb.ConnectRequest, self.connect),
             "Shutdown": (pb.ShutdownRequest, self.shutdown),
         }
-        return {(TASK_SERVICE, name): entry for name, entry in table.items()}
+        return {(service, name): entry for service in TASK_SERVICES for name, entry in table.items()}
 
     def container(self, cid: str) -> Container:
         c = self.containers.get(cid)
@@ -3118,7 +3128,11 @@ meant to be started by hand. Flags:
                         TTRPC_ADDRESS is unset
   -bundle DIR           the bundle (delete only; default: working directory)
   -socket ADDR          accepted for compatibility; the socket is fd 3
+  -debug-socket ADDR    accepted for compatibility (the Go shim's pprof socket);
+                        pyshim serves none: SIGUSR1 dumps its stacks to the log
   -debug                log at debug level
+  -info                 read runtime options (an Any) on stdin, print a
+                        containerd.types.RuntimeInfo protobuf on stdout, exit
   -settings JSON        settings `start` read from a CRI handler's ConfigPath
   -v                    print the version and exit
 By hand, on a node: containerd-shim-pyshim-v1 memory [-json] lists every
@@ -3136,7 +3150,9 @@ class Flags:
         "address",
         "bundle",
         "debug",
+        "debug_socket",
         "id",
+        "info",
         "namespace",
         "publish_binary",
         "settings",
@@ -3145,13 +3161,14 @@ class Flags:
     )
 
     # -settings is pyshim's own: `start` passes the long-lived shim its Settings.
-    STRINGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle", "socket", "settings"})
-    BOOLS = frozenset({"debug", "v"})
+    STRINGS = frozenset({"namespace", "address", "publish-binary", "id", "bundle", "socket", "settings",
+                         "debug-socket"})
+    BOOLS = frozenset({"debug", "v", "info"})
 
     def __init__(self, argv: list[str]) -> None:
         self.namespace = self.address = self.publish_binary = self.id = ""
-        self.bundle = self.socket = self.settings = ""
-        self.debug = self.version = False
+        self.bundle = self.socket = self.settings = self.debug_socket = ""
+        self.debug = self.version = self.info = False
         self.action = ""
         i = 0
         while i < len(argv):
@@ -3166,10 +3183,7 @@ class Flags:
                 raise SystemExit(0)
             if name in self.BOOLS:
                 on = value.lower() not in ("false", "0") if eq else True
-                if name == "v":
-                    self.version = on
-                else:
-                    self.debug = on
+                setattr(self, {"v": "version"}.get(name, name), on)
             elif name in self.STRINGS:
                 if not eq:
                     i += 1
@@ -3427,7 +3441,7 @@ def action_start(flags: Flags) -> int:
         if _can_connect(path):
             # The group's shim is alive: this container joins it.
             _atomic_write(bundle, "address", address.encode())
-            sys.stdout.write(address)
+            sys.stdout.write(bootstrap_answer(address, _containerd_binary(flags)))
             return 0
         os.unlink(path)
         fd = unix_listen(path)
@@ -3463,7 +3477,137 @@ def action_start(flags: Flags) -> int:
                 pass
             raise
     _atomic_write(bundle, "address", address.encode())
-    sys.stdout.write(address)
+    sys.stdout.write(bootstrap_answer(address, _containerd_binary(flags)))
+    return 0
+
+
+def containerd_major(binary: str) -> int:
+    """The major version of the containerd executable `binary` (the -publish-binary
+    containerd passes, its own os.Executable()), read from the Go build info
+    every Go binary carries in its .go.buildinfo ELF section: its main package is
+    github.com/containerd/containerd/cmd/containerd in 1.x and
+    github.com/containerd/containerd/v2/cmd/containerd in 2.x. No subprocess (a
+    `containerd --version` costs `start` tens of ms), about 8 kB read. 0 when it
+    cannot be told (not a 64-bit little-endian ELF, an old Go layout, no such
+    file): the caller then answers what every containerd accepts."""
+    try:
+        with open(binary, "rb") as f:
+            head = f.read(64)
+            if head[:6] != b"\x7fELF\x02\x01":
+                return 0
+            shoff = struct.unpack_from("<Q", head, 0x28)[0]
+            shentsize, shnum, shstrndx = struct.unpack_from("<HHH", head, 0x3A)
+            if shentsize < 64 or not 0 < shnum <= 4096 or shstrndx >= shnum:
+                return 0
+            f.seek(shoff)
+            table = f.read(shentsize * shnum)
+            # (name offset, file offset, size) of each section header
+            secs = [struct.unpack_from("<I20xQQ", table, i * shentsize) for i in range(shnum)]
+            f.seek(secs[shstrndx][1])
+            names = f.read(min(secs[shstrndx][2], 1 << 16))
+            for name_at, offset, size in secs:
+                if names[name_at:name_at + 14] == b".go.buildinfo\0":
+                    f.seek(offset)
+                    info = f.read(min(size, 4096))
+                    break
+            else:
+                return 0
+    except (OSError, struct.error):
+        return 0
+    # Go 1.18+: magic, pointer size, flags (2 = strings inline), then the Go
+    # version and the module info as varint-prefixed strings from byte 32.
+    if info[:14] != b"\xff Go buildinf:" or len(info) < 33 or not info[15] & 2:
+        return 0
+    at = info.find(b"path\tgithub.com/containerd/containerd/")
+    if at < 0:
+        return 0
+    rest = info[at + 38:at + 48]  # "cmd/..." in 1.x, "vN/cmd/..." from 2.x on
+    if rest.startswith(b"cmd/"):
+        return 1
+    major, slash, _ = rest[1:].partition(b"/")
+    return int(major) if rest[:1] == b"v" and slash and major.isdigit() else 0
+
+
+def bootstrap_answer(address: str, containerd: str) -> str:
+    """What `start` prints for `address` to the containerd executable
+    `containerd`: 2.x gets the JSON BootstrapParams of a version-3 ttrpc shim,
+    byte for byte as Go's encoding/json writes the Go shim 2.x's; 1.6 and 1.7
+    (and a containerd that cannot be told) get the plain address their Go
+    shims print, which every containerd takes as version 2: 1.7 would refuse a
+    version 3. MAX_SHIM_VERSION cannot tell them apart: 1.7 and 2.1 both send 2.
+    The bundle's `address` file is written either way (1.6/1.7 read it after a
+    restart; 2.x reads its own bootstrap.json, made from this answer)."""
+    if containerd_major(containerd) < 2:
+        return address
+    # An address is a socket path: no quote, backslash or control character.
+    return f'{{"version":{SHIM_VERSION},"address":"{address}","protocol":"ttrpc"}}'
+
+
+def _containerd_binary(flags: Flags) -> str:
+    """containerd's executable: -publish-binary, else `start`'s parent (containerd
+    runs `start` itself, also when the warm template forks the shim)."""
+    return flags.publish_binary or f"/proc/{os.getppid()}/exe"
+
+
+def _pb_field(number: int, value: bytes) -> bytes:
+    """One length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+def runtime_features(binary: str) -> bytes | None:
+    """`BINARY features` as compact JSON, or None when it fails (a runc
+    without the command): the Go shim then leaves the features out too."""
+    import json
+
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = spawn([binary, "features"], (null, w, null))
+    finally:
+        os.close(w)
+        os.close(null)
+    try:
+        out = b""
+        while chunk := os.read(r, 65536):
+            out += chunk
+    finally:
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        return None
+    try:
+        return json.dumps(json.loads(out), separators=(",", ":")).encode()
+    except ValueError:
+        return None
+
+
+def action_info(flags: Flags) -> int:
+    """`-info`: containerd 2.x's introspection (ctr plugins inspect-runtime,
+    CRI's runtime feature check) runs the shim with runtime options on stdin
+    and reads a containerd.types.RuntimeInfo{name=1, version=2
+    RuntimeVersion{version=1, revision=2}, options=3 Any, features=4 Any}.
+    As the Go shim: the options read back as containerd.runc.v1.Options (the
+    effective ones, whatever type came in), the features are runc's own."""
+    from google.protobuf import any_pb2
+
+    raw = sys.stdin.buffer.read()
+    opts = None
+    if raw:
+        any_msg = any_pb2.Any()
+        try:
+            any_msg.ParseFromString(raw)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and its kin
+            raise InvalidArgument(f"failed to read runtime options: {e}") from None
+        opts = decode_options(any_msg)
+    version = _pb_field(1, VERSION.encode()) + (_pb_field(2, REVISION.encode()) if REVISION else b"")
+    info = _pb_field(1, RUNTIME_NAME.encode()) + _pb_field(2, version)
+    if opts is not None:
+        info += _pb_field(3, _pb_field(1, URL_RUNC_OPTIONS.encode()) + _pb_field(2, opts.SerializeToString()))
+    binary = which((opts.binary_name if opts is not None else "") or "runc")
+    features = runtime_features(binary)
+    if features is not None:
+        info += _pb_field(4, _pb_field(1, URL_RUNTIME_FEATURES.encode()) + _pb_field(2, features))
+    sys.stdout.buffer.write(info)
     return 0
 
 
@@ -4375,6 +4519,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if flags.debug:
         log.level = _LEVELS["debug"]
+    if flags.info:
+        # Before the namespace check: containerd passes no flag but -info.
+        try:
+            return action_info(flags)
+        except (ShimError, OSError) as e:
+            sys.stderr.write(f"{RUNTIME_NAME}: {e}")
+            return 1
     if flags.action == "template":
         return serve_template()
     if not flags.namespace:

@@ -107,15 +107,38 @@ class Behaviour:
     keeps_exited_task_over_restart: bool
     # The Go shim passes --criu to runc checkpoint/restore (1.6 only).
     go_shim_passes_criu: bool
+    # The bootstrap version the daemon logs at each shim connection ("connecting to
+    # shim ID ... version=N"): 2 for a plain address, 3 for the Go shim 2.x's JSON
+    # BootstrapParams; None for a line that logs no such line (1.6; 1.7 logs "shim
+    # bootstrap parameters" at debug level, with neither id nor version).
+    shim_version: int | None
+    # The daemon keeps the parsed start answer in the bundle's bootstrap.json (2.x).
+    writes_bootstrap_json: bool
+    # The task services the line's Go shim serves on its socket.
+    go_shim_task_services: tuple[str, ...]
+    # The Go shim serves containerd.runtime.sandbox.v1.Sandbox (1.7's no-op "pause"
+    # plugin; 1.6 has none and 2.1 dropped it).
+    go_shim_serves_sandbox: bool
+    # The Go shim answers `-info` (2.x); older ones exit 2 on an unknown flag.
+    go_shim_info: bool
+    # `ctr plugins inspect-runtime` (introspection PluginInfo with runtime options).
+    inspects_runtime: bool
 
 
+_TASK_V2, _TASK_V3 = "containerd.task.v2.Task", "containerd.task.v3.Task"
 BEHAVIOURS: dict[tuple[int, int], Behaviour] = {
     (1, 6): Behaviour(ps_exec_info="ExecID:{}", keeps_exited_task_over_restart=True,
-                      go_shim_passes_criu=True),
+                      go_shim_passes_criu=True, shim_version=None, writes_bootstrap_json=False,
+                      go_shim_task_services=(_TASK_V2,), go_shim_serves_sandbox=False,
+                      go_shim_info=False, inspects_runtime=False),
     (1, 7): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
-                      go_shim_passes_criu=False),
+                      go_shim_passes_criu=False, shim_version=None, writes_bootstrap_json=False,
+                      go_shim_task_services=(_TASK_V2,), go_shim_serves_sandbox=True,
+                      go_shim_info=False, inspects_runtime=False),
     (2, 0): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
-                      go_shim_passes_criu=False),
+                      go_shim_passes_criu=False, shim_version=3, writes_bootstrap_json=True,
+                      go_shim_task_services=(_TASK_V3,), go_shim_serves_sandbox=False,
+                      go_shim_info=True, inspects_runtime=True),
 }
 
 _version_cache: dict[str, tuple[int, int, int]] = {}
