@@ -10,15 +10,18 @@ Public surface:
     Reaper                      the one owner of waitpid(-1)
     FrameDecoder, encode_frame  the ttrpc frame codec
     TtrpcServer, TtrpcClient    ttrpc over unix sockets on uvloop
-    Process, Container          per-process state machines
+    Runc                        one typed method per runc command
+    InitProcess, ExecProcess    per-process state machines with behaviour
+    Container                   a container's init, execs and runc
+    ExitRouter                  the one owner of container exits and their order
     TaskService                 containerd.task.v2.Task
     Publisher                   ordered, retrying event delivery to containerd
     Settings                    pyshim's settings file (a CRI handler's ConfigPath)
     ShimError and subclasses    errors that carry a ttrpc status code
 
-Sections, in dependency order: constants, errors, C bindings, log, reaper,
-ttrpc, stdio, runc, processes, settings, task service, events, start/delete
-CLI, main.
+Sections, in dependency order (each under a banner of that name): constants,
+errors, C bindings, log, reaper, ttrpc, stdio, runc, processes, cgroups,
+settings, task service, events, start / delete, serve, warm template, main.
 """
 
 from __future__ import annotations
@@ -54,7 +57,6 @@ HEADER = struct.Struct(">IIBB")
 MAX_MESSAGE = 4 << 20
 MSG_REQUEST = 1
 MSG_RESPONSE = 2
-MSG_DATA = 3
 
 TASK_SERVICE = "containerd.task.v2.Task"
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
@@ -76,8 +78,8 @@ IO_DRAIN_SECONDS = 2.0
 # A logging binary (binary:// stdio) must signal ready within this (the Go
 # shim waits without limit), and gets this long to exit after SIGTERM at
 # Delete before SIGKILL (as the Go shim's 12 s).
-LOGGER_READY_SECONDS = 10.0
-LOGGER_STOP_SECONDS = 12.0
+LOGGING_BINARY_READY_SECONDS = 10.0
+LOGGING_BINARY_STOP_SECONDS = 12.0
 EVENT_QUEUE_MAX = 4096
 EXEC_ID_MAX = 76
 
@@ -103,7 +105,6 @@ RESOURCE_EXHAUSTED = 8
 FAILED_PRECONDITION = 9
 UNIMPLEMENTED = 12
 INTERNAL = 13
-UNAVAILABLE = 14
 
 
 class ShimError(Exception):
@@ -126,10 +127,6 @@ class AlreadyExists(ShimError):
 
 class FailedPrecondition(ShimError):
     code = FAILED_PRECONDITION
-
-
-class Unimplemented(ShimError):
-    code = UNIMPLEMENTED
 
 
 class RuntimeFailure(ShimError):
@@ -304,7 +301,7 @@ def _quote(v: object) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-class Log:
+class LogrusLog:
     """A logrus-style line logger that never blocks and never raises.
 
     Writes go to a non-blocking fd: when the reader (containerd) is away and
@@ -332,7 +329,7 @@ class Log:
             pass
 
 
-log = Log()
+log = LogrusLog()
 
 
 def _atomic_write(directory: str, name: str, data: bytes, mode: int = 0o644) -> None:
@@ -1017,7 +1014,7 @@ class Stdio:
         "console_sock",
         "copiers",
         "log_pipe",
-        "logger",
+        "logging_binary",
         "loop",
         "master",
         "stderr",
@@ -1038,7 +1035,7 @@ class Stdio:
         self.master = -1  # the pty master, with a terminal
         self.console_sock = -1
         self.console_dir = ""
-        self.logger: Logger | None = None  # with a binary:// stdout
+        self.logging_binary: LoggingBinary | None = None  # with a binary:// stdout
         self.log_pipe = -1  # with a terminal and a logger: the write end its fd 3 reads
 
     def open(self, uid: int = 0, gid: int = 0) -> tuple[int, int, int]:
@@ -1060,7 +1057,7 @@ class Stdio:
         if binary:
             # As the Go shim: stdout's URI decides, and the logging binary
             # gets both output pipes (ctr --log-uri names it for both).
-            self.logger = Logger(self.stdout)
+            self.logging_binary = LoggingBinary(self.stdout)
         null = -1
         fds = []
         if self.stdin:
@@ -1076,11 +1073,11 @@ class Stdio:
             self.child_fds.append(null)
             fds.append(null)
         for path in (self.stdout, self.stderr):
-            if self.logger is not None:
+            if self.logging_binary is not None:
                 # The read end goes to the logging binary, never to a copier:
                 # the shim moves no byte of this output.
                 r, w = os.pipe2(os.O_CLOEXEC)
-                self.logger.fds.append(r)
+                self.logging_binary.fds.append(r)
                 self.child_fds.append(w)
                 fds.append(w)
                 continue
@@ -1096,7 +1093,7 @@ class Stdio:
             dst = self._fifo_writer(path)
             self.copiers.append(Copier(self.loop, r, dst, on_close=self._release))
             fds.append(w)
-        if (uid or gid) and self.logger is None:  # the Go shim leaves a logger's pipes as they are
+        if (uid or gid) and self.logging_binary is None:  # the Go shim leaves a logger's pipes as they are
             for fd in fds:
                 os.fchown(fd, uid, gid)
         return fds[0], fds[1], fds[2]
@@ -1108,13 +1105,13 @@ class Stdio:
         writes to (a terminal has no separate stderr). The Go shim drops that
         pipe's write end to its garbage collector; pyshim closes it at once,
         so the binary sees EOF on fd 4 right away."""
-        self.logger = Logger(self.stdout)
+        self.logging_binary = LoggingBinary(self.stdout)
         r, w = os.pipe2(os.O_CLOEXEC)
-        self.logger.fds.append(r)
+        self.logging_binary.fds.append(r)
         os.set_blocking(w, False)
         self.log_pipe = w
         r, w = os.pipe2(os.O_CLOEXEC)
-        self.logger.fds.append(r)
+        self.logging_binary.fds.append(r)
         os.close(w)
 
     def _open_console(self) -> tuple[int, int, int]:
@@ -1252,8 +1249,8 @@ class Stdio:
         if self.log_pipe >= 0:
             os.close(self.log_pipe)
             self.log_pipe = -1
-        if self.logger is not None:
-            self.logger.close()
+        if self.logging_binary is not None:
+            self.logging_binary.close()
 
 
 def _keep_fd(fd: int) -> None:
@@ -1303,7 +1300,7 @@ def _open_append(path: str, mode: int = 0o644) -> int:
     return fd
 
 
-class Logger:
+class LoggingBinary:
     """A logging binary named by a `binary:///path?key=value` stdout URI,
     run as the Go shim runs it.
 
@@ -1339,7 +1336,7 @@ class Logger:
         self.ready = -1
 
     async def start(self, loop, reaper: Reaper, cid: str, namespace: str,
-                    timeout: float = LOGGER_READY_SECONDS) -> None:
+                    timeout: float = LOGGING_BINARY_READY_SECONDS) -> None:
         """Spawns the binary and waits (without blocking the loop) until it
         writes to or closes fd 5; RuntimeFailure if it cannot be started or
         does not get ready within `timeout` (it is killed then)."""
@@ -1384,7 +1381,7 @@ class Logger:
             fd_forget(loop, r)
         log("debug", "logging binary ready", id=cid, pid=self.pid, binary=self.argv[0])
 
-    async def stop(self, timeout: float = LOGGER_STOP_SECONDS) -> None:
+    async def stop(self, timeout: float = LOGGING_BINARY_STOP_SECONDS) -> None:
         """At Delete: SIGTERM, then SIGKILL if it has not exited within
         `timeout`, as the Go shim does."""
         import asyncio
@@ -1863,8 +1860,8 @@ class Process:
             self.stdio.close_stdin()
 
     async def _close_stdio(self) -> None:
-        if self.stdio.logger is not None:
-            await self.stdio.logger.stop()
+        if self.stdio.logging_binary is not None:
+            await self.stdio.logging_binary.stop()
         self.stdio.close()
 
     def check_delete(self) -> None:
@@ -2047,8 +2044,8 @@ class ExecProcess(Process):
         self.starting = True
         try:
             fds = self.stdio.open(0, 0)
-            if self.stdio.logger is not None:
-                await self.stdio.logger.start(loop, reaper, self.id, namespace)
+            if self.stdio.logging_binary is not None:
+                await self.stdio.logging_binary.start(loop, reaper, self.id, namespace)
             fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, self._spec_json())
@@ -2980,8 +2977,8 @@ class TaskService:
             _atomic_write(c.bundle, "options.json",
                           json.dumps({"binary_name": c.runc.binary, "root": opts.root or RUNC_ROOT}).encode())
             fds = p.stdio.open(opts.io_uid, opts.io_gid)
-            if p.stdio.logger is not None:
-                await p.stdio.logger.start(self.loop, self.runner.reaper, c.id, ns)
+            if p.stdio.logging_binary is not None:
+                await p.stdio.logging_binary.start(self.loop, self.runner.reaper, c.id, ns)
             if req.checkpoint:
                 # As the Go shim: nothing runs until Start restores it; criu
                 # works in CriuWorkPath, else in the bundle's work dir.
@@ -3753,7 +3750,7 @@ def action_delete(flags: Flags) -> int:
 
 
 # =============================================================================
-# The long-lived shim.
+# serve: the long-lived shim.
 # =============================================================================
 
 
@@ -4353,6 +4350,11 @@ def _template_child(lsock, conn, fd: int, req: dict) -> None:
             pass
     finally:
         os._exit(code)
+
+
+# =============================================================================
+# main: the binary's entry point.
+# =============================================================================
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -867,6 +867,28 @@ def test_runc_failure_carries_runc_own_message_from_its_log(loop, tmp_path) -> N
     assert str(ei.value) == 'OCI runtime start failed: exec: "/bin/nope": not found'
 
 
+def _banner_sections(source: str) -> list[str]:
+    """The name of each banner section of pyshim.py: the title line under a
+    `# ====` rule, up to its first colon or full stop."""
+    lines = source.splitlines()
+    names = []
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("# ====") and not lines[i + 1].startswith("# ====") and \
+                (i == 0 or not lines[i - 1].startswith("#")):
+            title = lines[i + 1][2:]
+            names.append(re.split(r"[:.]", title, maxsplit=1)[0].strip().lower())
+    return names
+
+
+def test_module_docstring_lists_the_banner_sections() -> None:
+    with open(pyshim.__file__) as f:
+        source = f.read()
+    doc = " ".join(pyshim.__doc__.split())
+    listed = doc.split("Sections, in dependency order (each under a banner of that name): ", 1)[1]
+    listed = [name.strip().lower() for name in listed.rstrip(".").split(",")]
+    assert _banner_sections(source) == listed
+
+
 # =============================================================================
 # Runtime options
 # =============================================================================
@@ -1499,15 +1521,15 @@ def test_unknown_flag_fails_clearly(tmp_path, how: str) -> None:
 
 def test_logger_argv_from_the_uri() -> None:
     """Each query key, then its first value (empty if none); the path unescaped."""
-    lg = pyshim.Logger("binary:///opt/my%20log/bin?tag=a+b&flag&tag=ignored&dir=%2Ftmp")
+    lg = pyshim.LoggingBinary("binary:///opt/my%20log/bin?tag=a+b&flag&tag=ignored&dir=%2Ftmp")
     assert lg.argv == ["/opt/my log/bin", "tag", "a b", "flag", "", "dir", "/tmp"]
-    assert pyshim.Logger("binary:///bin/logger").argv == ["/bin/logger"]
+    assert pyshim.LoggingBinary("binary:///bin/logger").argv == ["/bin/logger"]
 
 
 @pytest.mark.parametrize("uri", ["binary://", "binary:logger", "binary:?x=1"])
 def test_logger_needs_an_absolute_path(uri: str) -> None:
     with pytest.raises(pyshim.InvalidArgument, match="absolute path"):
-        pyshim.Logger(uri)
+        pyshim.LoggingBinary(uri)
 
 
 def test_binary_stdio_refusals(loop) -> None:
@@ -1526,7 +1548,7 @@ def test_terminal_output_goes_to_the_logging_binary(loop) -> None:
     master, slave = os.openpty()
     try:
         assert fds[0] == fds[1] == fds[2] and os.path.samestat(os.fstat(fds[0]), os.stat(os.devnull))
-        out, err = s.logger.fds
+        out, err = s.logging_binary.fds
         assert os.read(err, 10) == b""  # nobody writes a terminal's stderr
         with socket.socket(socket.AF_UNIX) as c:
             c.connect(s.console_path)
@@ -1550,20 +1572,20 @@ def test_terminal_output_goes_to_the_logging_binary(loop) -> None:
             if fd >= 0:
                 os.close(fd)
         s.close()
-    assert s.logger.fds == [] and s.master == -1
+    assert s.logging_binary.fds == [] and s.master == -1
 
 
 def test_binary_stdio_gives_the_container_write_ends_and_keeps_no_read_end(loop) -> None:
     s = pyshim.Stdio(loop, "", "binary:///bin/logger", "binary:///bin/logger")
     _, out, err = s.open()
     try:
-        assert s.copiers == [] and len(s.logger.fds) == 2
-        for w, r in zip((out, err), s.logger.fds):
+        assert s.copiers == [] and len(s.logging_binary.fds) == 2
+        for w, r in zip((out, err), s.logging_binary.fds):
             assert stat.S_ISFIFO(os.fstat(w).st_mode)
             assert os.fstat(w).st_ino == os.fstat(r).st_ino
     finally:
         s.close()
-    assert s.logger.fds == [] and s.child_fds == []
+    assert s.logging_binary.fds == [] and s.child_fds == []
 
 
 def test_installed_binary_ignores_pythonpath(tmp_path) -> None:
