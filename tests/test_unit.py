@@ -41,6 +41,8 @@ from conftest import require
 import pyshim
 import pyshim_pb2 as pb
 
+pytestmark = pytest.mark.unit  # needs no containerd: the fast tier (-m unit)
+
 BINARY = "containerd-shim-pyshim-v1"
 
 
