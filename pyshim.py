@@ -1886,7 +1886,7 @@ class InitProcess(Process):
         self.pid = _read_pid(pid_file)
         self.stdio.close_after_start()
 
-    async def start(self) -> None:
+    async def start(self, exits: ExitRouter, namespace: str) -> None:
         """`runc start`, or the restore of a task created from a checkpoint.
         On failure the process stays created (a restore keeps its checkpoint,
         so Start may be retried, as with the Go shim)."""
@@ -1901,6 +1901,23 @@ class InitProcess(Process):
         finally:
             self.starting = False
         self.transition("start")
+
+    def started_event(self):
+        import pyshim_pb2 as pb
+
+        return "/tasks/start", pb.TaskStart(container_id=self.container.id, pid=self.pid)
+
+    def needs_cleanup_after_exit(self) -> bool:
+        """Whether the exit waits for `clean_up_after_exit` before it is published."""
+        return self.state == PAUSED or self.container.shares_pidns
+
+    async def clean_up_after_exit(self) -> None:
+        """A paused container is thawed first, so that the rest of it can die
+        and runc can delete it; without a pid namespace of its own, whatever is
+        left in its cgroup is killed: nothing else will (both as the Go shim)."""
+        await self.thaw_after_exit()
+        if self.container.shares_pidns:
+            await self.kill_all()
 
     async def _restore(self) -> None:
         c = self.container
@@ -1941,11 +1958,13 @@ class InitProcess(Process):
             raise InvalidArgument(f"resources of {self.container.id}: not the JSON of an OCI LinuxResources")
         await self.container.runc.update(self.container.id, resources)
 
-    async def checkpoint(self, path: str, decode_options) -> None:
+    async def checkpoint(self, path: str, decode_options):
         """criu dumps the whole container into `path`, working in the options'
         work_path, else in a scratch dir under the bundle's work dir that is
         removed afterwards. Unless the options say `exit`, the task keeps
-        running; with `exit` its exit is reaped and routed like any other."""
+        running; with `exit` its exit is reaped and routed like any other.
+        `decode_options()` gives the options once the state allows the call;
+        they are returned."""
         import shutil
 
         self.check("checkpoint")
@@ -1959,6 +1978,7 @@ class InitProcess(Process):
         finally:
             if not opts.work_path:
                 shutil.rmtree(work, ignore_errors=True)
+        return opts
 
     async def thaw_after_exit(self) -> None:
         """As the Go shim: a container whose init died paused is resumed, so
@@ -2020,22 +2040,38 @@ class ExecProcess(Process):
 
     def _spec_json(self) -> bytes:
         """The process spec with its terminal as the Exec request asked (the
-        Go shim sets it from the request, whatever the spec said)."""
+        Go shim sets it from the request, whatever the spec said); a spec
+        that is not a JSON object goes to runc as it came."""
         import json
 
         try:
             spec = json.loads(self.spec)
         except ValueError:
-            raise InvalidArgument(f"exec {self.id}: the process spec is not JSON") from None
+            return self.spec  # runc refuses it in its own words, as before
         if not isinstance(spec, dict):
-            raise InvalidArgument(f"exec {self.id}: the process spec is not a JSON object")
+            return self.spec
         spec["terminal"] = self.stdio.terminal
         return json.dumps(spec).encode()
 
-    async def start(self, loop, reaper: Reaper, namespace: str) -> None:
+    async def start(self, exits: ExitRouter, namespace: str) -> None:
         """`runc exec --detach`; sets `pid`. On failure the exec stays created
-        and its stdio is closed, as with the Go shim."""
+        and its stdio is closed, as with the Go shim. Counted by `exits` from
+        here: an init exit meanwhile waits for this exec's exit or failure."""
         self.check_start()
+        exits.exec_started(self.container)
+        try:
+            await self._start(namespace)
+        except BaseException:
+            exits.exec_ended(self.container)
+            raise
+
+    def started_event(self):
+        import pyshim_pb2 as pb
+
+        return "/tasks/exec-started", pb.TaskExecStarted(container_id=self.container.id, exec_id=self.id,
+                                                         pid=self.pid)
+
+    async def _start(self, namespace: str) -> None:
         c = self.container
         if not c.init_alive():
             raise FailedPrecondition(f"container {c.id} is not running: cannot start exec {self.id}")
@@ -2045,7 +2081,8 @@ class ExecProcess(Process):
         try:
             fds = self.stdio.open(0, 0)
             if self.stdio.logging_binary is not None:
-                await self.stdio.logging_binary.start(loop, reaper, self.id, namespace)
+                runner = c.runc.runner
+                await self.stdio.logging_binary.start(runner.loop, runner.reaper, self.id, namespace)
             fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, self._spec_json())
@@ -2079,6 +2116,8 @@ class ExecProcess(Process):
         await self.stdio.drain(IO_DRAIN_SECONDS)
         await self._close_stdio()
         self.transition("delete")
+        if not self.wait.done():  # an exec that never started: release its waiters
+            self.wait.set_result(self.exit_status)
         del self.container.execs[self.id]
 
 
@@ -3004,30 +3043,16 @@ class TaskService:
         p = c.process(req.exec_id)
         sub = self.exits.subscribe(p)  # before runc spawns anything
         try:
+            await p.start(self.exits, self.namespace)
+            self.exits.claim(sub, p)
+            self._publish(*p.started_event())
             if p is c.init:
-                await p.start()
-                self.exits.claim(sub, p)
-                self._publish("/tasks/start", pb.TaskStart(container_id=c.id, pid=p.pid))
                 self._watch_oom(c)
-            else:
-                await self._start_exec(c, p)
-                self.exits.claim(sub, p)
-                self._publish("/tasks/exec-started", pb.TaskExecStarted(container_id=c.id, exec_id=p.id,
-                                                                        pid=p.pid))
         finally:
             # An exit held while starting is published now: after the start
             # event on success, and at all on failure.
             self.exits.end(sub)
         return pb.StartResponse(pid=p.pid)
-
-    async def _start_exec(self, c: Container, p: ExecProcess) -> None:
-        p.check_start()
-        self.exits.exec_started(c)
-        try:
-            await p.start(self.loop, self.runner.reaper, self.namespace)
-        except BaseException:
-            self.exits.exec_ended(c)
-            raise
 
     async def exec_(self, req, meta):
         import pyshim_pb2 as pb
@@ -3065,22 +3090,19 @@ class TaskService:
         self.exits.on_exit(pid, code, at)
 
     def _exited(self, p: Process, code: int, at: int) -> None:
-        """ExitRouter's delivery. An init's exit first thaws a paused container
-        and, without a pid namespace of its own, kills what is left in its
-        cgroup (nothing else will, as the Go shim does)."""
+        """ExitRouter's delivery: an init's exit is published after its
+        clean-up (InitProcess.clean_up_after_exit), if it needs one."""
         c = p.container
         if p is c.init:
             if self.oom is not None:
                 self.oom.check(c.id)  # TaskOOM goes before the exit it caused
-            if p.state == PAUSED or c.shares_pidns:
-                self.loop.create_task(self._clean_up_after_init(p, code, at))
+            if p.needs_cleanup_after_exit():
+                self.loop.create_task(self._publish_after_cleanup(p, code, at))
                 return
         self.exits.publish_exit(p, code, at)
 
-    async def _clean_up_after_init(self, p: InitProcess, code: int, at: int) -> None:
-        await p.thaw_after_exit()
-        if p.container.shares_pidns:
-            await p.kill_all()
+    async def _publish_after_cleanup(self, p: InitProcess, code: int, at: int) -> None:
+        await p.clean_up_after_exit()
         self.exits.publish_exit(p, code, at)
 
     def _publish_exit(self, p: Process, code: int, at: int) -> None:
@@ -3146,9 +3168,9 @@ class TaskService:
         """`runc checkpoint` of the init into `req.path`; on failure the caller
         gets runc's own words and where criu's log was copied."""
         c = self.container(req.id)
-        await c.init.checkpoint(req.path, lambda: decode_checkpoint_options(
+        opts = await c.init.checkpoint(req.path, lambda: decode_checkpoint_options(
             req.options if req.HasField("options") else None))
-        log("info", "task checkpointed", id=c.id, path=req.path)
+        log("info", "task checkpointed", id=c.id, path=req.path, exit=opts.exit)
         return _empty()
 
     async def stats(self, req, meta):
