@@ -1844,6 +1844,15 @@ class Process:
         if self.starting:
             raise FailedPrecondition(f"process {self.id} is already starting")
 
+    def has_exited(self) -> bool:
+        """Exited, reaped, or no longer in /proc (an exit the router holds)."""
+        return self.state in (STOPPED, DELETED) or self.reaped or not os.path.exists(f"/proc/{self.pid}")
+
+    @property
+    def status(self) -> int:
+        """The containerd task Status of the state (UNKNOWN 0 once deleted)."""
+        return STATUS_CODES.get(self.state, 0)
+
     def check_gone(self) -> None:
         """NotFound once the process has exited (a kill would find nothing)."""
         if self.state in (STOPPED, DELETED) or self.reaped:
@@ -3073,8 +3082,7 @@ class TaskService:
         except (OSError, ShimError) as e:
             # A task that has already exited (/bin/true) has no cgroup left to
             # watch: that is normal, not worth a warning.
-            gone = c.init.state == STOPPED or c.init.reaped or not os.path.exists(f"/proc/{c.init.pid}")
-            log("debug" if gone else "warning", "cannot watch the container for OOM kills",
+            log("debug" if c.init.has_exited() else "warning", "cannot watch the container for OOM kills",
                 id=c.id, error=str(e))
 
     def _publish_oom(self, cid: str) -> None:
@@ -3122,7 +3130,7 @@ class TaskService:
         c = self.container(req.id)
         p = c.process(req.exec_id)
         s = p.stdio
-        resp = pb.StateResponse(id=p.id, bundle=c.bundle, pid=p.pid, status=STATUS_CODES.get(p.state, 0),
+        resp = pb.StateResponse(id=p.id, bundle=c.bundle, pid=p.pid, status=p.status,
                                 stdin=s.stdin, stdout=s.stdout, stderr=s.stderr, terminal=s.terminal,
                                 exit_status=p.exit_status, exec_id=req.exec_id)
         _ts(resp.exited_at, p.exited_at)
