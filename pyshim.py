@@ -10,15 +10,19 @@ Public surface:
     Reaper                      the one owner of waitpid(-1)
     FrameDecoder, encode_frame  the ttrpc frame codec
     TtrpcServer, TtrpcClient    ttrpc over unix sockets on uvloop
-    Process, Container          per-process state machines
+    Runc                        one typed method per runc command
+    InitProcess, ExecProcess    per-process state machines with behaviour
+    Container                   a container's init, execs and runc
+    ExitRouter                  the one owner of container exits and their order
     TaskService                 containerd.task.v2.Task and containerd.task.v3.Task
     Publisher                   ordered, retrying event delivery to containerd
     Settings                    pyshim's settings file (a CRI handler's ConfigPath)
     ShimError and subclasses    errors that carry a ttrpc status code
 
-Sections, in dependency order: constants, errors, C bindings, log, reaper,
-ttrpc, stdio, runc, processes, settings, task service, events, start/delete
-CLI, main.
+Sections, in dependency order (each under a banner of that name): constants,
+errors, C bindings, log, reaper, ttrpc, stdio, runc, processes, cgroups,
+settings, task service, events, start / delete, serve, warm template, memory report,
+main.
 """
 
 from __future__ import annotations
@@ -54,7 +58,6 @@ HEADER = struct.Struct(">IIBB")
 MAX_MESSAGE = 4 << 20
 MSG_REQUEST = 1
 MSG_RESPONSE = 2
-MSG_DATA = 3
 
 TASK_SERVICE = "containerd.task.v2.Task"
 # containerd 2.x's task API for version-3 shims: the same 17 methods and, in 2.1,
@@ -85,11 +88,18 @@ IO_DRAIN_SECONDS = 2.0
 # A logging binary (binary:// stdio) must signal ready within this (the Go
 # shim waits without limit), and gets this long to exit after SIGTERM at
 # Delete before SIGKILL (as the Go shim's 12 s).
-LOGGER_READY_SECONDS = 10.0
-LOGGER_STOP_SECONDS = 12.0
+LOGGING_BINARY_READY_SECONDS = 10.0
+LOGGING_BINARY_STOP_SECONDS = 12.0
 EVENT_QUEUE_MAX = 4096
-STASH_MAX = 1024
 EXEC_ID_MAX = 76
+
+# errno and signal numbers, taken from the system headers when the C core was
+# built (build_reaper.py), never written down as literals.
+ENOENT, ESRCH, EEXIST, EINVAL, EBUSY, ECONNREFUSED = (
+    _reaper.lib.ENOENT, _reaper.lib.ESRCH, _reaper.lib.EEXIST, _reaper.lib.EINVAL, _reaper.lib.EBUSY,
+    _reaper.lib.ECONNREFUSED)
+SIGINT, SIGKILL, SIGPIPE, SIGTERM, SIGXFSZ = (
+    _reaper.lib.SIGINT, _reaper.lib.SIGKILL, _reaper.lib.SIGPIPE, _reaper.lib.SIGTERM, _reaper.lib.SIGXFSZ)
 
 # =============================================================================
 # Errors: each carries the ttrpc (gRPC) status code it is answered with.
@@ -105,7 +115,6 @@ RESOURCE_EXHAUSTED = 8
 FAILED_PRECONDITION = 9
 UNIMPLEMENTED = 12
 INTERNAL = 13
-UNAVAILABLE = 14
 
 
 class ShimError(Exception):
@@ -128,10 +137,6 @@ class AlreadyExists(ShimError):
 
 class FailedPrecondition(ShimError):
     code = FAILED_PRECONDITION
-
-
-class Unimplemented(ShimError):
-    code = UNIMPLEMENTED
 
 
 class RuntimeFailure(ShimError):
@@ -284,9 +289,9 @@ def unmount_all(target: str) -> None:
         if rc == 0:
             continue
         err = -rc
-        if err in (22, 2):  # EINVAL: not a mount point (any more); ENOENT: gone
+        if err in (EINVAL, ENOENT):  # not a mount point (any more), or gone
             return
-        if err == 16:  # EBUSY
+        if err == EBUSY:
             _check(_lib.reaper_umount(tgt, _MS.MNT_DETACH), f"unmount {target}")
             continue
         raise OSError(err, f"{os.strerror(err)}: unmount {target}")
@@ -306,7 +311,7 @@ def _quote(v: object) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-class Log:
+class LogrusLog:
     """A logrus-style line logger that never blocks and never raises.
 
     Writes go to a non-blocking fd: when the reader (containerd) is away and
@@ -335,7 +340,7 @@ class Log:
             pass
 
 
-log = Log()
+log = LogrusLog()
 
 
 def _atomic_write(directory: str, name: str, data: bytes, mode: int = 0o644) -> None:
@@ -398,7 +403,7 @@ def which(name: str, path: str | None = None) -> str:
 # Reaper: the one owner of waitpid(-1).
 # =============================================================================
 
-_SPAWN_SIGDEF = (13, 25)  # SIGPIPE, SIGXFSZ: Python ignores them; children must not
+_SPAWN_SIGDEF = (SIGPIPE, SIGXFSZ)  # Python ignores them; children must not
 
 
 def spawn(argv: list[str], fds: tuple[int, int, int], env: dict[str, str] | None = None,
@@ -556,7 +561,8 @@ def _error_status(e: BaseException) -> tuple[int, str]:
     if isinstance(e, ShimError):
         return e.code, str(e)
     if isinstance(e, OSError):
-        code = {3: NOT_FOUND, 2: NOT_FOUND, 17: ALREADY_EXISTS, 22: INVALID_ARGUMENT}.get(e.errno or 0, UNKNOWN)
+        code = {ESRCH: NOT_FOUND, ENOENT: NOT_FOUND, EEXIST: ALREADY_EXISTS,
+                EINVAL: INVALID_ARGUMENT}.get(e.errno or 0, UNKNOWN)
         return code, str(e)
     log("error", "internal error", error=repr(e))
     return INTERNAL, f"internal error: {e!r}"
@@ -1019,7 +1025,7 @@ class Stdio:
         "console_sock",
         "copiers",
         "log_pipe",
-        "logger",
+        "logging_binary",
         "loop",
         "master",
         "stderr",
@@ -1040,7 +1046,7 @@ class Stdio:
         self.master = -1  # the pty master, with a terminal
         self.console_sock = -1
         self.console_dir = ""
-        self.logger: Logger | None = None  # with a binary:// stdout
+        self.logging_binary: LoggingBinary | None = None  # with a binary:// stdout
         self.log_pipe = -1  # with a terminal and a logger: the write end its fd 3 reads
 
     def open(self, uid: int = 0, gid: int = 0) -> tuple[int, int, int]:
@@ -1062,7 +1068,7 @@ class Stdio:
         if binary:
             # As the Go shim: stdout's URI decides, and the logging binary
             # gets both output pipes (ctr --log-uri names it for both).
-            self.logger = Logger(self.stdout)
+            self.logging_binary = LoggingBinary(self.stdout)
         null = -1
         fds = []
         if self.stdin:
@@ -1078,11 +1084,11 @@ class Stdio:
             self.child_fds.append(null)
             fds.append(null)
         for path in (self.stdout, self.stderr):
-            if self.logger is not None:
+            if self.logging_binary is not None:
                 # The read end goes to the logging binary, never to a copier:
                 # the shim moves no byte of this output.
                 r, w = os.pipe2(os.O_CLOEXEC)
-                self.logger.fds.append(r)
+                self.logging_binary.fds.append(r)
                 self.child_fds.append(w)
                 fds.append(w)
                 continue
@@ -1098,7 +1104,7 @@ class Stdio:
             dst = self._fifo_writer(path)
             self.copiers.append(Copier(self.loop, r, dst, on_close=self._release))
             fds.append(w)
-        if (uid or gid) and self.logger is None:  # the Go shim leaves a logger's pipes as they are
+        if (uid or gid) and self.logging_binary is None:  # the Go shim leaves a logger's pipes as they are
             for fd in fds:
                 os.fchown(fd, uid, gid)
         return fds[0], fds[1], fds[2]
@@ -1110,13 +1116,13 @@ class Stdio:
         writes to (a terminal has no separate stderr). The Go shim drops that
         pipe's write end to its garbage collector; pyshim closes it at once,
         so the binary sees EOF on fd 4 right away."""
-        self.logger = Logger(self.stdout)
+        self.logging_binary = LoggingBinary(self.stdout)
         r, w = os.pipe2(os.O_CLOEXEC)
-        self.logger.fds.append(r)
+        self.logging_binary.fds.append(r)
         os.set_blocking(w, False)
         self.log_pipe = w
         r, w = os.pipe2(os.O_CLOEXEC)
-        self.logger.fds.append(r)
+        self.logging_binary.fds.append(r)
         os.close(w)
 
     def _open_console(self) -> tuple[int, int, int]:
@@ -1254,8 +1260,8 @@ class Stdio:
         if self.log_pipe >= 0:
             os.close(self.log_pipe)
             self.log_pipe = -1
-        if self.logger is not None:
-            self.logger.close()
+        if self.logging_binary is not None:
+            self.logging_binary.close()
 
 
 def _keep_fd(fd: int) -> None:
@@ -1305,7 +1311,7 @@ def _open_append(path: str, mode: int = 0o644) -> int:
     return fd
 
 
-class Logger:
+class LoggingBinary:
     """A logging binary named by a `binary:///path?key=value` stdout URI,
     run as the Go shim runs it.
 
@@ -1341,7 +1347,7 @@ class Logger:
         self.ready = -1
 
     async def start(self, loop, reaper: Reaper, cid: str, namespace: str,
-                    timeout: float = LOGGER_READY_SECONDS) -> None:
+                    timeout: float = LOGGING_BINARY_READY_SECONDS) -> None:
         """Spawns the binary and waits (without blocking the loop) until it
         writes to or closes fd 5; RuntimeFailure if it cannot be started or
         does not get ready within `timeout` (it is killed then)."""
@@ -1386,13 +1392,11 @@ class Logger:
             fd_forget(loop, r)
         log("debug", "logging binary ready", id=cid, logger_pid=self.pid, binary=self.argv[0])
 
-    async def stop(self, timeout: float = LOGGER_STOP_SECONDS) -> None:
+    async def stop(self, timeout: float = LOGGING_BINARY_STOP_SECONDS) -> None:
         """At Delete: SIGTERM, then SIGKILL if it has not exited within
         `timeout`, as the Go shim does."""
         import asyncio
-        import signal
-
-        if self._signal(signal.SIGTERM):
+        if self._signal(SIGTERM):
             try:
                 await asyncio.wait_for(asyncio.shield(self.exited), timeout)
             except TimeoutError:
@@ -1419,61 +1423,15 @@ class Logger:
         """Kills the binary if it still runs (the reaper reaps it) and closes
         the shim's fds (idempotent)."""
         self._close_fds()
-        self._signal(9)  # SIGKILL
+        self._signal(SIGKILL)
         if self.ready >= 0:
             os.close(self.ready)
             self.ready = -1
 
 
 # =============================================================================
-# runc: command lines, spawning through the reaper, runc's own error text.
+# runc: spawning through the reaper, and one typed method per runc command.
 # =============================================================================
-
-
-class Runc:
-    """How one container's runc is invoked (binary, root, flags)."""
-
-    __slots__ = ("binary", "criu", "log", "no_new_keyring", "no_pivot", "root", "systemd")
-
-    def __init__(self, binary: str, root: str, bundle: str, systemd: bool = False,
-                 no_pivot: bool = False, no_new_keyring: bool = False, criu: str = "") -> None:
-        self.binary = binary
-        self.root = root
-        self.log = os.path.join(bundle, "log.json")
-        self.systemd = systemd
-        self.no_pivot = no_pivot
-        self.no_new_keyring = no_new_keyring
-        self.criu = criu  # the runtime options' CriuPath; "" lets runc find criu
-
-    def argv(self, *args: str) -> list[str]:
-        base = [self.binary, "--root", self.root, "--log", self.log, "--log-format", "json"]
-        if self.criu:
-            base += ["--criu", self.criu]
-        if self.systemd:
-            base.append("--systemd-cgroup")
-        return base + list(args)
-
-    def last_error(self) -> str:
-        """The last error runc wrote to its json log (only the tail is read)."""
-        import json
-
-        try:
-            fd = os.open(self.log, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return ""
-        try:
-            size = os.fstat(fd).st_size
-            tail = os.pread(fd, 65536, max(0, size - 65536))
-        finally:
-            os.close(fd)
-        for line in reversed(tail.splitlines()):
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and entry.get("level") == "error":
-                return str(entry.get("msg", ""))
-        return ""
 
 
 def fd_ready(loop, fd: int, write: bool = False):
@@ -1591,17 +1549,205 @@ class Runner:
                 chunks.append(b[:limit])
                 limit -= len(b)
 
-    async def runc(self, rc: Runc, *args: str, what: str, stdio=None, input=None) -> bytes:
-        """Runs `runc args`; on failure raises RuntimeFailure with runc's words."""
-        code, out = await self.run(rc.argv(*args), stdio=stdio, input=input, capture=stdio is None)
+
+# --- the typed runc layer ------------------------------------------------------
+
+# What runc says when the process (kill) or container (delete) a command
+# names is gone.
+RUNC_GONE = {"kill": ("not running", "does not exist", "no such process", "process already finished"),
+             "delete": ("not exist",)}
+
+
+def runc_failure(command: str, what: str, message: str) -> ShimError:
+    """The one mapping of a failed runc command to the error its caller gets,
+    as containerd-shim-runc-v2 maps them: a `kill` or `delete` of a process
+    or container that is gone is NotFound; anything else is runc's own words
+    (code Unknown)."""
+    if any(s in message for s in RUNC_GONE.get(command, ())):
+        return NotFound(f"process already finished: {what}: {message}")
+    return RuntimeFailure(f"{what}: {message}")
+
+
+class Runc:
+    """One container's runc, shaped like go-runc: a method per runc command,
+    each owning its argument list; every command logs to the bundle's
+    log.json, whose last error is the message a failure carries. Callers
+    never build argv."""
+
+    __slots__ = ("binary", "bundle", "criu", "log_path", "no_new_keyring", "no_pivot", "root",
+                 "runner", "systemd")
+
+    def __init__(self, runner: Runner | None, binary: str, root: str, bundle: str,
+                 systemd: bool = False, no_pivot: bool = False, no_new_keyring: bool = False,
+                 criu: str = "") -> None:
+        self.runner = runner
+        self.binary = binary
+        self.root = root
+        self.bundle = bundle
+        self.log_path = os.path.join(bundle, "log.json")
+        self.systemd = systemd
+        self.no_pivot = no_pivot
+        self.no_new_keyring = no_new_keyring
+        self.criu = criu  # the runtime options' CriuPath; "" lets runc find criu
+
+    def _argv(self, *args: str) -> list[str]:
+        base = [self.binary, "--root", self.root, "--log", self.log_path, "--log-format", "json"]
+        if self.criu:
+            base += ["--criu", self.criu]
+        if self.systemd:
+            base.append("--systemd-cgroup")
+        return base + list(args)
+
+    def last_error(self) -> str:
+        """The last error runc wrote to its json log (only the tail is read)."""
+        import json
+
+        try:
+            fd = os.open(self.log_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return ""
+        try:
+            size = os.fstat(fd).st_size
+            tail = os.pread(fd, 65536, max(0, size - 65536))
+        finally:
+            os.close(fd)
+        for line in reversed(tail.splitlines()):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("level") == "error":
+                return str(entry.get("msg", ""))
+        return ""
+
+    async def _run(self, what: str, *args: str, stdio=None, input: bytes | None = None) -> bytes:
+        """Runs `runc args` to completion; its output, or the mapped error."""
+        code, out = await self.runner.run(self._argv(*args), stdio=stdio, input=input,
+                                          capture=stdio is None)
         if code != 0:
-            msg = rc.last_error() or out.decode(errors="replace").strip() or f"exit status {code}"
-            raise RuntimeFailure(f"{what}: {msg}")
+            msg = self.last_error() or out.decode(errors="replace").strip() or f"exit status {code}"
+            raise runc_failure(args[0], what, msg)
         return out
+
+    @staticmethod
+    def _console(socket: str) -> list[str]:
+        return ["--console-socket", socket] if socket else []
+
+    async def create(self, cid: str, pid_file: str, stdio, console_socket: str = "") -> None:
+        args = ["create", "--bundle", self.bundle, "--pid-file", pid_file]
+        if self.no_pivot:
+            args.append("--no-pivot")
+        if self.no_new_keyring:
+            args.append("--no-new-keyring")
+        await self._run("OCI runtime create failed", *args, *self._console(console_socket), cid,
+                        stdio=stdio)
+
+    async def start(self, cid: str) -> None:
+        await self._run("OCI runtime start failed", "start", cid)
+
+    async def exec(self, cid: str, spec_path: str, pid_file: str, stdio, console_socket: str = "") -> None:
+        await self._run("OCI runtime exec failed", "exec", "--process", spec_path, "--detach",
+                        "--pid-file", pid_file, *self._console(console_socket), cid, stdio=stdio)
+
+    async def kill(self, cid: str, signo: int, all: bool = False, what: str = "OCI runtime kill failed") -> None:
+        await self._run(what, "kill", *(["--all"] if all else []), cid, str(signo))
+
+    async def delete(self, cid: str) -> None:
+        await self._run("failed to delete task", "delete", cid)
+
+    async def pause(self, cid: str) -> None:
+        await self._run("OCI runtime pause failed", "pause", cid)
+
+    async def resume(self, cid: str, what: str = "OCI runtime resume failed") -> None:
+        await self._run(what, "resume", cid)
+
+    async def update(self, cid: str, resources: bytes) -> None:
+        """`resources`: the JSON of an OCI LinuxResources, on runc's stdin."""
+        await self._run("OCI runtime update failed", "update", "--resources", "-", cid, input=resources)
+
+    async def ps(self, cid: str) -> list[int]:
+        import json
+
+        out = await self._run("failed to list pids", "ps", "--format", "json", cid)
+        try:
+            return json.loads(out.decode().strip().splitlines()[-1]) or []
+        except (ValueError, IndexError):
+            raise RuntimeFailure(f"runc ps: unexpected output {out[:200]!r}") from None
+
+    async def state(self, cid: str) -> dict:
+        import json
+
+        out = await self._run("failed to read the container's state", "state", cid)
+        try:
+            return json.loads(out)
+        except ValueError:
+            raise RuntimeFailure(f"runc state: unexpected output {out[:200]!r}") from None
+
+    async def checkpoint(self, cid: str, image: str, work: str, opts) -> None:
+        """`runc checkpoint` into `image`, criu working in `work`. A failure
+        carries runc's first line and where criu's dump.log was copied (the
+        bundle's criu-dump.log), as the Go shim's does."""
+        import shutil
+
+        code, out = await self.runner.run(self._argv(*checkpoint_args(image, work, opts), cid), capture=True)
+        if code == 0:
+            return
+        dump_log = os.path.join(self.bundle, "criu-dump.log")
+        try:
+            shutil.copyfile(os.path.join(work, "dump.log"), dump_log)
+        except OSError as e:
+            log("warning", "cannot copy criu's dump.log", id=cid, error=str(e))
+        text = out.decode(errors="replace").strip() or self.last_error()
+        first = text.splitlines()[0] if text else ""
+        raise RuntimeFailure(f"{os.path.basename(self.binary)} did not terminate successfully: "
+                             f"exit status {code}: {first} path= {dump_log}")
+
+    async def restore(self, cid: str, image: str, parent: str, work: str, pid_file: str, stdio,
+                      console_socket: str = "") -> None:
+        """`runc restore --detach`: the checkpointed processes come back and
+        are reparented to this shim (a subreaper), hence --no-subreaper."""
+        args = ["restore", "--image-path", image, "--work-path", work]
+        if parent:
+            args += ["--parent-path", parent]
+        args += ["--detach", "--pid-file", pid_file, *self._console(console_socket)]
+        if self.no_pivot:
+            args.append("--no-pivot")
+        await self._run("OCI runtime restore failed", *args, "--no-subreaper", "--bundle", self.bundle, cid,
+                        stdio=stdio)
+
+    def force_delete_now(self, cid: str) -> int:
+        """`runc delete --force`, waited for synchronously (`shim delete`, with
+        no event loop nor reaper); runc's exit code."""
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            pid = spawn(self._argv("delete", "--force", cid), (null, 2, 2))
+        finally:
+            os.close(null)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+
+def checkpoint_args(path: str, work: str, opts) -> list[str]:
+    """`runc checkpoint` flags for the image and work dirs and the options, in
+    the order the Go shim passes them (the container id goes last)."""
+    args = ["checkpoint", "--image-path", path, "--work-path", work]
+    for on, flag in ((opts.open_tcp, "--tcp-established"), (opts.external_unix_sockets, "--ext-unix-sk"),
+                     (opts.terminal, "--shell-job"), (opts.file_locks, "--file-locks")):
+        if on:
+            args.append(flag)
+    if opts.cgroups_mode:
+        # The Go shim 1.6 drops this option; runc checks the value.
+        args += ["--manage-cgroups-mode", opts.cgroups_mode]
+    for ns in opts.empty_namespaces:
+        args += ["--empty-ns", ns]
+    if not opts.exit:
+        args.append("--leave-running")
+    return args
 
 
 # =============================================================================
-# Processes: one state object per process, with an explicit transition table.
+# Processes: the init and exec processes of a container, each a state machine
+# with behaviour (containerd's init_state.go), and the one router of exits.
 # =============================================================================
 
 CREATED, RUNNING, PAUSED, STOPPED, DELETED = "created", "running", "paused", "stopped", "deleted"
@@ -1642,29 +1788,37 @@ REFUSALS: dict[tuple[str, str], str] = {
 }
 
 
+def _read_pid(path: str) -> int:
+    """The pid runc wrote; RuntimeFailure unless it is a positive number (a
+    pid of 0 would make a later kill(2) signal the shim's own group)."""
+    text = _read_small(path, 64).strip()
+    if not text.isdigit() or int(text) <= 0:
+        raise RuntimeFailure(f"failed to retrieve OCI runtime container pid: {path}: {text[:20]!r}")
+    return int(text)
+
+
+def _unlink_quietly(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 class Process:
     """The init process of a container or one of its execs.
 
-    `wait` is one future, resolved once with the exit status. While a Start
-    is in flight (`starting`), an exit is held in `pending_exit` and replayed
-    after the start event is published.
+    `state` moves only through TRANSITIONS (`transition`); each operation
+    first checks its event, so an illegal call raises before anything runs.
+    `wait` is one future, resolved once with the exit status. `reaped` is
+    set once the reaper has reported the pid: a signal or a cgroup read
+    after that could reach another process that reuses the pid.
     """
 
-    __slots__ = (
-        "container",
-        "exit_status",
-        "exited_at",
-        "id",
-        "pending_exit",
-        "pid",
-        "spec",
-        "starting",
-        "state",
-        "stdio",
-        "wait",
-    )
+    __slots__ = ("container", "exit_status", "exited_at", "id", "pid", "reaped", "starting", "state",
+                 "stdio", "wait")
 
-    def __init__(self, pid_id: str, container: Container, stdio: Stdio, loop, spec: bytes = b"") -> None:
+    def __init__(self, pid_id: str, container: Container, stdio: Stdio, loop) -> None:
         self.id = pid_id
         self.container = container
         self.pid = 0
@@ -1673,13 +1827,8 @@ class Process:
         self.exited_at = 0
         self.wait = loop.create_future()
         self.stdio = stdio
-        self.spec = spec
         self.starting = False
-        self.pending_exit: tuple[int, int] | None = None
-
-    @property
-    def is_init(self) -> bool:
-        return self.container.init is self
+        self.reaped = False
 
     def check(self, event: str) -> str:
         """The state `event` leads to; FailedPrecondition if it is illegal now
@@ -1688,8 +1837,6 @@ class Process:
         if new is None:
             if (self.state, event) in REFUSALS:
                 raise ShimError(REFUSALS[self.state, event])
-            if self.state == STOPPED and event in ("start", "pause", "resume"):
-                raise FailedPrecondition(f"cannot {event} a stopped process")
             raise FailedPrecondition(f"cannot {event} a {self.state} process")
         return new
 
@@ -1703,28 +1850,308 @@ class Process:
         if not self.wait.done():
             self.wait.set_result(status)
 
+    def check_start(self) -> None:
+        self.check("start")
+        if self.starting:
+            raise FailedPrecondition(f"process {self.id} is already starting")
+
+    def has_exited(self) -> bool:
+        """Exited, reaped, or no longer in /proc (an exit the router holds)."""
+        return self.state in (STOPPED, DELETED) or self.reaped or not os.path.exists(f"/proc/{self.pid}")
+
+    @property
+    def status(self) -> int:
+        """The containerd task Status of the state (UNKNOWN 0 once deleted)."""
+        return STATUS_CODES.get(self.state, 0)
+
+    def check_gone(self) -> None:
+        """NotFound once the process has exited (a kill would find nothing)."""
+        if self.state in (STOPPED, DELETED) or self.reaped:
+            raise NotFound(f"process {self.id}: process already finished")
+
+    def resize(self, width: int, height: int) -> None:
+        """A process without a terminal is left alone, as the Go shim does."""
+        if self.state in (STOPPED, DELETED):
+            raise ShimError("cannot resize a stopped container")  # the Go shim's words
+        self.stdio.resize(width, height)
+
+    def close_io(self, stdin: bool) -> None:
+        if stdin:
+            self.stdio.close_stdin()
+
+    async def _close_stdio(self) -> None:
+        if self.stdio.logging_binary is not None:
+            await self.stdio.logging_binary.stop()
+        self.stdio.close()
+
+    def check_delete(self) -> None:
+        if self.state in (RUNNING, PAUSED):
+            raise FailedPrecondition(f"cannot delete a running process ({self.id})")
+        self.check("delete")
+
+
+class InitProcess(Process):
+    """A container's init: runc create/start/kill/pause/resume/delete of the
+    whole container."""
+
+    __slots__ = ()
+
+    async def create(self, fds: tuple[int, int, int]) -> None:
+        """`runc create`; sets `pid`. The caller closes stdio on failure."""
+        c = self.container
+        pid_file = os.path.join(c.bundle, "init.pid")
+        await c.runc.create(c.id, pid_file, fds, self.stdio.console_path if self.stdio.terminal else "")
+        if self.stdio.terminal:
+            self.stdio.receive_console()
+        self.pid = _read_pid(pid_file)
+        self.stdio.close_after_start()
+
+    async def start(self, exits: ExitRouter, namespace: str) -> None:
+        """`runc start`, or the restore of a task created from a checkpoint.
+        On failure the process stays created (a restore keeps its checkpoint,
+        so Start may be retried, as with the Go shim)."""
+        self.check_start()
+        c = self.container
+        self.starting = True
+        try:
+            if c.restore is not None:
+                await self._restore()
+            else:
+                await c.runc.start(c.id)
+        finally:
+            self.starting = False
+        self.transition("start")
+
+    def started_event(self):
+        import pyshim_pb2 as pb
+
+        return "/tasks/start", pb.TaskStart(container_id=self.container.id, pid=self.pid)
+
+    def needs_cleanup_after_exit(self) -> bool:
+        """Whether the exit waits for `clean_up_after_exit` before it is published."""
+        return self.state == PAUSED or self.container.shares_pidns
+
+    async def clean_up_after_exit(self) -> None:
+        """A paused container is thawed first, so that the rest of it can die
+        and runc can delete it; without a pid namespace of its own, whatever is
+        left in its cgroup is killed: nothing else will (both as the Go shim)."""
+        await self.thaw_after_exit()
+        if self.container.shares_pidns:
+            await self.kill_all()
+
+    async def _restore(self) -> None:
+        c = self.container
+        image, parent, work, fds = c.restore
+        pid_file = os.path.join(c.bundle, "init.pid")
+        await c.runc.restore(c.id, image, parent, work, pid_file, fds,
+                             self.stdio.console_path if self.stdio.terminal else "")
+        if self.stdio.terminal:
+            self.stdio.receive_console()
+        self.pid = _read_pid(pid_file)
+        c.restore = None
+        self.stdio.close_after_start()
+
+    async def kill(self, signo: int, all: bool) -> None:
+        self.check_gone()
+        await self.container.runc.kill(self.container.id, signo, all)
+
+    async def pause(self) -> None:
+        self.check("pause")
+        await self.container.runc.pause(self.container.id)
+        self.transition("pause")
+
+    async def resume(self) -> None:
+        self.check("resume")
+        await self.container.runc.resume(self.container.id)
+        self.transition("resume")
+
+    async def update(self, resources: bytes) -> None:
+        """`resources`: the OCI LinuxResources JSON, checked before runc sees it."""
+        import json
+
+        self.check("update")
+        try:
+            valid = isinstance(json.loads(resources), dict)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise InvalidArgument(f"resources of {self.container.id}: not the JSON of an OCI LinuxResources")
+        await self.container.runc.update(self.container.id, resources)
+
+    async def checkpoint(self, path: str, decode_options):
+        """criu dumps the whole container into `path`, working in the options'
+        work_path, else in a scratch dir under the bundle's work dir that is
+        removed afterwards. Unless the options say `exit`, the task keeps
+        running; with `exit` its exit is reaped and routed like any other.
+        `decode_options()` gives the options once the state allows the call;
+        they are returned."""
+        import shutil
+
+        self.check("checkpoint")
+        c = self.container
+        if not path:
+            raise InvalidArgument(f"checkpoint of {c.id}: no image path")
+        opts = decode_options()
+        work = opts.work_path or os.path.join(c.bundle, "work", "criu-work")
+        try:
+            await c.runc.checkpoint(c.id, path, work, opts)
+        finally:
+            if not opts.work_path:
+                shutil.rmtree(work, ignore_errors=True)
+        return opts
+
+    async def thaw_after_exit(self) -> None:
+        """As the Go shim: a container whose init died paused is resumed, so
+        that the rest of it can die and runc can delete it."""
+        if self.state != PAUSED:
+            return
+        try:
+            await self.container.runc.resume(self.container.id, what="resume")
+        except ShimError as e:
+            log("debug", "resuming a container whose init exited paused", id=self.id, error=str(e))
+
+    async def kill_all(self) -> None:
+        """SIGKILL to every process left in the container's cgroup."""
+        try:
+            await self.container.runc.kill(self.container.id, SIGKILL, all=True, what="kill all")
+        except ShimError as e:
+            log("warning", "killing the container's remaining processes", id=self.container.id, error=str(e))
+
+    def cgroup_pid(self) -> int:
+        """The init's pid while its cgroup can be read through it: once reaped,
+        the pid may be another process's."""
+        if not self.pid or self.reaped:
+            raise NotFound(f"cgroup of {self.container.id} does not exist")
+        return self.pid
+
+    async def delete(self, oom: OomWatcher | None) -> None:
+        """`runc delete` of a created or stopped container, then its stdio and
+        rootfs; a container runc no longer knows is deleted all the same."""
+        c = self.container
+        self.check_delete()
+        await self.stdio.drain(IO_DRAIN_SECONDS)
+        if any(e.state == RUNNING for e in c.execs.values()):
+            raise FailedPrecondition(f"container {c.id} still has running execs")
+        if oom is not None:
+            oom.forget(c.id)  # before runc removes the cgroup
+        try:
+            await c.runc.delete(c.id)
+        except NotFound:
+            pass
+        await self._close_stdio()
+        for e in c.execs.values():
+            e.stdio.close()
+        if c.mounted:
+            unmount_all(c.rootfs)
+            c.mounted = False
+        self.transition("delete")
+        if not self.wait.done():
+            self.wait.set_result(self.exit_status)
+
+
+class ExecProcess(Process):
+    """A process started in a running container with `runc exec`."""
+
+    __slots__ = ("spec",)
+
+    def __init__(self, pid_id: str, container: Container, stdio: Stdio, loop, spec: bytes) -> None:
+        super().__init__(pid_id, container, stdio, loop)
+        self.spec = spec
+
+    def _spec_json(self) -> bytes:
+        """The process spec with its terminal as the Exec request asked (the
+        Go shim sets it from the request, whatever the spec said); a spec
+        that is not a JSON object goes to runc as it came."""
+        import json
+
+        try:
+            spec = json.loads(self.spec)
+        except ValueError:
+            return self.spec  # runc refuses it in its own words, as before
+        if not isinstance(spec, dict):
+            return self.spec
+        spec["terminal"] = self.stdio.terminal
+        return json.dumps(spec).encode()
+
+    async def start(self, exits: ExitRouter, namespace: str) -> None:
+        """`runc exec --detach`; sets `pid`. On failure the exec stays created
+        and its stdio is closed, as with the Go shim. Counted by `exits` from
+        here: an init exit meanwhile waits for this exec's exit or failure."""
+        self.check_start()
+        exits.exec_started(self.container)
+        try:
+            await self._start(namespace)
+        except BaseException:
+            exits.exec_ended(self.container)
+            raise
+
+    def started_event(self):
+        import pyshim_pb2 as pb
+
+        return "/tasks/exec-started", pb.TaskExecStarted(container_id=self.container.id, exec_id=self.id,
+                                                         pid=self.pid)
+
+    async def _start(self, namespace: str) -> None:
+        c = self.container
+        if not c.init_alive():
+            raise FailedPrecondition(f"container {c.id} is not running: cannot start exec {self.id}")
+        spec_path = os.path.join(c.bundle, f".exec-{self.id}.json")
+        pid_file = os.path.join(c.bundle, f"{self.id}.pid")
+        self.starting = True
+        try:
+            fds = self.stdio.open(0, 0)
+            if self.stdio.logging_binary is not None:
+                runner = c.runc.runner
+                await self.stdio.logging_binary.start(runner.loop, runner.reaper, self.id, namespace)
+            fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, self._spec_json())
+            finally:
+                os.close(fd)
+            await c.runc.exec(c.id, spec_path, pid_file, fds,
+                              self.stdio.console_path if self.stdio.terminal else "")
+            if self.stdio.terminal:
+                self.stdio.receive_console()
+            self.pid = _read_pid(pid_file)
+        except BaseException:
+            self.stdio.close()
+            raise
+        finally:
+            self.starting = False
+            _unlink_quietly(spec_path, pid_file)
+        self.stdio.close_after_start()
+        self.transition("start")
+
+    async def kill(self, signo: int, all: bool) -> None:
+        self.check_gone()
+        if not self.pid:
+            raise FailedPrecondition(f"exec {self.id} has not started")
+        try:
+            os.kill(self.pid, signo)
+        except ProcessLookupError:
+            raise NotFound(f"process {self.id}: process already finished") from None
+
+    async def delete(self, oom: OomWatcher | None = None) -> None:
+        self.check_delete()
+        await self.stdio.drain(IO_DRAIN_SECONDS)
+        await self._close_stdio()
+        self.transition("delete")
+        if not self.wait.done():  # an exec that never started: release its waiters
+            self.wait.set_result(self.exit_status)
+        del self.container.execs[self.id]
+
 
 class Container:
-    """One container: bundle, runc settings, init process and its execs.
+    """One container: bundle, runc, init process and its execs.
 
     `restore` is set only between a Create from a checkpoint and the Start
     that restores it: (image path, parent image path, criu work path, the
-    stdio fds runc restore gets).
+    stdio fds runc restore gets). `live_execs` counts the execs starting or
+    running: the init's exit is published after theirs (ExitRouter).
     """
 
-    __slots__ = (
-        "bundle",
-        "execs",
-        "held_init_exit",
-        "id",
-        "init",
-        "mounted",
-        "restore",
-        "rootfs",
-        "runc",
-        "running_execs",
-        "shares_pidns",
-    )
+    __slots__ = ("bundle", "execs", "held_init_exit", "id", "init", "live_execs", "mounted", "restore",
+                 "rootfs", "runc", "shares_pidns")
 
     def __init__(self, cid: str, bundle: str, runc: Runc) -> None:
         self.id = cid
@@ -1732,9 +2159,9 @@ class Container:
         self.runc = runc
         self.rootfs = os.path.join(bundle, "rootfs")
         self.mounted = False
-        self.init: Process | None = None
-        self.execs: dict[str, Process] = {}
-        self.running_execs = 0  # execs starting or running: the init's exit waits for them
+        self.init: InitProcess | None = None
+        self.execs: dict[str, ExecProcess] = {}
+        self.live_execs = 0
         self.held_init_exit: tuple[int, int] | None = None
         self.shares_pidns = False
         self.restore: tuple[str, str, str, tuple[int, int, int]] | None = None
@@ -1746,6 +2173,134 @@ class Container:
         if p is None:
             raise NotFound(f"process {exec_id} does not exist in container {self.id}")
         return p
+
+    def init_alive(self) -> bool:
+        """The init has started, has not exited, and no exit of it is held."""
+        return self.init.state in (RUNNING, PAUSED) and self.held_init_exit is None
+
+    def check_exec(self, eid: str) -> None:
+        """Why a new exec `eid` may not be added now (the Go shim's words)."""
+        if eid in self.execs:
+            raise AlreadyExists(f"id {eid}: already exists")
+        if self.init.state in (STOPPED, DELETED):
+            raise FailedPrecondition(f"container {self.id} is stopped: cannot exec")
+        if self.init.state == PAUSED:
+            raise ShimError("cannot exec in a paused state")  # Unknown, as the Go shim
+        if self.restore is not None:
+            raise ShimError("cannot exec in a created state")  # not restored yet
+
+
+class Subscription:
+    """Exits seen while one Start (or Create) was in flight: `exits` of pids
+    nobody knew yet, and the `held` exit of the process it starts."""
+
+    __slots__ = ("exits", "held", "process")
+
+    def __init__(self, process: Process | None) -> None:
+        self.process = process
+        self.exits: dict[int, tuple[int, int]] = {}
+        self.held: tuple[int, int] | None = None
+
+
+class ExitRouter:
+    """Owns every exit the reaper reports that is not a runc command's.
+
+    An exit (pid, status, time) goes, by the first rule that applies:
+      1. to a process being started (a Subscription's): held, and replayed
+         by `end` once its Start has published TaskStart / TaskExecStarted
+         (or has failed): TaskStart before TaskExit;
+      2. to a known process: delivered now;
+      3. with Starts in flight: kept in each of their subscriptions, made
+         before they spawned, in case it is the pid one of them is about to
+         read from runc's pid file (`claim`);
+      4. else it is an orphan's (or a pid reused since): reaped and dropped.
+         It is never kept for a later process that gets the same pid.
+    An init's exit is published only once its container's starting and
+    running execs are out (`exec_started` / `exec_ended`): exec exits before
+    the init exit. Loop thread only.
+    """
+
+    __slots__ = ("deliver", "pids", "publish", "subscriptions")
+
+    def __init__(self, deliver, publish) -> None:
+        """`deliver(p, status, at)`: an exit of `p`, to be handled; it calls
+        `publish_exit` when that exit may be published. `publish(p, status,
+        at)` publishes it."""
+        self.deliver = deliver
+        self.publish = publish
+        self.pids: dict[int, Process] = {}
+        self.subscriptions: list[Subscription] = []
+
+    def subscribe(self, process: Process | None = None) -> Subscription:
+        """Before a spawn whose pid is not known yet (or a Start of `process`)."""
+        sub = Subscription(process)
+        self.subscriptions.append(sub)
+        return sub
+
+    def claim(self, sub: Subscription, p: Process) -> None:
+        """`p` has its pid: from now on its exits are routed to it; an exit of
+        that pid seen since `sub` was made is its own."""
+        self.pids[p.pid] = p
+        sub.process = p
+        early = sub.exits.pop(p.pid, None)
+        if early is not None and sub.held is None:
+            sub.held = early
+
+    def end(self, sub: Subscription) -> None:
+        """The Start is over (its event published, or failed): replay the held exit."""
+        self.subscriptions.remove(sub)
+        if sub.held is not None:
+            held, sub.held = sub.held, None
+            self._route(sub.process, *held)
+
+    def forget(self, p: Process) -> None:
+        if self.pids.get(p.pid) is p:
+            del self.pids[p.pid]
+
+    def on_exit(self, pid: int, status: int, at: int | None = None) -> None:
+        """The reaper's callback."""
+        at = at or time.time_ns()
+        p = self.pids.get(pid)
+        for sub in self.subscriptions:
+            if p is not None and sub.process is p:
+                sub.held = (status, at)
+                return
+        if p is not None:
+            self._route(p, status, at)
+        elif self.subscriptions:
+            for sub in self.subscriptions:
+                sub.exits[pid] = (status, at)
+        else:
+            log("debug", "exit of a process that is not ours", process_pid=pid, status=status)
+
+    def _route(self, p: Process, status: int, at: int) -> None:
+        self.forget(p)
+        p.reaped = True
+        self.deliver(p, status, at)
+
+    def exec_started(self, c: Container) -> None:
+        """Counted from the start of an exec's Start: an init that dies
+        meanwhile holds its exit until this exec's exit (or failure)."""
+        c.live_execs += 1
+
+    def exec_ended(self, c: Container) -> None:
+        """An exec has exited or failed to start: the last one releases a held
+        init exit."""
+        c.live_execs -= 1
+        if c.live_execs == 0 and c.held_init_exit is not None:
+            held, c.held_init_exit = c.held_init_exit, None
+            self.publish(c.init, *held)
+
+    def publish_exit(self, p: Process, status: int, at: int) -> None:
+        """Publishes `p`'s exit now, or for an init with execs still out, once
+        the last of them has ended."""
+        c = p.container
+        if p is c.init and c.live_execs > 0:
+            c.held_init_exit = (status, at)
+            return
+        self.publish(p, status, at)
+        if p is not c.init:
+            self.exec_ended(c)
 
 
 # =============================================================================
@@ -2250,7 +2805,7 @@ class Settings:
 
 
 # =============================================================================
-# Task service: containerd.task.v2.Task
+# Task service: containerd.task.v2.Task and containerd.task.v3.Task
 # =============================================================================
 
 
@@ -2336,55 +2891,24 @@ def decode_checkpoint_options(any_msg):
     return opts
 
 
-def checkpoint_args(path: str, work: str, opts) -> list[str]:
-    """`runc checkpoint` flags for the image and work dirs and the options, in
-    the order the Go shim passes them (the container id goes last)."""
-    args = ["checkpoint", "--image-path", path, "--work-path", work]
-    for on, flag in ((opts.open_tcp, "--tcp-established"), (opts.external_unix_sockets, "--ext-unix-sk"),
-                     (opts.terminal, "--shell-job"), (opts.file_locks, "--file-locks")):
-        if on:
-            args.append(flag)
-    if opts.cgroups_mode:
-        # The Go shim 1.6 drops this option; runc checks the value.
-        args += ["--manage-cgroups-mode", opts.cgroups_mode]
-    for ns in opts.empty_namespaces:
-        args += ["--empty-ns", ns]
-    if not opts.exit:
-        args.append("--leave-running")
-    return args
-
-
-def _read_pid(path: str) -> int:
-    """The pid runc wrote; RuntimeFailure unless it is a positive number (a
-    pid of 0 would make a later kill(2) signal the shim's own group)."""
-    text = _read_small(path, 64).strip()
-    if not text.isdigit() or int(text) <= 0:
-        raise RuntimeFailure(f"failed to retrieve OCI runtime container pid: {path}: {text[:20]!r}")
-    return int(text)
-
-
 def _ts(msg_field, ns: int) -> None:
     if ns:
         msg_field.FromNanoseconds(ns)
 
 
-def _kill_error(e: RuntimeFailure) -> ShimError:
-    text = str(e)
-    if any(s in text for s in ("not running", "does not exist", "no such process", "process already finished")):
-        return NotFound(f"process already finished: {text}")
-    return e
+def _empty():
+    from google.protobuf import empty_pb2
+
+    return empty_pb2.Empty()
 
 
 class TaskService:
     """containerd.task.v2.Task and containerd.task.v3.Task (one handler table
     under both names) for the containers of this shim.
 
-    Handlers are thin: look up, call runc, publish the event. Loop thread only.
-    Ordering invariants kept here:
-      * TaskStart / TaskExecStarted are published before that process's exit
-        (exits arriving during Start are held, and early exits of pids not
-        yet known are stashed);
-      * every exec's exit is published before its container's init exit.
+    Handlers are thin: look up the process, call it, publish the event.
+    Exits go through one ExitRouter, which keeps the ordering rules (see
+    there). Loop thread only.
     """
 
     def __init__(self, loop, runner: Runner, publisher: Publisher, namespace: str, on_empty,
@@ -2396,8 +2920,7 @@ class TaskService:
         self.namespace = namespace
         self.on_empty = on_empty
         self.containers: dict[str, Container] = {}
-        self.pids: dict[int, Process] = {}
-        self.stash: dict[int, tuple[int, int]] = {}
+        self.exits = ExitRouter(self._exited, self._publish_exit)
         self.creating: set[str] = set()  # ids whose Create is in flight
         self.oom: OomWatcher | None = None  # made at the first Start
 
@@ -2425,6 +2948,11 @@ class TaskService:
         }
         return {(service, name): entry for service in TASK_SERVICES for name, entry in table.items()}
 
+    @property
+    def pids(self) -> dict[int, Process]:
+        """Processes by pid, until their exit (the exit router's table)."""
+        return self.exits.pids
+
     def container(self, cid: str) -> Container:
         c = self.containers.get(cid)
         if c is None:
@@ -2434,11 +2962,9 @@ class TaskService:
     def _publish(self, topic: str, msg) -> None:
         self.publisher.publish(topic, EVENT_URL + type(msg).__name__, msg.SerializeToString())
 
-    # --- Create / Start ------------------------------------------------------
+    # --- Create --------------------------------------------------------------
 
     async def create(self, req, meta):
-
-
         cid = _valid_id("container id", req.id)
         if cid in self.containers or cid in self.creating:
             raise AlreadyExists(f"container {cid}: already exists")
@@ -2452,9 +2978,31 @@ class TaskService:
             self.creating.discard(cid)
 
     async def _create(self, cid: str, req, meta):
-        import json
-
         import pyshim_pb2 as pb
+
+        ns = meta.get(NAMESPACE_KEY) or self.namespace
+        c, opts = self._new_container(cid, req, ns)
+        p = c.init = InitProcess(cid, c, Stdio(self.loop, req.stdin, req.stdout, req.stderr, req.terminal),
+                                 self.loop)
+        sub = self.exits.subscribe()  # before runc create spawns the init
+        try:
+            await self._bring_up(c, p, req, opts, ns)
+            if p.pid:
+                self.exits.claim(sub, p)
+            self.containers[cid] = c
+            ev = pb.TaskCreate(container_id=cid, bundle=req.bundle, checkpoint=req.checkpoint, pid=p.pid)
+            ev.rootfs.extend(req.rootfs)
+            ev.io.stdin, ev.io.stdout, ev.io.stderr, ev.io.terminal = req.stdin, req.stdout, req.stderr, req.terminal
+            self._publish("/tasks/create", ev)
+        finally:
+            self.exits.end(sub)
+        log("info", "task created", id=cid, process_pid=p.pid, checkpoint=req.checkpoint)
+        return pb.CreateTaskResponse(pid=p.pid)
+
+    def _new_container(self, cid: str, req, ns: str) -> tuple[Container, object]:
+        """The Container of a Create: its config.json read, its options decoded,
+        its runc found."""
+        import json
 
         bundle = req.bundle
         try:
@@ -2468,179 +3016,75 @@ class TaskService:
             binary = which(opts.binary_name or "runc")
         except FileNotFoundError as e:
             raise FailedPrecondition(f"runc binary not found: {e.strerror}") from None
-        ns = meta.get(NAMESPACE_KEY) or self.namespace
-        rc = Runc(binary, os.path.join(opts.root or RUNC_ROOT, ns), bundle,
-                  systemd=opts.systemd_cgroup, no_pivot=opts.no_pivot_root,
-                  no_new_keyring=opts.no_new_keyring, criu=opts.criu_path)
-        c = Container(cid, bundle, rc)
+        runc = Runc(self.runner, binary, os.path.join(opts.root or RUNC_ROOT, ns), bundle,
+                    systemd=opts.systemd_cgroup, no_pivot=opts.no_pivot_root,
+                    no_new_keyring=opts.no_new_keyring, criu=opts.criu_path)
+        c = Container(cid, bundle, runc)
         namespaces = ((config.get("linux") or {}).get("namespaces")) or []
         c.shares_pidns = not any(n.get("type") == "pid" and not n.get("path") for n in namespaces)
-        stdio = Stdio(self.loop, req.stdin, req.stdout, req.stderr, req.terminal)
+        return c, opts
+
+    async def _bring_up(self, c: Container, p: InitProcess, req, opts, ns: str) -> None:
+        """Rootfs mounted, stdio open, then `runc create` (or, for a checkpoint,
+        what Start's restore needs); undone on failure."""
+        import json
+
         try:
-            if req.rootfs:
-                for m in req.rootfs:
-                    mount(m.type, m.source, c.rootfs, list(m.options))
-                    c.mounted = True
+            for m in req.rootfs:
+                mount(m.type, m.source, c.rootfs, list(m.options))
+                c.mounted = True
             # Cleanup after a shim death (`shim delete`) needs the same runc.
-            _atomic_write(bundle, "options.json",
-                          json.dumps({"binary_name": binary, "root": opts.root or RUNC_ROOT}).encode())
-            fds = stdio.open(opts.io_uid, opts.io_gid)
-            if stdio.logger is not None:
-                await stdio.logger.start(self.loop, self.runner.reaper, cid, ns)
+            _atomic_write(c.bundle, "options.json",
+                          json.dumps({"binary_name": c.runc.binary, "root": opts.root or RUNC_ROOT}).encode())
+            fds = p.stdio.open(opts.io_uid, opts.io_gid)
+            if p.stdio.logging_binary is not None:
+                await p.stdio.logging_binary.start(self.loop, self.runner.reaper, c.id, ns)
             if req.checkpoint:
                 # As the Go shim: nothing runs until Start restores it; criu
                 # works in CriuWorkPath, else in the bundle's work dir.
-                work = opts.criu_work_path or os.path.join(bundle, "work")
+                work = opts.criu_work_path or os.path.join(c.bundle, "work")
                 c.restore = (req.checkpoint, req.parent_checkpoint, work, fds)
-                pid = 0
             else:
-                args = ["create", "--bundle", bundle, "--pid-file", os.path.join(bundle, "init.pid")]
-                if rc.no_pivot:
-                    args.append("--no-pivot")
-                if rc.no_new_keyring:
-                    args.append("--no-new-keyring")
-                if stdio.terminal:
-                    args += ["--console-socket", stdio.console_path]
-                await self.runner.runc(rc, *args, cid, what="OCI runtime create failed", stdio=fds)
-                if stdio.terminal:
-                    stdio.receive_console()
-                pid = _read_pid(os.path.join(bundle, "init.pid"))
+                await p.create(fds)
         except BaseException:
-            stdio.close()
+            p.stdio.close()
             if c.mounted:
                 try:
                     unmount_all(c.rootfs)
                 except OSError as e:
                     log("warning", "unmount after failed create", error=str(e))
             raise
-        if c.restore is None:
-            stdio.close_after_start()  # else the restore's runc gets the fds
-        p = Process(cid, c, stdio, self.loop)
-        p.pid = pid
-        c.init = p
-        self.containers[cid] = c
-        if pid:
-            self.pids[pid] = p
-        ev = pb.TaskCreate(container_id=cid, bundle=bundle, checkpoint=req.checkpoint, pid=pid)
-        ev.rootfs.extend(req.rootfs)
-        ev.io.stdin, ev.io.stdout, ev.io.stderr, ev.io.terminal = req.stdin, req.stdout, req.stderr, req.terminal
-        self._publish("/tasks/create", ev)
-        early = self.stash.pop(pid, None) if pid else None
-        if early is not None:
-            self.on_exit(pid, *early)
-        log("info", "task created", id=cid, process_pid=pid, checkpoint=req.checkpoint)
-        return pb.CreateTaskResponse(pid=pid)
+
+    # --- Start and Exec ------------------------------------------------------
 
     async def start(self, req, meta):
         import pyshim_pb2 as pb
 
         c = self.container(req.id)
         p = c.process(req.exec_id)
-        p.check("start")
-        if p.starting:
-            raise FailedPrecondition(f"process {p.id} is already starting")
+        sub = self.exits.subscribe(p)  # before runc spawns anything
         try:
-            if p.is_init:
-                p.starting = True
-                try:
-                    if c.restore is not None:
-                        await self._restore(c, p)
-                    else:
-                        await self.runner.runc(c.runc, "start", c.id, what="OCI runtime start failed")
-                finally:
-                    p.starting = False
-                p.transition("start")
-                self._publish("/tasks/start", pb.TaskStart(container_id=c.id, pid=p.pid))
+            await p.start(self.exits, self.namespace)
+            self.exits.claim(sub, p)
+            self._publish(*p.started_event())
+            if p is c.init:
                 self._watch_oom(c)
-            else:
-                await self._start_exec(c, p)
         finally:
             # An exit held while starting is published now: after the start
             # event on success, and at all on failure.
-            if p.pending_exit is not None:
-                code, at = p.pending_exit
-                p.pending_exit = None
-                self._exited(p, code, at)
+            self.exits.end(sub)
         return pb.StartResponse(pid=p.pid)
 
-    async def _restore(self, c: Container, p: Process) -> None:
-        """Start of a task created from a checkpoint: `runc restore --detach`
-        brings the checkpointed processes back with the stdio made at Create.
-        The restored init is then reparented to this shim (a subreaper) and is
-        a started init like any other. On failure the task stays created with
-        its checkpoint, as the Go shim's does, so Start may be retried."""
-        image, parent, work, fds = c.restore
-        pid_path = os.path.join(c.bundle, "init.pid")
-        args = ["restore", "--image-path", image, "--work-path", work]
-        if parent:
-            args += ["--parent-path", parent]
-        args += ["--detach", "--pid-file", pid_path]
-        if p.stdio.terminal:
-            args += ["--console-socket", p.stdio.console_path]
-        if c.runc.no_pivot:
-            args.append("--no-pivot")
-        args += ["--no-subreaper", "--bundle", c.bundle, c.id]
-        await self.runner.runc(c.runc, *args, what="OCI runtime restore failed", stdio=fds)
-        if p.stdio.terminal:
-            p.stdio.receive_console()
-        pid = _read_pid(pid_path)
-        c.restore = None
-        p.stdio.close_after_start()
-        p.pid = pid
-        self.pids[pid] = p
-        # An exit that came before the pid file was read was stashed.
-        early = self.stash.pop(pid, None)
-        if early is not None and p.pending_exit is None:
-            p.pending_exit = early
-
-    async def _start_exec(self, c: Container, p: Process) -> None:
+    async def exec_(self, req, meta):
         import pyshim_pb2 as pb
 
-        if c.init.state not in (RUNNING, PAUSED) or c.held_init_exit is not None:
-            raise FailedPrecondition(f"container {c.id} is not running: cannot start exec {p.id}")
-        spec_path = os.path.join(c.bundle, f".exec-{p.id}.json")
-        pid_path = os.path.join(c.bundle, f"{p.id}.pid")
-        p.starting = True
-        # Counted from now, not from when runc exec returns: an init that dies
-        # meanwhile must hold its exit until this exec's exit (or failure).
-        c.running_execs += 1
-        try:
-            fds = p.stdio.open(0, 0)
-            if p.stdio.logger is not None:
-                await p.stdio.logger.start(self.loop, self.runner.reaper, p.id, self.namespace)
-            fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, p.spec)
-            finally:
-                os.close(fd)
-            console = ["--console-socket", p.stdio.console_path] if p.stdio.terminal else []
-            await self.runner.runc(c.runc, "exec", "--process", spec_path, "--detach",
-                                   "--pid-file", pid_path, *console, c.id,
-                                   what="OCI runtime exec failed", stdio=fds)
-            if p.stdio.terminal:
-                p.stdio.receive_console()
-            pid = _read_pid(pid_path)
-        except BaseException:
-            p.starting = False
-            p.stdio.close()
-            p.set_exited(255, time.time_ns())
-            self._exec_done(c)
-            raise
-        finally:
-            for path in (spec_path, pid_path):
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-        p.stdio.close_after_start()
-        p.pid = pid
-        p.starting = False
-        self.pids[pid] = p
-        p.transition("start")
-        self._publish("/tasks/exec-started", pb.TaskExecStarted(container_id=c.id, exec_id=p.id, pid=pid))
-        early = self.stash.pop(pid, None)
-        if early is not None and p.pending_exit is None:
-            p.pending_exit = early
+        c = self.container(req.id)
+        eid = _valid_id("exec id", req.exec_id)
+        c.check_exec(eid)
+        stdio = Stdio(self.loop, req.stdin, req.stdout, req.stderr, req.terminal)
+        c.execs[eid] = ExecProcess(eid, c, stdio, self.loop, spec=req.spec.value)
+        self._publish("/tasks/exec-added", pb.TaskExecAdded(container_id=c.id, exec_id=eid))
+        return _empty()
 
     def _watch_oom(self, c: Container) -> None:
         if self.oom is None:
@@ -2650,9 +3094,7 @@ class TaskService:
         except (OSError, ShimError) as e:
             # A task that has already exited (/bin/true) has no cgroup left to
             # watch: that is normal, not worth a warning.
-            gone = c.init.state == STOPPED or c.init.pending_exit is not None or not os.path.exists(
-                f"/proc/{c.init.pid}")
-            log("debug" if gone else "warning", "cannot watch the container for OOM kills",
+            log("debug" if c.init.has_exited() else "warning", "cannot watch the container for OOM kills",
                 id=c.id, error=str(e))
 
     def _publish_oom(self, cid: str) -> None:
@@ -2664,62 +3106,24 @@ class TaskService:
     # --- exits ---------------------------------------------------------------
 
     def on_exit(self, pid: int, code: int, at: int | None = None) -> None:
-        """Called by the reaper for every exit that is not a runc command's."""
-        at = at or time.time_ns()
-        p = self.pids.get(pid)
-        if p is None:
-            # Not (yet) ours: an exec whose pid file we have not read, or an
-            # orphan. Kept, bounded, for a Start that claims it.
-            self.stash[pid] = (code, at)
-            if len(self.stash) > STASH_MAX:
-                del self.stash[next(iter(self.stash))]
-            return
-        if p.starting:
-            p.pending_exit = (code, at)
-            return
-        self._exited(p, code, at)
+        """The reaper's callback for every exit that is not a runc command's."""
+        self.exits.on_exit(pid, code, at)
 
     def _exited(self, p: Process, code: int, at: int) -> None:
-        self.pids.pop(p.pid, None)
+        """ExitRouter's delivery: an init's exit is published after its
+        clean-up (InitProcess.clean_up_after_exit), if it needs one."""
         c = p.container
-        if p.is_init:
+        if p is c.init:
             if self.oom is not None:
                 self.oom.check(c.id)  # TaskOOM goes before the exit it caused
-            if p.state == PAUSED:
-                # As the Go shim does: thaw a container whose init died paused,
-                # so that the rest of it can die and runc can delete it.
-                self.loop.create_task(self._thaw_then_exit(p, code, at))
+            if p.needs_cleanup_after_exit():
+                self.loop.create_task(self._publish_after_cleanup(p, code, at))
                 return
-            self._init_exited(p, code, at)
-            return
-        self._publish_exit(p, code, at)
-        self._exec_done(c)
+        self.exits.publish_exit(p, code, at)
 
-    def _exec_done(self, c: Container) -> None:
-        """An exec has exited or failed to start: the last one releases a held
-        init exit."""
-        c.running_execs -= 1
-        if c.running_execs == 0 and c.held_init_exit is not None:
-            code, at = c.held_init_exit
-            c.held_init_exit = None
-            self._publish_exit(c.init, code, at)
-
-    async def _thaw_then_exit(self, p: Process, code: int, at: int) -> None:
-        try:
-            await self.runner.runc(p.container.runc, "resume", p.container.id, what="resume")
-        except ShimError as e:
-            log("debug", "resuming a container whose init exited paused", id=p.id, error=str(e))
-        self._init_exited(p, code, at)
-
-    def _init_exited(self, p: Process, code: int, at: int) -> None:
-        c = p.container
-        if c.running_execs > 0:
-            # Exec exits go first: hold the init exit until they are in.
-            c.held_init_exit = (code, at)
-            if c.shares_pidns:
-                self.loop.create_task(self._kill_all(c))
-            return
-        self._publish_exit(p, code, at)
+    async def _publish_after_cleanup(self, p: InitProcess, code: int, at: int) -> None:
+        await p.clean_up_after_exit()
+        self.exits.publish_exit(p, code, at)
 
     def _publish_exit(self, p: Process, code: int, at: int) -> None:
         import pyshim_pb2 as pb
@@ -2730,12 +3134,6 @@ class TaskService:
         self._publish("/tasks/exit", ev)
         log("info", "process exited", id=p.container.id, exec_id=p.id, process_pid=p.pid, status=code)
 
-    async def _kill_all(self, c: Container) -> None:
-        try:
-            await self.runner.runc(c.runc, "kill", "--all", c.id, "9", what="kill all")
-        except ShimError as e:
-            log("warning", "killing the container's remaining processes", id=c.id, error=str(e))
-
     # --- the other methods -----------------------------------------------------
 
     async def state(self, req, meta):
@@ -2744,7 +3142,7 @@ class TaskService:
         c = self.container(req.id)
         p = c.process(req.exec_id)
         s = p.stdio
-        resp = pb.StateResponse(id=p.id, bundle=c.bundle, pid=p.pid, status=STATUS_CODES.get(p.state, 0),
+        resp = pb.StateResponse(id=p.id, bundle=c.bundle, pid=p.pid, status=p.status,
                                 stdin=s.stdin, stdout=s.stdout, stderr=s.stderr, terminal=s.terminal,
                                 exit_status=p.exit_status, exec_id=req.exec_id)
         _ts(resp.exited_at, p.exited_at)
@@ -2762,191 +3160,69 @@ class TaskService:
         return resp
 
     async def kill(self, req, meta):
-        from google.protobuf import empty_pb2
-
-        c = self.container(req.id)
-        p = c.process(req.exec_id)
-        if p.state in (STOPPED, DELETED) or (p.pid and p.pid not in self.pids and p.state != CREATED):
-            raise NotFound(f"process {p.id}: process already finished")
-        if p.is_init:
-            args = ["kill"] + (["--all"] if req.all else []) + [c.id, str(req.signal)]
-            try:
-                await self.runner.runc(c.runc, *args, what="OCI runtime kill failed")
-            except RuntimeFailure as e:
-                raise _kill_error(e) from None
-        else:
-            if not p.pid:
-                raise FailedPrecondition(f"exec {p.id} has not started")
-            try:
-                os.kill(p.pid, req.signal)
-            except ProcessLookupError:
-                raise NotFound(f"process {p.id}: process already finished") from None
-        return empty_pb2.Empty()
+        await self.container(req.id).process(req.exec_id).kill(req.signal, req.all)
+        return _empty()
 
     async def pause(self, req, meta):
-        return await self._freeze(req.id, "pause", "/tasks/paused", "TaskPaused")
-
-    async def resume(self, req, meta):
-        return await self._freeze(req.id, "resume", "/tasks/resumed", "TaskResumed")
-
-    async def _freeze(self, cid: str, event: str, topic: str, event_name: str):
-        """Pause or resume: `runc <event>`, the state transition, its event."""
-        from google.protobuf import empty_pb2
-
         import pyshim_pb2 as pb
 
-        c = self.container(cid)
-        c.init.check(event)
-        await self.runner.runc(c.runc, event, c.id, what=f"OCI runtime {event} failed")
-        c.init.transition(event)
-        self._publish(topic, getattr(pb, event_name)(container_id=c.id))
-        return empty_pb2.Empty()
+        c = self.container(req.id)
+        await c.init.pause()
+        self._publish("/tasks/paused", pb.TaskPaused(container_id=c.id))
+        return _empty()
+
+    async def resume(self, req, meta):
+        import pyshim_pb2 as pb
+
+        c = self.container(req.id)
+        await c.init.resume()
+        self._publish("/tasks/resumed", pb.TaskResumed(container_id=c.id))
+        return _empty()
 
     async def update(self, req, meta):
         """Passes the OCI LinuxResources JSON in `resources` to `runc update`."""
-        import json
-
-        from google.protobuf import empty_pb2
-
-        c = self.container(req.id)
-        c.init.check("update")
-        try:
-            valid = isinstance(json.loads(req.resources.value), dict)
-        except ValueError:
-            valid = False
-        if not valid:
-            raise InvalidArgument(f"resources of {c.id}: not the JSON of an OCI LinuxResources")
-        await self.runner.runc(c.runc, "update", "--resources", "-", c.id,
-                               what="OCI runtime update failed", input=req.resources.value)
-        return empty_pb2.Empty()
+        await self.container(req.id).init.update(req.resources.value)
+        return _empty()
 
     async def checkpoint(self, req, meta):
-        """`runc checkpoint` of the init (criu dumps the whole container) into
-        `req.path`. criu works in the options' work_path, else in a scratch
-        dir under the bundle's work dir that is removed afterwards. Unless the
-        options say `exit`, the task keeps running; with `exit` runc stops it
-        and its exit is reaped and published like any other. On failure the
-        caller gets runc's own words and where criu's log was copied (the
-        bundle's criu-dump.log), as from the Go shim."""
-        import shutil
-
-        from google.protobuf import empty_pb2
-
+        """`runc checkpoint` of the init into `req.path`; on failure the caller
+        gets runc's own words and where criu's log was copied."""
         c = self.container(req.id)
-        c.init.check("checkpoint")
-        if not req.path:
-            raise InvalidArgument(f"checkpoint of {c.id}: no image path")
-        opts = decode_checkpoint_options(req.options if req.HasField("options") else None)
-        work = opts.work_path or os.path.join(c.bundle, "work", "criu-work")
-        argv = c.runc.argv(*checkpoint_args(req.path, work, opts), c.id)
-        try:
-            code, out = await self.runner.run(argv, capture=True)
-            if code != 0:
-                dump_log = os.path.join(c.bundle, "criu-dump.log")
-                try:
-                    shutil.copyfile(os.path.join(work, "dump.log"), dump_log)
-                except OSError as e:
-                    log("warning", "cannot copy criu's dump.log", id=c.id, error=str(e))
-                text = out.decode(errors="replace").strip() or c.runc.last_error()
-                first = text.splitlines()[0] if text else ""
-                raise RuntimeFailure(f"{os.path.basename(c.runc.binary)} did not terminate successfully: "
-                                     f"exit status {code}: {first} path= {dump_log}")
-        finally:
-            if not opts.work_path:
-                shutil.rmtree(work, ignore_errors=True)
+        opts = await c.init.checkpoint(req.path, lambda: decode_checkpoint_options(
+            req.options if req.HasField("options") else None))
         log("info", "task checkpointed", id=c.id, path=req.path, exit=opts.exit)
-        return empty_pb2.Empty()
+        return _empty()
 
     async def stats(self, req, meta):
         import pyshim_pb2 as pb
 
-        c = self.container(req.id)
-        p = c.init
-        if p.pid not in self.pids:  # reaped: the pid may be another process's now
-            raise NotFound(f"cgroup of {c.id} does not exist")
-        url, value = container_metrics(p.pid)
+        url, value = container_metrics(self.container(req.id).init.cgroup_pid())
         resp = pb.StatsResponse()
         resp.stats.type_url = url
         resp.stats.value = value
         return resp
-
-    async def exec_(self, req, meta):
-        from google.protobuf import empty_pb2
-
-        import pyshim_pb2 as pb
-
-        c = self.container(req.id)
-        eid = _valid_id("exec id", req.exec_id)
-        if eid in c.execs:
-            raise AlreadyExists(f"id {eid}: already exists")
-        if c.init.state in (STOPPED, DELETED):
-            raise FailedPrecondition(f"container {c.id} is stopped: cannot exec")
-        if c.init.state == PAUSED:
-            raise ShimError("cannot exec in a paused state")  # Unknown, as the Go shim
-        if c.restore is not None:
-            raise ShimError("cannot exec in a created state")  # not restored yet
-        stdio = Stdio(self.loop, req.stdin, req.stdout, req.stderr, req.terminal)
-        c.execs[eid] = Process(eid, c, stdio, self.loop, spec=req.spec.value)
-        self._publish("/tasks/exec-added", pb.TaskExecAdded(container_id=c.id, exec_id=eid))
-        return empty_pb2.Empty()
 
     async def delete(self, req, meta):
         import pyshim_pb2 as pb
 
         c = self.container(req.id)
         p = c.process(req.exec_id)
-        if p.state == RUNNING or p.state == PAUSED:
-            raise FailedPrecondition(f"cannot delete a running process ({p.id})")
-        p.check("delete")
-        await p.stdio.drain(IO_DRAIN_SECONDS)
-        if p.is_init:
-            if c.execs and any(e.state == RUNNING for e in c.execs.values()):
-                raise FailedPrecondition(f"container {c.id} still has running execs")
-            if self.oom is not None:
-                self.oom.forget(c.id)  # before runc removes the cgroup
-            try:
-                await self.runner.runc(c.runc, "delete", c.id, what="failed to delete task")
-            except RuntimeFailure as e:
-                if "does not exist" not in str(e) and "not exist" not in str(e):
-                    raise
-            if p.stdio.logger is not None:
-                await p.stdio.logger.stop()
-            p.stdio.close()
-            for e in c.execs.values():
-                e.stdio.close()
-            if c.mounted:
-                unmount_all(c.rootfs)
-                c.mounted = False
-            p.transition("delete")
-            if not p.wait.done():
-                p.wait.set_result(p.exit_status)
-            self.pids.pop(p.pid, None)
+        await p.delete(self.oom)
+        self.exits.forget(p)
+        if p is c.init:
             del self.containers[c.id]
             ev = pb.TaskDelete(container_id=c.id, pid=p.pid, exit_status=p.exit_status, id=c.id)
             _ts(ev.exited_at, p.exited_at)
             self._publish("/tasks/delete", ev)
-        else:
-            if p.stdio.logger is not None:
-                await p.stdio.logger.stop()
-            p.stdio.close()
-            p.transition("delete")
-            del c.execs[p.id]
-            self.pids.pop(p.pid, None)
         resp = pb.DeleteResponse(pid=p.pid, exit_status=p.exit_status)
         _ts(resp.exited_at, p.exited_at)
         return resp
 
     async def pids_(self, req, meta):
-        import json
-
         import pyshim_pb2 as pb
 
         c = self.container(req.id)
-        out = await self.runner.runc(c.runc, "ps", "--format", "json", c.id, what="failed to list pids")
-        try:
-            pids = json.loads(out.decode().strip().splitlines()[-1]) or []
-        except (ValueError, IndexError):
-            raise RuntimeFailure(f"runc ps: unexpected output {out[:200]!r}") from None
+        pids = await c.runc.ps(c.id)
         by_pid = {e.pid: e.id for e in c.execs.values() if e.pid}
         resp = pb.PidsResponse()
         for pid in pids:
@@ -2957,23 +3233,12 @@ class TaskService:
         return resp
 
     async def resize_pty(self, req, meta):
-        """Sets the terminal's size; a process without one is left alone, as
-        the Go shim does."""
-        from google.protobuf import empty_pb2
-
-        p = self.container(req.id).process(req.exec_id)
-        if p.state in (STOPPED, DELETED):
-            raise ShimError("cannot resize a stopped container")  # the Go shim's words
-        p.stdio.resize(req.width, req.height)
-        return empty_pb2.Empty()
+        self.container(req.id).process(req.exec_id).resize(req.width, req.height)
+        return _empty()
 
     async def close_io(self, req, meta):
-        from google.protobuf import empty_pb2
-
-        p = self.container(req.id).process(req.exec_id)
-        if req.stdin:
-            p.stdio.close_stdin()
-        return empty_pb2.Empty()
+        self.container(req.id).process(req.exec_id).close_io(req.stdin)
+        return _empty()
 
     async def connect(self, req, meta):
         import pyshim_pb2 as pb
@@ -2982,12 +3247,15 @@ class TaskService:
         return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=c.init.pid if c else 0, version=VERSION)
 
     async def shutdown(self, req, meta):
-        from google.protobuf import empty_pb2
-
         if not self.containers:
             # Answer first; the shim stops once the response is written.
             self.loop.call_soon(self.on_empty)
-        return empty_pb2.Empty()
+        return _empty()
+
+    async def kill_all(self) -> None:
+        """At shutdown: SIGKILL to every process of every container."""
+        for c in list(self.containers.values()):
+            await c.init.kill_all()
 
 
 # =============================================================================
@@ -3642,17 +3910,10 @@ def action_delete(flags: Flags) -> int:
         opts = {}
     root = os.path.join(opts.get("root") or RUNC_ROOT, flags.namespace)
     try:
-        binary = which(opts.get("binary_name") or "runc")
-        argv = [binary, "--root", root, "--log", os.path.join(bundle, "log.json"), "--log-format", "json",
-                "delete", "--force", flags.id]
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            pid = spawn(argv, (null, 2, 2))
-        finally:
-            os.close(null)
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            log("warning", "runc delete --force failed", id=flags.id, status=os.waitstatus_to_exitcode(status))
+        runc = Runc(None, which(opts.get("binary_name") or "runc"), root, bundle)
+        status = runc.force_delete_now(flags.id)
+        if status != 0:
+            log("warning", "runc delete --force failed", id=flags.id, status=status)
     except OSError as e:
         log("warning", "runc delete --force", id=flags.id, error=str(e))
     try:
@@ -3663,12 +3924,12 @@ def action_delete(flags: Flags) -> int:
         pid = int(_read_small(os.path.join(bundle, "init.pid")).strip() or 0)
     except (OSError, ValueError):
         pid = 0
-    sys.stdout.buffer.write(_delete_response(pid, 128 + 9, time.time_ns()))
+    sys.stdout.buffer.write(_delete_response(pid, 128 + SIGKILL, time.time_ns()))
     return 0
 
 
 # =============================================================================
-# The long-lived shim.
+# serve: the long-lived shim.
 # =============================================================================
 
 
@@ -3874,8 +4135,7 @@ def serve(flags: Flags) -> int:
         # as the connection drops, and its `runc delete --force` must meet a
         # stopped container, not race our own `runc kill`.
         server.stop_listening()
-        for c in list(service.containers.values()):
-            await service._kill_all(c)
+        await service.kill_all()
         waits = [c.init.wait for c in service.containers.values()
                  if c.init is not None and c.init.pid and not c.init.wait.done()]
         if waits:
@@ -4505,6 +4765,11 @@ def memory_report(argv: list[str]) -> int:
     print("PSS counts each shared page once, split among the processes sharing it; "
           "USS is what a process holds alone.")
     return 0
+
+
+# =============================================================================
+# main: the binary's entry point.
+# =============================================================================
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,10 @@ def require_e2e() -> None:
         require(os.access(path, os.X_OK), f"{path} is not installed")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "unit: needs no containerd (the fast tier: pytest -m unit)")
+
+
 @pytest.fixture(scope="session")
 def rootfs() -> Iterator[str]:
     require(os.access(harness.BUSYBOX, os.X_OK), f"{harness.BUSYBOX} is not installed")

@@ -32,6 +32,8 @@ sys.path.insert(0, REPO)
 import pyshim
 import pyshim_pb2 as pb
 
+pytestmark = pytest.mark.unit  # needs no containerd: the fast tier (-m unit)
+
 SERVICE = "test.v1.Echo"
 HDR = struct.Struct(">IIBB")  # written out again on purpose: not pyshim.HEADER
 IO_TIMEOUT = 5.0

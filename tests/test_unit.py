@@ -41,6 +41,8 @@ from conftest import require
 import pyshim
 import pyshim_pb2 as pb
 
+pytestmark = pytest.mark.unit  # needs no containerd: the fast tier (-m unit)
+
 BINARY = "containerd-shim-pyshim-v1"
 
 
@@ -497,9 +499,9 @@ def loop():
     lp.close()
 
 
-def _container(loop, cid: str = "c1", bundle: str = "/nonexistent/bundle") -> pyshim.Container:
-    c = pyshim.Container(cid, bundle, pyshim.Runc("/bin/false", "/run/pyshim-test", bundle))
-    c.init = pyshim.Process(cid, c, pyshim.Stdio(loop, "", "", ""), loop)
+def _container(loop, cid: str = "c1", bundle: str = "/nonexistent/bundle", runner=None) -> pyshim.Container:
+    c = pyshim.Container(cid, bundle, pyshim.Runc(runner, "/bin/false", "/run/pyshim-test", bundle))
+    c.init = pyshim.InitProcess(cid, c, pyshim.Stdio(loop, "", "", ""), loop)
     return c
 
 
@@ -549,19 +551,35 @@ def test_wait_resolves_once_with_the_exit_status(loop) -> None:
 
 
 class FakeRunner:
-    """Stands in for Runner: records runc calls, optionally acts during one."""
+    """Stands in for Runner: records the runc commands it is asked to run (the
+    argv after runc's global flags), optionally acts during one, and exits
+    with `code`."""
 
-    def __init__(self, during=None) -> None:
+    GLOBAL = ("--root", "--log", "--log-format", "--criu")
+    reaper = None  # only a logging binary would need one
+
+    def __init__(self, during=None, code: int = 0) -> None:
         self.calls: list[tuple[str, ...]] = []
+        self.argvs: list[list[str]] = []
         self.during = during
+        self.code = code
 
-    async def runc(self, rc, *args: str, what: str, stdio=None, input=None) -> bytes:
+    @classmethod
+    def command(cls, argv: list[str]) -> tuple[str, ...]:
+        i = 1
+        while i < len(argv) and (argv[i] in cls.GLOBAL or argv[i] == "--systemd-cgroup"):
+            i += 1 if argv[i] == "--systemd-cgroup" else 2
+        return tuple(argv[i:])
+
+    async def run(self, argv: list[str], stdio=None, input=None, capture: bool = False) -> tuple[int, bytes]:
+        args = self.command(argv)
+        self.argvs.append(argv)
         self.calls.append(args)
         await asyncio.sleep(0)
         if self.during is not None:
             self.during(args)
         await asyncio.sleep(0)
-        return b""
+        return self.code, b""
 
 
 class FakePublisher:
@@ -577,8 +595,9 @@ class FakePublisher:
 
 def _service(loop, runner=None) -> tuple[pyshim.TaskService, FakePublisher, pyshim.Container]:
     pub = FakePublisher()
-    svc = pyshim.TaskService(loop, runner or FakeRunner(), pub, "ns1", lambda: None)
-    c = _container(loop)
+    runner = runner or FakeRunner()
+    svc = pyshim.TaskService(loop, runner, pub, "ns1", lambda: None)
+    c = _container(loop, runner=runner)
     c.init.pid = 4242
     svc.containers[c.id] = c
     svc.pids[c.init.pid] = c.init
@@ -636,10 +655,10 @@ def test_exit_during_start_is_published_after_task_start(loop) -> None:
 def test_exec_exit_is_published_before_the_init_exit(loop) -> None:
     svc, pub, c = _service(loop)
     c.init.state = R
-    e = pyshim.Process("e1", c, pyshim.Stdio(loop, "", "", ""), loop)
+    e = pyshim.ExecProcess("e1", c, pyshim.Stdio(loop, "", "", ""), loop, b"{}")
     e.pid, e.state = 5151, R
     c.execs["e1"] = e
-    c.running_execs = 1
+    c.live_execs = 1
     svc.pids[e.pid] = e
     svc.on_exit(4242, 137)  # the init dies first...
     assert pub.events == []  # ...but its exit is held
@@ -653,10 +672,223 @@ def test_exec_exit_is_published_before_the_init_exit(loop) -> None:
     assert (c.init.wait.result(), e.wait.result()) == (137, 1)
 
 
-def test_exit_of_an_unknown_pid_is_stashed(loop) -> None:
-    svc, pub, _ = _service(loop)
-    svc.on_exit(999999, 9, 77)
-    assert svc.stash == {999999: (9, 77)} and pub.events == []
+def test_exit_of_an_unknown_pid_is_dropped(loop) -> None:
+    """Issue 13 bug 1: an exit nobody subscribed to is not kept for a later
+    process that gets the same pid."""
+    svc, pub, c = _service(loop)
+    svc.on_exit(999999, 0, 77)  # an orphan, reaped with no Start in flight
+    assert pub.events == [] and all(not s.exits for s in svc.exits.subscriptions)
+    e = pyshim.ExecProcess("e1", c, pyshim.Stdio(loop, "", "", ""), loop, b"{}")
+    e.pid = 999999  # the kernel gives the pid to a new exec
+    sub = svc.exits.subscribe(e)
+    svc.exits.claim(sub, e)
+    svc.exits.end(sub)
+    assert not e.wait.done() and pub.events == []
+
+
+def _exit_events(pub: FakePublisher) -> list[tuple[str, int]]:
+    out = []
+    for topic, _, value in pub.events:
+        if topic == "/tasks/exit":
+            ev = pb.TaskExit.FromString(value)
+            out.append((ev.id, ev.exit_status))
+    return out
+
+
+def _exec(loop, c: pyshim.Container, eid: str, spec: bytes = b"{}") -> pyshim.ExecProcess:
+    e = pyshim.ExecProcess(eid, c, pyshim.Stdio(loop, "", "", ""), loop, spec)
+    c.execs[eid] = e
+    return e
+
+
+def test_router_exit_seen_during_a_start_is_claimed_by_its_pid(loop) -> None:
+    """An exit of a pid nobody knows yet, seen while a Start is in flight, is the
+    started process's once it reads that pid, and is published after its start
+    event; the other unknown exits of that window are dropped with it."""
+    svc, pub, c = _service(loop)
+    c.init.state = R
+    e = _exec(loop, c, "e1")
+    sub = svc.exits.subscribe(e)
+    svc.on_exit(5151, 3, 10)  # the exec's own pid, before runc exec returned
+    svc.on_exit(6161, 0, 11)  # an orphan
+    e.pid, e.state = 5151, R
+    svc.exits.exec_started(c)
+    svc.exits.claim(sub, e)
+    pub.publish("/tasks/exec-started", "x", b"")
+    assert _exit_events(pub) == []
+    svc.exits.end(sub)
+    assert pub.topics() == ["/tasks/exec-started", "/tasks/exit"]
+    assert _exit_events(pub) == [("e1", 3)] and e.wait.result() == 3
+    assert svc.exits.subscriptions == [] and 6161 not in svc.pids
+
+
+def test_router_exit_before_a_subscription_is_not_claimed(loop) -> None:
+    svc, pub, c = _service(loop)
+    c.init.state = R
+    svc.on_exit(5151, 0, 10)  # reaped before the Start subscribed: someone else's
+    e = _exec(loop, c, "e1")
+    sub = svc.exits.subscribe(e)
+    e.pid = 5151
+    svc.exits.claim(sub, e)
+    svc.exits.end(sub)
+    assert pub.events == [] and svc.pids[5151] is e and not e.wait.done()
+
+
+def test_router_init_exit_waits_for_a_starting_exec(loop) -> None:
+    """Counted from the start of an exec's Start: the init's exit is held until
+    that exec has exited, or has failed to start."""
+    for fails in (False, True):
+        svc, pub, c = _service(loop)
+        c.init.state = R
+        e = _exec(loop, c, "e1")
+        svc.exits.exec_started(c)
+        svc.on_exit(4242, 137, 10)
+        assert _exit_events(pub) == []
+        if fails:
+            svc.exits.exec_ended(c)  # runc exec failed
+            assert _exit_events(pub) == [("c1", 137)]
+        else:
+            e.pid, e.state = 5151, R
+            svc.pids[5151] = e
+            svc.on_exit(5151, 1, 11)
+            assert _exit_events(pub) == [("e1", 1), ("c1", 137)]
+
+
+def test_init_exit_without_a_pid_namespace_kills_the_cgroup(loop) -> None:
+    """Issue 13 bug 2: with no pid namespace of its own, nothing else kills what
+    is left in the container once its init has exited, even with no exec."""
+    runner = FakeRunner()
+    svc, pub, c = _service(loop, runner)
+    c.init.state = R
+    c.shares_pidns = True
+    svc.on_exit(4242, 0, 10)
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert runner.calls == [("kill", "--all", "c1", str(pyshim.SIGKILL))]
+    assert _exit_events(pub) == [("c1", 0)]
+
+
+def test_init_exit_in_its_own_pid_namespace_runs_no_runc(loop) -> None:
+    runner = FakeRunner()
+    svc, pub, c = _service(loop, runner)
+    c.init.state = R
+    svc.on_exit(4242, 0, 10)
+    assert runner.calls == [] and _exit_events(pub) == [("c1", 0)]
+
+
+def test_exec_start_takes_its_terminal_from_the_request(loop, tmp_path) -> None:
+    """Issue 13 bug 3: the spec written for runc exec says terminal as the
+    ExecProcessRequest did, whatever the client's process spec said."""
+    written: list[dict] = []
+
+    def during(args: tuple[str, ...]) -> None:
+        if args[0] == "exec":
+            with open(args[args.index("--process") + 1]) as f:
+                written.append(json.load(f))
+            with open(args[args.index("--pid-file") + 1], "w") as f:
+                f.write("5151")
+
+    svc, pub, c = _service(loop, FakeRunner(during))
+    c.bundle = str(tmp_path)
+    c.init.state = R
+    e = _exec(loop, c, "e1", json.dumps({"args": ["/bin/true"], "terminal": True}).encode())
+    loop.run_until_complete(svc.start(pb.StartRequest(id="c1", exec_id="e1"), {}))
+    assert written == [{"args": ["/bin/true"], "terminal": False}]
+    assert e.state == R and svc.pids[5151] is e and pub.topics() == ["/tasks/exec-started"]
+
+
+def test_failed_exec_start_leaves_the_exec_created(loop, tmp_path) -> None:
+    """Issue 13 bug 4: runc exec fails -> the error, the exec still created, no
+    exit published, and a held init exit is released."""
+    svc, pub, c = _service(loop, FakeRunner(code=1))
+    c.bundle = str(tmp_path)
+    c.init.state = R
+    e = _exec(loop, c, "e1")
+    with pytest.raises(pyshim.RuntimeFailure, match="OCI runtime exec failed: exit status 1"):
+        loop.run_until_complete(svc.start(pb.StartRequest(id="c1", exec_id="e1"), {}))
+    assert e.state == C and not e.wait.done() and pub.events == [] and c.live_execs == 0
+    loop.run_until_complete(svc.delete(pb.DeleteRequest(id="c1", exec_id="e1"), {}))
+    assert "e1" not in c.execs
+
+
+def test_runc_commands_own_their_argv(loop) -> None:
+    runner = FakeRunner()
+    rc = pyshim.Runc(runner, "/usr/sbin/runc", "/run/r/ns", "/b", systemd=True, no_pivot=True,
+                     no_new_keyring=True, criu="/c")
+
+    async def all_commands() -> None:
+        await rc.create("c1", "/b/init.pid", (0, 1, 2), "/tmp/console.sock")
+        await rc.start("c1")
+        await rc.exec("c1", "/b/p.json", "/b/e.pid", (0, 1, 2))
+        await rc.kill("c1", 15)
+        await rc.kill("c1", 9, all=True)
+        await rc.delete("c1")
+        await rc.pause("c1")
+        await rc.resume("c1")
+        await rc.update("c1", b"{}")
+        await rc.restore("c1", "/img", "", "/w", "/b/init.pid", (0, 1, 2))
+
+    loop.run_until_complete(all_commands())
+    assert runner.argvs[0][:9] == ["/usr/sbin/runc", "--root", "/run/r/ns", "--log", "/b/log.json",
+                                   "--log-format", "json", "--criu", "/c"]
+    assert runner.argvs[0][9] == "--systemd-cgroup"
+    assert runner.calls == [
+        ("create", "--bundle", "/b", "--pid-file", "/b/init.pid", "--no-pivot", "--no-new-keyring",
+         "--console-socket", "/tmp/console.sock", "c1"),
+        ("start", "c1"),
+        ("exec", "--process", "/b/p.json", "--detach", "--pid-file", "/b/e.pid", "c1"),
+        ("kill", "c1", "15"),
+        ("kill", "--all", "c1", "9"),
+        ("delete", "c1"),
+        ("pause", "c1"),
+        ("resume", "c1"),
+        ("update", "--resources", "-", "c1"),
+        ("restore", "--image-path", "/img", "--work-path", "/w", "--detach", "--pid-file", "/b/init.pid",
+         "--no-pivot", "--no-subreaper", "--bundle", "/b", "c1"),
+    ]
+
+
+@pytest.mark.parametrize(("command", "message", "kind"), [
+    ("kill", "container not running", pyshim.NotFound),
+    ("kill", "no such process", pyshim.NotFound),
+    ("kill", "permission denied", pyshim.RuntimeFailure),
+    ("delete", 'container "x" does not exist', pyshim.NotFound),
+    ("start", "container does not exist", pyshim.RuntimeFailure),
+    ("exec", "no such process", pyshim.RuntimeFailure),
+])
+def test_runc_errors_are_mapped_in_one_place(command: str, message: str, kind: type) -> None:
+    e = pyshim.runc_failure(command, "OCI runtime x failed", message)
+    assert type(e) is kind and message in str(e)
+
+
+def test_runc_failure_carries_runc_own_message_from_its_log(loop, tmp_path) -> None:
+    (tmp_path / "log.json").write_text('{"level":"info","msg":"fine"}\n'
+                                       '{"level":"error","msg":"exec: \\"/bin/nope\\": not found"}\n')
+    rc = pyshim.Runc(FakeRunner(code=1), "/usr/sbin/runc", "/run/r", str(tmp_path))
+    with pytest.raises(pyshim.RuntimeFailure) as ei:
+        loop.run_until_complete(rc.start("c1"))
+    assert str(ei.value) == 'OCI runtime start failed: exec: "/bin/nope": not found'
+
+
+def _banner_sections(source: str) -> list[str]:
+    """The name of each banner section of pyshim.py: the title line under a
+    `# ====` rule, up to its first colon or full stop."""
+    lines = source.splitlines()
+    names = []
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("# ====") and not lines[i + 1].startswith("# ====") and \
+                (i == 0 or not lines[i - 1].startswith("#")):
+            title = lines[i + 1][2:]
+            names.append(re.split(r"[:.]", title, maxsplit=1)[0].strip().lower())
+    return names
+
+
+def test_module_docstring_lists_the_banner_sections() -> None:
+    with open(pyshim.__file__) as f:
+        source = f.read()
+    doc = " ".join(pyshim.__doc__.split())
+    listed = doc.split("Sections, in dependency order (each under a banner of that name): ", 1)[1]
+    listed = [name.strip().lower() for name in listed.rstrip(".").split(",")]
+    assert _banner_sections(source) == listed
 
 
 # =============================================================================
@@ -1291,15 +1523,15 @@ def test_unknown_flag_fails_clearly(tmp_path, how: str) -> None:
 
 def test_logger_argv_from_the_uri() -> None:
     """Each query key, then its first value (empty if none); the path unescaped."""
-    lg = pyshim.Logger("binary:///opt/my%20log/bin?tag=a+b&flag&tag=ignored&dir=%2Ftmp")
+    lg = pyshim.LoggingBinary("binary:///opt/my%20log/bin?tag=a+b&flag&tag=ignored&dir=%2Ftmp")
     assert lg.argv == ["/opt/my log/bin", "tag", "a b", "flag", "", "dir", "/tmp"]
-    assert pyshim.Logger("binary:///bin/logger").argv == ["/bin/logger"]
+    assert pyshim.LoggingBinary("binary:///bin/logger").argv == ["/bin/logger"]
 
 
 @pytest.mark.parametrize("uri", ["binary://", "binary:logger", "binary:?x=1"])
 def test_logger_needs_an_absolute_path(uri: str) -> None:
     with pytest.raises(pyshim.InvalidArgument, match="absolute path"):
-        pyshim.Logger(uri)
+        pyshim.LoggingBinary(uri)
 
 
 def test_binary_stdio_refusals(loop) -> None:
@@ -1318,7 +1550,7 @@ def test_terminal_output_goes_to_the_logging_binary(loop) -> None:
     master, slave = os.openpty()
     try:
         assert fds[0] == fds[1] == fds[2] and os.path.samestat(os.fstat(fds[0]), os.stat(os.devnull))
-        out, err = s.logger.fds
+        out, err = s.logging_binary.fds
         assert os.read(err, 10) == b""  # nobody writes a terminal's stderr
         with socket.socket(socket.AF_UNIX) as c:
             c.connect(s.console_path)
@@ -1342,20 +1574,20 @@ def test_terminal_output_goes_to_the_logging_binary(loop) -> None:
             if fd >= 0:
                 os.close(fd)
         s.close()
-    assert s.logger.fds == [] and s.master == -1
+    assert s.logging_binary.fds == [] and s.master == -1
 
 
 def test_binary_stdio_gives_the_container_write_ends_and_keeps_no_read_end(loop) -> None:
     s = pyshim.Stdio(loop, "", "binary:///bin/logger", "binary:///bin/logger")
     _, out, err = s.open()
     try:
-        assert s.copiers == [] and len(s.logger.fds) == 2
-        for w, r in zip((out, err), s.logger.fds):
+        assert s.copiers == [] and len(s.logging_binary.fds) == 2
+        for w, r in zip((out, err), s.logging_binary.fds):
             assert stat.S_ISFIFO(os.fstat(w).st_mode)
             assert os.fstat(w).st_ino == os.fstat(r).st_ino
     finally:
         s.close()
-    assert s.logger.fds == [] and s.child_fds == []
+    assert s.logging_binary.fds == [] and s.child_fds == []
 
 
 def test_installed_binary_ignores_pythonpath(tmp_path) -> None:
