@@ -151,7 +151,7 @@ def expected_answers(frames) -> list[tuple[int, int | None]]:
             except Exception:  # noqa: BLE001 - any parse failure
                 out.append((sid, INVALID_ARGUMENT))
                 continue
-            if req.service != TASK or req.method not in METHODS:
+            if req.service not in pyshim.TASK_SERVICES or req.method not in METHODS:
                 out.append((sid, UNIMPLEMENTED))
             else:
                 out.append((sid, None))
@@ -329,12 +329,12 @@ class Generator:
         kind = d.choice(["task"] * 8 + ["unknown-method", "unknown-service", "raw"])
         if kind == "raw":
             return "", d.binary(80)
-        service, method = TASK, d.choice(self.methods)
+        service, method = d.choice(pyshim.TASK_SERVICES), d.choice(self.methods)
         if kind == "unknown-method":
             method = d.text(10) if d.bool() else d.choice(["state", "Forward", ""])
         elif kind == "unknown-service":
             service = d.text(16) if d.bool() else d.choice(
-                ["containerd.task.v3.Task", "containerd.services.events.ttrpc.v1.Events", ""])
+                ["containerd.task.v1.Task", "containerd.services.events.ttrpc.v1.Events", ""])
         if method in METHODS:
             payload = self.structured(d, method) if d.int(0, 4) else d.binary(64)
         else:
@@ -347,7 +347,7 @@ class Generator:
         if d.int(0, 19) == 0 and body:  # a valid request with one byte changed
             i = d.int(0, len(body) - 1)
             body = body[:i] + bytes([d.int(0, 255)]) + body[i + 1:]
-        return (method if service == TASK else ""), body
+        return (method if service in pyshim.TASK_SERVICES else ""), body
 
     def setup(self, d: Draw) -> list[tuple[str, bytes]]:
         """A good Create, then maybe Start, Exec and the exec's Start."""
