@@ -25,6 +25,7 @@ int reaper_mount(const char *source, const char *target, const char *fstype,
 int reaper_umount(const char *target, int flags);
 int reaper_malloc_trim(size_t pad);
 int reaper_fork(void);
+int reaper_immortalize(uintptr_t addr, uint32_t refcnt, uint16_t flags);
 """
 
 # Kernel constants the Python side needs, taken from the system headers at
@@ -62,7 +63,7 @@ def make_builder(source: str) -> FFI:
     ffi.cdef(DECLARATIONS + CONSTANTS)
     ffi.set_source(
         "_reaper",
-        "#include <sys/mount.h>\n#include <sys/wait.h>\n#include <stddef.h>\n" + DECLARATIONS,
+        "#include <sys/mount.h>\n#include <sys/wait.h>\n#include <stddef.h>\n#include <stdint.h>\n" + DECLARATIONS,
         sources=[source],
         extra_compile_args=["-O2", "-Wall", "-Wextra"],
     )

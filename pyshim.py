@@ -3649,6 +3649,10 @@ def serve(flags: Flags) -> int:
     gc.freeze()
     log("debug", "serving api on socket", socket=sock_path)
     log("info", "shim started", pid=os.getpid(), socket=sock_path, version=VERSION)
+    if isinstance(template_heap, str):  # forked from a template that could not do it
+        log("info", "template heap left mortal", reason=template_heap)
+    elif template_heap is not None:
+        log("debug", "template heap immortal", objects=template_heap)
     if settings:
         log("debug", "settings", path=settings.path, runc_root=settings.runc_root,
             runc_binary=settings.runc_binary, systemd_cgroup=settings.systemd_cgroup,
@@ -3691,6 +3695,7 @@ TEMPLATE_IDLE_DEFAULT = 600.0
 TEMPLATE_TITLE_ROOM = 1024  # bytes of argv reserved for the forked shims' titles
 _LEN = struct.Struct(">I")
 _TERM_SIGNALS = (15, 2)  # SIGTERM, SIGINT: the template's handlers leave on them
+template_heap: int | str | None = None  # in the template: immortalize_heap's answer, for its shims' log
 
 
 def template_path(containerd_address: str) -> str:
@@ -3944,6 +3949,90 @@ def _warm_up(rounds: int = 12) -> None:
         asyncio.set_event_loop(None)
 
 
+def immortal_terms() -> tuple[int, int] | str:
+    """How this interpreter marks an object immortal, as (the 32-bit count,
+    the ob_flags bits), or why it cannot be done here.
+
+    Only the layouts read from CPython's headers: 3.12 and 3.13 test the sign
+    bit of the low 32 bits of ob_refcnt and saturate it at UINT_MAX (their
+    _Py_IMMORTAL_REFCNT); 3.14 stores _Py_IMMORTAL_INITIAL_REFCNT (3 << 30)
+    and sets _Py_IMMORTAL_FLAGS in ob_flags. Free-threaded builds count in
+    other fields, debug and trace-refs builds check and list every object.
+    """
+    v = sys.version_info[:2]
+    if sys.implementation.name != "cpython":
+        return f"{sys.implementation.name} is not CPython"
+    if v < (3, 12):
+        return f"Python {v[0]}.{v[1]} has no immortal objects"
+    if v > (3, 14):
+        return f"Python {v[0]}.{v[1]}: object layout not known to this pyshim"
+    if "t" in sys.abiflags or not getattr(sys, "_is_gil_enabled", lambda: True)():
+        return "free-threaded build"
+    if hasattr(sys, "gettotalrefcount") or hasattr(sys, "getobjects"):
+        return "debug build"
+    if sys.maxsize < 1 << 32 or sys.byteorder != "little":
+        return "not a 64-bit little-endian build"
+    return (3 << 30, 1) if v >= (3, 14) else (0xFFFFFFFF, 0)
+
+
+def immortalize_heap() -> int | str:
+    """Makes every object the template holds immortal (template only, just
+    before gc.freeze): the shims it forks then never write a refcount on the
+    pages they share with it. Returns how many objects it marked, or why it
+    marked none.
+
+    The objects are everything the collector tracks (gc.get_objects) and,
+    transitively, what they hold that it does not track: strings, numbers,
+    atomic tuples and dicts, code objects with their constants and names, and
+    the str keys of dicts (which a dict's traversal skips). Nothing marked is
+    ever freed; the template and its shims leave with os._exit, so no
+    finalizer of theirs is skipped either.
+    """
+    import gc
+
+    terms = immortal_terms()
+    if isinstance(terms, str):
+        return terms
+    refcnt, flags = terms
+    probe = object()
+    mark = _lib.reaper_immortalize
+    mark(id(probe), refcnt, flags)
+    held = [probe] * 8
+    if sys.getrefcount(probe) != refcnt:  # the layout is not the one we read
+        return f"immortal refcount not honoured ({sys.getrefcount(probe)})"
+    del held
+    code_type = type(immortal_terms.__code__)
+    is_tracked = gc.is_tracked
+    referents = gc.get_referents
+    stack: list = []
+
+    def push_held(o: object) -> None:
+        if type(o) is code_type:  # no traversal; co_varnames & co. would be new tuples
+            stack.extend((o.co_consts, o.co_names, o.co_filename, o.co_name, o.co_qualname,
+                          o.co_linetable, o.co_exceptiontable))
+            return
+        stack.extend(referents(o))
+        if isinstance(o, dict):
+            stack.extend(dict.keys(o))
+
+    tracked = gc.get_objects()
+    for obj in tracked:
+        mark(id(obj), refcnt, flags)
+    count = len(tracked)
+    # Every tracked object is marked now; walk into the untracked ones they
+    # hold, with immortality as the visited mark.
+    for obj in tracked:
+        push_held(obj)
+        while stack:
+            o = stack.pop()
+            if is_tracked(o) or mark(id(o), refcnt, flags):
+                continue
+            count += 1
+            push_held(o)
+    del tracked
+    return count
+
+
 def serve_template() -> int:
     """The template process: accepts fork requests on fd 3 until killed.
 
@@ -3996,6 +4085,8 @@ def serve_template() -> int:
     # process must not kill the template (SIGUSR1's default action). Its log
     # goes nowhere, so it has nothing to dump.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    global template_heap
+    template_heap = immortalize_heap()
     gc.freeze()
     uid, gid = os.geteuid(), os.getegid()
     children: set[int] = set()
@@ -4016,7 +4107,7 @@ def serve_template() -> int:
             # Idle with no shim to reap: leave, unless a start already queued.
             remove_socket()
             if not select.select([lsock], [], [], 0)[0]:
-                return 0
+                os._exit(0)  # no finalization: it would meet immortal objects
         elif not select.select([lsock], [], [], min(5.0, idle_limit))[0]:
             continue
         try:
