@@ -3,7 +3,7 @@
  * without allocating on a hot path): child-subreaper, the waitpid reap
  * loop, SIGCHLD delivery on a pipe the event loop can watch, SCM_RIGHTS fd
  * passing, unix sockets with path or abstract names, SO_PEERCRED, mount(2)
- * malloc_trim, a bare fork for the warm template and the write that makes
+ * malloc_trim, madvise, a bare fork for the warm template and the write that makes
  * one of its objects immortal.
  *
  * Every function is flat: it returns a value >= 0 or -errno, and never
@@ -17,6 +17,7 @@
 #include <signal.h>
 #include <stddef.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -337,6 +338,14 @@ int reaper_umount(const char *target, int flags)
 int reaper_malloc_trim(size_t pad)
 {
 	return malloc_trim(pad);
+}
+
+/* madvise(2) on [start, start + len): MADV_MERGEABLE & co. for KSM. */
+int reaper_madvise(uintptr_t start, size_t len, int advice)
+{
+	if (madvise((void *)start, len, advice) < 0)
+		return -errno;
+	return 0;
 }
 
 /* --- immortal objects ---------------------------------------------------- */

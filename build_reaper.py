@@ -24,6 +24,7 @@ int reaper_mount(const char *source, const char *target, const char *fstype,
                  unsigned long flags, const char *data);
 int reaper_umount(const char *target, int flags);
 int reaper_malloc_trim(size_t pad);
+int reaper_madvise(uintptr_t start, size_t len, int advice);
 int reaper_fork(void);
 int reaper_immortalize(uintptr_t addr, uint32_t refcnt, uint16_t flags);
 """
@@ -53,6 +54,8 @@ CONSTANTS = """
 #define MS_STRICTATIME ...
 #define MNT_DETACH ...
 #define WNOHANG ...
+#define MADV_MERGEABLE ...
+#define MADV_UNMERGEABLE ...
 """
 
 
@@ -63,7 +66,7 @@ def make_builder(source: str) -> FFI:
     ffi.cdef(DECLARATIONS + CONSTANTS)
     ffi.set_source(
         "_reaper",
-        "#include <sys/mount.h>\n#include <sys/wait.h>\n#include <stddef.h>\n#include <stdint.h>\n" + DECLARATIONS,
+        "#include <sys/mman.h>\n#include <sys/mount.h>\n#include <sys/wait.h>\n#include <stddef.h>\n#include <stdint.h>\n" + DECLARATIONS,
         sources=[source],
         extra_compile_args=["-O2", "-Wall", "-Wextra"],
     )
