@@ -152,6 +152,14 @@ def _ksm_stat(pid: int) -> dict[str, str]:
     return out
 
 
+def test_ksm_advise_marks_and_unmarks_this_process() -> None:
+    """What a shim forked from a marking template does under `off`: unmark."""
+    assert pyshim.ksm_advise(True) > 0
+    assert _mergeable_mappings(os.getpid()) > 0
+    assert pyshim.ksm_advise(False) > 0
+    assert _mergeable_mappings(os.getpid()) == 0
+
+
 @contextmanager
 def host_ksm(run: str) -> Iterator[None]:
     """/sys/kernel/mm/ksm/run set to `run`, and its previous value put back."""
