@@ -3,7 +3,8 @@
  * without allocating on a hot path): child-subreaper, the waitpid reap
  * loop, SIGCHLD delivery on a pipe the event loop can watch, SCM_RIGHTS fd
  * passing, unix sockets with path or abstract names, SO_PEERCRED, mount(2)
- * malloc_trim, and a bare fork for the warm template.
+ * malloc_trim, madvise, a bare fork for the warm template and the write that makes
+ * one of its objects immortal.
  *
  * Every function is flat: it returns a value >= 0 or -errno, and never
  * allocates. Buffers are owned by the caller.
@@ -12,9 +13,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <malloc.h>
+#include <stdint.h>
 #include <signal.h>
 #include <stddef.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -335,6 +338,46 @@ int reaper_umount(const char *target, int flags)
 int reaper_malloc_trim(size_t pad)
 {
 	return malloc_trim(pad);
+}
+
+/* madvise(2) on [start, start + len): MADV_MERGEABLE & co. for KSM. */
+int reaper_madvise(uintptr_t start, size_t len, int advice)
+{
+	if (madvise((void *)start, len, advice) < 0)
+		return -errno;
+	return 0;
+}
+
+/* --- immortal objects ---------------------------------------------------- */
+
+/*
+ * The head of a CPython object on a 64-bit little-endian default build, as
+ * 3.12 to 3.14 lay it out: the low half of ob_refcnt is the 32-bit count the
+ * interpreter tests for immortality (its sign bit); 3.14 keeps 16 bits of
+ * ob_flags at the top of the word. Only ever handed an object's address by
+ * the template, after it checked the interpreter's version and build.
+ */
+struct object_head {
+	uint32_t refcnt;
+	uint16_t overflow;
+	uint16_t flags;
+};
+
+/*
+ * Makes the object at `addr` immortal: its count becomes `refcnt` (already
+ * immortal ones keep theirs) and `flags` are or-ed into ob_flags. Returns 1
+ * if it already was immortal, else 0. Once immortal, Py_INCREF and Py_DECREF
+ * never write to it again, so a forked child keeps sharing its page.
+ */
+int reaper_immortalize(uintptr_t addr, uint32_t refcnt, uint16_t flags)
+{
+	struct object_head *h = (struct object_head *)addr;
+
+	if ((int32_t)h->refcnt < 0)
+		return 1;
+	h->refcnt = refcnt;
+	h->flags |= flags;
+	return 0;
 }
 
 /* --- fork --------------------------------------------------------------- */

@@ -24,7 +24,9 @@ int reaper_mount(const char *source, const char *target, const char *fstype,
                  unsigned long flags, const char *data);
 int reaper_umount(const char *target, int flags);
 int reaper_malloc_trim(size_t pad);
+int reaper_madvise(uintptr_t start, size_t len, int advice);
 int reaper_fork(void);
+int reaper_immortalize(uintptr_t addr, uint32_t refcnt, uint16_t flags);
 """
 
 # Kernel constants the Python side needs, taken from the system headers at
@@ -61,6 +63,8 @@ CONSTANTS = """
 #define SIGPIPE ...
 #define SIGTERM ...
 #define SIGXFSZ ...
+#define MADV_MERGEABLE ...
+#define MADV_UNMERGEABLE ...
 """
 
 
@@ -70,8 +74,8 @@ def make_builder(source: str) -> FFI:
     ffi.cdef(DECLARATIONS + CONSTANTS)
     ffi.set_source(
         "_reaper",
-        "#include <errno.h>\n#include <signal.h>\n#include <stddef.h>\n#include <sys/mount.h>\n"
-        "#include <sys/wait.h>\n" + DECLARATIONS,
+        "#include <errno.h>\n#include <signal.h>\n#include <stddef.h>\n#include <stdint.h>\n"
+        "#include <sys/mman.h>\n#include <sys/mount.h>\n#include <sys/wait.h>\n" + DECLARATIONS,
         sources=[source],
         extra_compile_args=["-O2", "-Wall", "-Wextra"],
     )

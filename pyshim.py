@@ -204,6 +204,60 @@ def malloc_trim() -> None:
     _lib.reaper_malloc_trim(0)
 
 
+# KSM (kernel samepage merging): pages of mappings marked MADV_MERGEABLE that are
+# identical to other marked pages are merged by the host's ksmd, if it runs.
+KSM_ENV = "PYSHIM_KSM"  # "auto" or "off": overrides the settings file's `ksm`
+KSM_RUN = "/sys/kernel/mm/ksm/run"  # 1: ksmd merges; read only, pyshim never writes it
+KSM_RESCAN_SECONDS = 30.0  # how often a shim marks the mappings it made since
+KSM_MODES = ("auto", "off")
+_KSM_SKIP = (b"[vdso]", b"[vvar]", b"[vvar_vclock]", b"[vsyscall]")
+
+
+def ksm_host_on(path: str = KSM_RUN) -> bool:
+    """Whether the host's ksmd is merging (run = 1)."""
+    try:
+        return _read_small(path).strip() == b"1"
+    except OSError:
+        return False
+
+
+def ksm_mode(settings: Settings | None) -> str:
+    """"auto" or "off": $PYSHIM_KSM when it says one of them, else the settings
+    file's `ksm`, else auto."""
+    env = os.environ.get(KSM_ENV, "")
+    if env in KSM_MODES:
+        return env
+    return settings.ksm if settings is not None else "auto"
+
+
+def ksm_advise(mergeable: bool) -> int:
+    """MADV_MERGEABLE (or MADV_UNMERGEABLE) on every private writable mapping
+    of this process: anonymous ones and the copied-on-write pages of private
+    file mappings (.data); returns how many mappings took it.
+
+    madvise rather than PR_SET_MEMORY_MERGE: the prctl's flag lives on the mm
+    and survives exec on current kernels, and posix_spawn's child shares our
+    mm until its exec, so there is no moment to clear it for runc alone. A
+    mapping's VM_MERGEABLE is gone at exec. Mappings made later (malloc
+    growth) need another call: the shim repeats it every KSM_RESCAN_SECONDS.
+    """
+    advice = _lib.MADV_MERGEABLE if mergeable else _lib.MADV_UNMERGEABLE
+    with open("/proc/self/maps", "rb") as f:
+        maps = f.read()
+    done = 0
+    for line in maps.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) < 5 or fields[1][1:2] != b"w" or fields[1][3:4] != b"p":
+            continue
+        if len(fields) == 6 and fields[5].strip() in _KSM_SKIP:
+            continue
+        lo, _, hi = fields[0].partition(b"-")
+        start = int(lo, 16)
+        if _lib.reaper_madvise(start, int(hi, 16) - start, advice) == 0:
+            done += 1
+    return done
+
+
 # Mount options understood as flags (set, clear); others go to the data string.
 _MS = _lib
 MOUNT_FLAGS: dict[str, tuple[int, int]] = {
@@ -2705,6 +2759,7 @@ SETTINGS_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "log_level": ((str,), "string"),
     "template": ((bool,), "boolean"),
     "memory_release_interval": ((int, float), "number of seconds"),
+    "ksm": ((str,), "string"),
 }
 MEMORY_RELEASE_SECONDS = 30.0
 
@@ -2718,6 +2773,9 @@ class Settings:
         log_level = "info"                debug, info, warning or error
         template = true                   fork shims from the warm template
         memory_release_interval = 30      seconds between malloc_trim; 0: never
+        ksm = "auto"                      auto: shims' memory mergeable when the
+                                          host's ksmd runs; off: never ($PYSHIM_KSM
+                                          overrides)
 
     `start` reads the file (tomllib is imported only then) and hands the long-lived
     shim its values as one JSON argument (-settings), so the shim itself never
@@ -2734,6 +2792,7 @@ class Settings:
         self.log_level = ""
         self.template = True
         self.memory_release_interval = MEMORY_RELEASE_SECONDS
+        self.ksm = "auto"
 
     @classmethod
     def load(cls, path: str, body: bytes = b"") -> Settings:
@@ -2772,6 +2831,8 @@ class Settings:
                 raise InvalidArgument(f"{where}: key 'runc_root' must be an absolute path, not {value!r}")
             if key == "runc_binary" and not value:
                 raise InvalidArgument(f"{where}: key 'runc_binary' must not be empty")
+            if key == "ksm" and value not in KSM_MODES:
+                raise InvalidArgument(f"{where}: key 'ksm' must be one of {', '.join(KSM_MODES)}, not {value!r}")
             if key == "memory_release_interval":
                 if not 0 <= value <= 86400:  # also rejects nan
                     raise InvalidArgument(f"{where}: key 'memory_release_interval' must be 0..86400 seconds, "
@@ -4119,13 +4180,28 @@ def serve(flags: Flags) -> int:
 
     if interval > 0:
         loop.call_later(interval, release_memory)
+    ksm = ksm_mode(settings)
+    if ksm == "auto" and ksm_host_on():
+
+        def mark_mergeable() -> None:
+            ksm_advise(True)
+            loop.call_later(KSM_RESCAN_SECONDS, mark_mergeable)
+
+        log("debug", "ksm: memory mergeable", mappings=ksm_advise(True))
+        loop.call_later(KSM_RESCAN_SECONDS, mark_mergeable)
+    elif ksm == "off" and template_ksm:  # undo what the template's mappings carry
+        ksm_advise(False)
     gc.freeze()
     log("debug", "serving api on socket", socket=sock_path)
     log("info", "shim started", socket=sock_path, version=VERSION)
+    if isinstance(template_heap, str):  # forked from a template that could not do it
+        log("info", "template heap left mortal", reason=template_heap)
+    elif template_heap is not None:
+        log("debug", "template heap immortal", objects=template_heap)
     if settings:
         log("debug", "settings", path=settings.path, runc_root=settings.runc_root,
             runc_binary=settings.runc_binary, systemd_cgroup=settings.systemd_cgroup,
-            template=settings.template, memory_release_interval=interval)
+            template=settings.template, memory_release_interval=interval, ksm=ksm)
     loop.run_until_complete(stop)
 
     async def shutdown() -> None:
@@ -4163,6 +4239,8 @@ TEMPLATE_IDLE_DEFAULT = 600.0
 TEMPLATE_TITLE_ROOM = 1024  # bytes of argv reserved for the forked shims' titles
 _LEN = struct.Struct(">I")
 _TERM_SIGNALS = (15, 2)  # SIGTERM, SIGINT: the template's handlers leave on them
+template_ksm = False  # in the template: its mappings were made mergeable (its shims inherit that)
+template_heap: int | str | None = None  # in the template: immortalize_heap's answer, for its shims' log
 
 
 def template_path(containerd_address: str) -> str:
@@ -4416,6 +4494,90 @@ def _warm_up(rounds: int = 12) -> None:
         asyncio.set_event_loop(None)
 
 
+def immortal_terms() -> tuple[int, int] | str:
+    """How this interpreter marks an object immortal, as (the 32-bit count,
+    the ob_flags bits), or why it cannot be done here.
+
+    Only the layouts read from CPython's headers: 3.12 and 3.13 test the sign
+    bit of the low 32 bits of ob_refcnt and saturate it at UINT_MAX (their
+    _Py_IMMORTAL_REFCNT); 3.14 stores _Py_IMMORTAL_INITIAL_REFCNT (3 << 30)
+    and sets _Py_IMMORTAL_FLAGS in ob_flags. Free-threaded builds count in
+    other fields, debug and trace-refs builds check and list every object.
+    """
+    v = sys.version_info[:2]
+    if sys.implementation.name != "cpython":
+        return f"{sys.implementation.name} is not CPython"
+    if v < (3, 12):
+        return f"Python {v[0]}.{v[1]} has no immortal objects"
+    if v > (3, 14):
+        return f"Python {v[0]}.{v[1]}: object layout not known to this pyshim"
+    if "t" in sys.abiflags or not getattr(sys, "_is_gil_enabled", lambda: True)():
+        return "free-threaded build"
+    if hasattr(sys, "gettotalrefcount") or hasattr(sys, "getobjects"):
+        return "debug build"
+    if sys.maxsize < 1 << 32 or sys.byteorder != "little":
+        return "not a 64-bit little-endian build"
+    return (3 << 30, 1) if v >= (3, 14) else (0xFFFFFFFF, 0)
+
+
+def immortalize_heap() -> int | str:
+    """Makes every object the template holds immortal (template only, just
+    before gc.freeze): the shims it forks then never write a refcount on the
+    pages they share with it. Returns how many objects it marked, or why it
+    marked none.
+
+    The objects are everything the collector tracks (gc.get_objects) and,
+    transitively, what they hold that it does not track: strings, numbers,
+    atomic tuples and dicts, code objects with their constants and names, and
+    the str keys of dicts (which a dict's traversal skips). Nothing marked is
+    ever freed; the template and its shims leave with os._exit, so no
+    finalizer of theirs is skipped either.
+    """
+    import gc
+
+    terms = immortal_terms()
+    if isinstance(terms, str):
+        return terms
+    refcnt, flags = terms
+    probe = object()
+    mark = _lib.reaper_immortalize
+    mark(id(probe), refcnt, flags)
+    held = [probe] * 8
+    if sys.getrefcount(probe) != refcnt:  # the layout is not the one we read
+        return f"immortal refcount not honoured ({sys.getrefcount(probe)})"
+    del held
+    code_type = type(immortal_terms.__code__)
+    is_tracked = gc.is_tracked
+    referents = gc.get_referents
+    stack: list = []
+
+    def push_held(o: object) -> None:
+        if type(o) is code_type:  # no traversal; co_varnames & co. would be new tuples
+            stack.extend((o.co_consts, o.co_names, o.co_filename, o.co_name, o.co_qualname,
+                          o.co_linetable, o.co_exceptiontable))
+            return
+        stack.extend(referents(o))
+        if isinstance(o, dict):
+            stack.extend(dict.keys(o))
+
+    tracked = gc.get_objects()
+    for obj in tracked:
+        mark(id(obj), refcnt, flags)
+    count = len(tracked)
+    # Every tracked object is marked now; walk into the untracked ones they
+    # hold, with immortality as the visited mark.
+    for obj in tracked:
+        push_held(obj)
+        while stack:
+            o = stack.pop()
+            if is_tracked(o) or mark(id(o), refcnt, flags):
+                continue
+            count += 1
+            push_held(o)
+    del tracked
+    return count
+
+
 def serve_template() -> int:
     """The template process: accepts fork requests on fd 3 until killed.
 
@@ -4468,6 +4630,10 @@ def serve_template() -> int:
     # process must not kill the template (SIGUSR1's default action). Its log
     # goes nowhere, so it has nothing to dump.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    global template_heap, template_ksm
+    template_heap = immortalize_heap()
+    if ksm_mode(None) == "auto" and ksm_host_on():
+        template_ksm = ksm_advise(True) > 0
     gc.freeze()
     uid, gid = os.geteuid(), os.getegid()
     children: set[int] = set()
@@ -4488,7 +4654,7 @@ def serve_template() -> int:
             # Idle with no shim to reap: leave, unless a start already queued.
             remove_socket()
             if not select.select([lsock], [], [], 0)[0]:
-                return 0
+                os._exit(0)  # no finalization: it would meet immortal objects
         elif not select.select([lsock], [], [], min(5.0, idle_limit))[0]:
             continue
         try:

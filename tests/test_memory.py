@@ -1,0 +1,219 @@
+"""What keeps a forked shim's pages shared with the warm template, or merged.
+
+Immortal heap: on CPython 3.12+ default builds the template makes every object it
+holds immortal before gc.freeze(), so a forked shim never writes their refcounts;
+on 3.11 (and free-threaded or debug builds) it skips that and says so in one log
+line of each shim it forks. Asserted per Python version.
+
+KSM: under `ksm = "auto"` (the default) and a host ksmd that runs, the template and
+its shims mark their private writable mappings MADV_MERGEABLE; nothing they execute
+(runc, the container's processes) is mergeable. `off` (setting or $PYSHIM_KSM)
+marks nothing. The tests that turn host KSM on restore its previous value.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness
+from conftest import require, require_e2e
+from test_template import _run_d, _shim_of, daemon_with
+
+import pyshim
+
+PYSHIM = harness.PYSHIM
+IMMORTAL = sys.version_info >= (3, 12)
+
+
+def test_immortal_terms_follow_the_interpreter() -> None:
+    terms = pyshim.immortal_terms()
+    if sys.version_info < (3, 12):
+        assert terms == f"Python 3.{sys.version_info[1]} has no immortal objects"
+    elif sys.version_info < (3, 14):
+        assert terms == (0xFFFFFFFF, 0)  # _Py_IMMORTAL_REFCNT of 3.12 and 3.13
+    else:
+        assert terms == (3 << 30, 1)
+
+
+# Runs in a fresh interpreter: immortalizes its heap as the template does, then
+# forks a child that uses the objects hard and reports their refcounts.
+_FORK_SCRIPT = textwrap.dedent("""
+    import gc, os, sys
+    import pyshim
+    gc.disable()
+    answer = pyshim.immortalize_heap()
+    gc.freeze()
+    objs = [pyshim.TaskService, pyshim.log, pyshim.Log.__call__.__code__,
+            pyshim.Log.__call__.__code__.co_consts, pyshim.SETTINGS_KEYS, pyshim.immortal_terms]
+    before = [sys.getrefcount(o) for o in objs]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        held = [o for o in objs for _ in range(1000)]
+        pyshim.log("info", "used", n=len(held))
+        pyshim.Settings.from_dict({"template": True}, "x")
+        after = [sys.getrefcount(o) for o in objs]
+        os.write(w, repr(after).encode())
+        os._exit(0)
+    os.close(w)
+    child = eval(os.read(r, 4096))
+    os.waitpid(pid, 0)
+    print(repr((answer, before, child)))
+""")
+
+
+def test_frozen_objects_keep_their_refcount_in_a_forked_child() -> None:
+    out = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], cwd="/", capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    answer, before, child = eval(out.stdout.strip().splitlines()[-1])
+    if IMMORTAL:
+        assert isinstance(answer, int) and answer > 10000, answer
+        refcnt = pyshim.immortal_terms()[0]
+        assert before == [refcnt] * len(before)
+        assert child == before
+    else:
+        assert answer == pyshim.immortal_terms()
+        assert child != before  # 1000 more references each: the counts were written
+
+
+def test_forked_shims_say_what_the_template_did(rootfs: str) -> None:
+    """Create, start, exec, kill, delete through a forked shim; its log has the one
+    line about the template's heap."""
+    with daemon_with(PYSHIM_TEMPLATE="1") as daemon:
+        cid = harness.new_id("imm")
+        _run_d(daemon, rootfs, cid)
+        shim = _shim_of(daemon, cid)
+        r = daemon.ctr("task", "exec", "--exec-id", "e1", cid, "/bin/sh", "-c", "exit 3")
+        assert r.returncode == 3
+        usage = harness.smaps_rollup(shim)
+        assert usage is not None and usage["uss"] > 0
+        daemon.ctr("task", "kill", "-s", "KILL", cid, check=True)
+        harness.wait_for(lambda: "STOPPED" in daemon.ctr("task", "ls").stdout,
+                         10, message="task never stopped")
+        daemon.ctr("task", "delete", cid, check=True)
+        daemon.ctr("container", "delete", cid, check=True)
+        text = daemon.log_text()
+        mortal = [ln for ln in text.splitlines() if "template heap left mortal" in ln]
+        immortal = [ln for ln in text.splitlines() if "template heap immortal" in ln]
+        if IMMORTAL:
+            assert len(immortal) == 1 and not mortal, (immortal, mortal)
+            assert "objects=" in immortal[0]
+        else:
+            assert len(mortal) == 1 and not immortal, (immortal, mortal)
+            assert "has no immortal objects" in mortal[0]
+
+
+# --- KSM -------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["auto", "off"])
+def test_ksm_setting_parses(value: str) -> None:
+    s = pyshim.Settings.from_dict({"ksm": value}, "f")
+    assert s.ksm == value
+    assert pyshim.Settings.from_json(s.to_json()).ksm == value
+
+
+@pytest.mark.parametrize("value", ["on", "", 1, True])
+def test_ksm_setting_rejects_other_values(value: object) -> None:
+    with pytest.raises(pyshim.InvalidArgument, match="'ksm'"):
+        pyshim.Settings.from_dict({"ksm": value}, "f")
+
+
+def test_ksm_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    off = pyshim.Settings.from_dict({"ksm": "off"}, "f")
+    monkeypatch.delenv(pyshim.KSM_ENV, raising=False)
+    assert pyshim.ksm_mode(None) == "auto"
+    assert pyshim.ksm_mode(off) == "off"
+    monkeypatch.setenv(pyshim.KSM_ENV, "auto")
+    assert pyshim.ksm_mode(off) == "auto"
+    monkeypatch.setenv(pyshim.KSM_ENV, "off")
+    assert pyshim.ksm_mode(None) == "off"
+
+
+def _mergeable_mappings(pid: int) -> int:
+    """How many of the process's mappings carry VM_MERGEABLE ("mg")."""
+    with open(f"/proc/{pid}/smaps") as f:
+        return sum(1 for line in f if line.startswith("VmFlags:") and " mg" in line)
+
+
+def _ksm_stat(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/ksm_stat") as f:
+        for line in f:
+            k, _, v = line.replace(":", " ").partition(" ")
+            out[k] = v.strip()
+    return out
+
+
+def test_ksm_advise_marks_and_unmarks_this_process() -> None:
+    """What a shim forked from a marking template does under `off`: unmark."""
+    assert pyshim.ksm_advise(True) > 0
+    assert _mergeable_mappings(os.getpid()) > 0
+    assert pyshim.ksm_advise(False) > 0
+    assert _mergeable_mappings(os.getpid()) == 0
+
+
+@contextmanager
+def host_ksm(run: str) -> Iterator[None]:
+    """/sys/kernel/mm/ksm/run set to `run`, and its previous value put back."""
+    require_e2e()
+    require(os.access(pyshim.KSM_RUN, os.W_OK), f"{pyshim.KSM_RUN} is not writable")
+    with open(pyshim.KSM_RUN) as f:
+        before = f.read().strip()
+    with open(pyshim.KSM_RUN, "w") as f:
+        f.write(run)
+    try:
+        yield
+    finally:
+        with open(pyshim.KSM_RUN, "w") as f:
+            f.write(before)
+
+
+def _init_pid(daemon: harness.Containerd, cid: str) -> int:
+    for line in daemon.ctr("task", "ls", check=True).stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == cid:
+            return int(fields[1])
+    raise AssertionError(f"no task {cid}")
+
+
+@pytest.mark.parametrize("template", ["1", "0"])
+def test_ksm_auto_marks_the_shim_and_not_the_container(rootfs: str, template: str) -> None:
+    with host_ksm("1"), daemon_with(PYSHIM_TEMPLATE=template, PYSHIM_KSM="") as daemon:
+        cid = harness.new_id("ksm")
+        _run_d(daemon, rootfs, cid)
+        shim = _shim_of(daemon, cid)
+        assert _mergeable_mappings(shim) > 0
+        assert _ksm_stat(shim)["ksm_mergeable"] == "yes"
+        assert _ksm_stat(shim)["ksm_merge_any"] == "no"  # no prctl: it would survive exec
+        init = _init_pid(daemon, cid)
+        r = daemon.ctr("task", "exec", "-d", "--exec-id", "e1", cid, "/bin/sleep", "1000")
+        assert r.returncode == 0, r.stderr
+        procs = [int(ln.split()[0]) for ln in daemon.ctr("task", "ps", cid, check=True).stdout.splitlines()[1:]]
+        assert init in procs and len(procs) == 2
+        for pid in procs:
+            assert _mergeable_mappings(pid) == 0, harness.cmdline(pid)
+            assert _ksm_stat(pid)["ksm_mergeable"] == "no"
+            assert _ksm_stat(pid)["ksm_merge_any"] == "no"
+
+
+@pytest.mark.parametrize(("run", "mode"), [("1", "off"), ("0", "")])
+def test_ksm_off_or_host_ksm_off_marks_nothing(rootfs: str, run: str, mode: str) -> None:
+    with host_ksm(run), daemon_with(PYSHIM_TEMPLATE="1", PYSHIM_KSM=mode) as daemon:
+        cid = harness.new_id("noksm")
+        _run_d(daemon, rootfs, cid)
+        shim = _shim_of(daemon, cid)
+        assert _mergeable_mappings(shim) == 0
+        assert _ksm_stat(shim)["ksm_mergeable"] == "no"
+        with open(f"/proc/{shim}/stat") as f:
+            template = int(f.read().rsplit(")", 1)[1].split()[1])
+        assert harness.is_template_argv(harness.cmdline(template))
+        assert _mergeable_mappings(template) == 0
