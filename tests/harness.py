@@ -117,8 +117,6 @@ class Behaviour:
     # from 1.7: 2.x enables it and listens on /var/run/nri/nri.sock, shared by every
     # daemon of the machine.
     unused_plugins: tuple[str, ...]
-    # The plugins that make up the CRI plugin, disabled when a daemon has no ``cri=``.
-    cri_plugins: tuple[str, ...]
     # The CNI binary dirs of the CRI config: 2.1 takes a list ``bin_dirs`` and
     # deprecates ``bin_dir`` (io.containerd.deprecation/cri-cni-bin-dir).
     cni_bin_dirs: bool
@@ -141,25 +139,21 @@ _UNUSED_2X = ("io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v
               "io.containerd.snapshotter.v1.blockfile", "io.containerd.snapshotter.v1.erofs",
               "io.containerd.differ.v1.erofs", "io.containerd.tracing.processor.v1.otlp",
               "io.containerd.internal.v1.tracing", "io.containerd.nri.v1.nri")
-_CRI_2X = ("io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime",
-           "io.containerd.cri.v1.images", "io.containerd.podsandbox.controller.v1.podsandbox")
 
 BEHAVIOURS: dict[tuple[int, int], Behaviour] = {
     (1, 6): Behaviour(ps_exec_info="ExecID:{}", keeps_exited_task_over_restart=True,
                       go_shim_passes_criu=True, config_version=2, unused_plugins=_UNUSED_1X,
-                      cri_plugins=("io.containerd.grpc.v1.cri",), cni_bin_dirs=False,
-                      deprecations_service=False, bundle_address_file="address"),
+                      cni_bin_dirs=False, deprecations_service=False, bundle_address_file="address"),
     (1, 7): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
                       go_shim_passes_criu=False, config_version=2, unused_plugins=_UNUSED_17,
-                      cri_plugins=("io.containerd.grpc.v1.cri",), cni_bin_dirs=False,
-                      deprecations_service=True, bundle_address_file="address"),
+                      cni_bin_dirs=False, deprecations_service=True, bundle_address_file="address"),
     (2, 0): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
                       go_shim_passes_criu=False, config_version=3, unused_plugins=_UNUSED_2X,
-                      cri_plugins=_CRI_2X, cni_bin_dirs=False, deprecations_service=True,
+                      cni_bin_dirs=False, deprecations_service=True,
                       bundle_address_file="bootstrap.json"),
     (2, 1): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
                       go_shim_passes_criu=False, config_version=3, unused_plugins=_UNUSED_2X,
-                      cri_plugins=_CRI_2X, cni_bin_dirs=True, deprecations_service=True,
+                      cni_bin_dirs=True, deprecations_service=True,
                       bundle_address_file="bootstrap.json"),
 }
 
@@ -825,7 +819,10 @@ class Containerd:
         3 on 2.x: Behaviour.config_version), so that it logs no migration and no
         deprecation; every path it writes is under our dir."""
         d, b = self.dir, behaviour()
-        disabled = [*(() if self.cri else b.cri_plugins), *b.unused_plugins]
+        # Without cri= only the CRI service goes: on 2.x its parts (cri.v1.runtime,
+        # .images, the podsandbox controller) are what other plugins load against, and
+        # disabling them costs "failed to load plugin" warnings.
+        disabled = [*(() if self.cri else ("io.containerd.grpc.v1.cri",)), *b.unused_plugins]
         text = f"""\
 version = {b.config_version}
 root = "{self.root}"

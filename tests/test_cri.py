@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def crid() -> Iterator[Cri]:
     os.makedirs(shim_dir)
     wrapper = os.path.join(shim_dir, harness.shim_binary(harness.PYSHIM))
     with open(wrapper, "w") as f:
-        f.write(RECORDING_SHIM.format(rec=records, real=harness.shim_binary_path(harness.PYSHIM)))
+        f.write(RECORDING_SHIM.format(rec=shlex.quote(records),
+                                      real=shlex.quote(harness.shim_binary_path(harness.PYSHIM))))
     os.chmod(wrapper, 0o755)
     daemon = harness.Containerd(extra_path=[shim_dir], cri={
         "runc": harness.RUNC,
