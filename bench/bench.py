@@ -2,7 +2,7 @@
 """pyshim beside containerd-shim-runc-v2, in one run under one private containerd.
 
     python3 bench/bench.py [--sizes 1,10,50] [--latency-runs 20] [--concurrent 50]
-                           [--out bench/results]
+                           [--out DIR] [--platform host|containerd2|debian13]
 
 Measures, for both runtimes:
   * memory at each N (one shim per container): per-process RSS, USS and PSS of the
@@ -12,8 +12,9 @@ Measures, for both runtimes:
     container adds to the shim's PSS;
   * latency: `ctr run -d` (median and p90 of --latency-runs starts), `ctr task exec`
     (median and p90), and the wall time of --concurrent starts launched at once.
-Prints markdown tables, writes results.json and memory.svg (PSS per container
-against N) into --out.
+Prints markdown tables, each headed by the platform, containerd and Python versions,
+and writes results.json and memory.svg (PSS per container against N) into --out
+(default bench/out/PLATFORM/).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import harness
+import on_platform
 from harness import smaps_rollup
 
 RUNTIMES = (harness.PYSHIM, harness.RUNC)
@@ -231,12 +233,14 @@ def main() -> int:
     ap.add_argument("--sizes", default="1,10,50", help="N values (default 1,10,50)")
     ap.add_argument("--latency-runs", type=int, default=20)
     ap.add_argument("--concurrent", type=int, default=50)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results"))
+    ap.add_argument("--out", help="output directory (default bench/out/PLATFORM)")
+    on_platform.add_argument(ap)
     args = ap.parse_args()
+    on_platform.ensure(args.platform)
     if os.geteuid() != 0:
         raise SystemExit("needs root (it runs containerd and runc)")
     sizes = [int(s) for s in args.sizes.split(",")]
+    args.out = args.out or on_platform.out_dir()
     os.makedirs(args.out, exist_ok=True)
     mem_rows: list[dict] = []
     lat_rows: list[dict] = []
@@ -268,6 +272,8 @@ def main() -> int:
         if len(g) >= 2:
             lo, hi = min(g), max(g)
             grouped[runtime] = round((g[hi]["pss_sum_kb"] - g[lo]["pss_sum_kb"]) / (hi - lo))
+    caption = on_platform.caption()
+    print(caption)
     print(table([r for r in mem_rows if r["mode"] != "grouped"], [
         ("shim", "name"), ("N", "n"), ("shims", "shims"), ("PSS/container MB", "pss_per_container_mb"),
         ("template PSS kB", "template_pss_kb"), ("PSS/shim kB", "shim_pss_kb"),
@@ -275,12 +281,14 @@ def main() -> int:
         ("threads/shim", "threads_per_shim"),
         ("MemAvailable drop/container kB", "memavailable_drop_per_container_kb")]))
     print()
+    print(caption)
     print(table([r for r in mem_rows if r["mode"] == "grouped"], [
         ("shim (grouped)", "name"), ("N", "n"), ("shims", "shims"),
         ("PSS/container MB", "pss_per_container_mb"), ("sum PSS kB", "pss_sum_kb")]))
     for runtime, kb in grouped.items():
         print(f"- grouped, {SHORT[runtime]}: each extra container adds {kb} kB of PSS")
     print()
+    print(caption)
     print(table(lat_rows, [
         ("shim", "name"), ("run -d median ms", "run_d_median_ms"), ("run -d p90 ms", "run_d_p90_ms"),
         ("exec median ms", "exec_median_ms"), ("exec p90 ms", "exec_p90_ms"),
@@ -289,6 +297,7 @@ def main() -> int:
 
     result = {"memory": mem_rows, "latency": lat_rows, "grouped_extra_container_kb": grouped,
               "first_pyshim_start_ms": round(first * 1000, 1), "sizes": sizes,
+              "measured_on": on_platform.info(),
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -297,7 +306,8 @@ def main() -> int:
         label = r["name"] + (" grouped" if r["mode"] == "grouped" else "")
         series.setdefault(label, []).append((r["n"], r["pss_per_container_mb"]))
     svg_plot(series, os.path.join(args.out, "memory.svg"))
-    print(f"wrote {args.out}/results.json and {args.out}/memory.svg")
+    out = os.path.relpath(args.out)
+    print(f"wrote {out}/results.json and {out}/memory.svg")
     return 0
 
 

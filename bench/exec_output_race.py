@@ -6,7 +6,7 @@ time ctr deletes the process, ctr closes the fifo unread (README: Status, the
 Exec row). This script counts those losses for the Go shim and for pyshim under
 one private containerd, optionally with busy loops that it starts and kills.
 
-    python3 bench/exec_output_race.py [-n RUNS] [--busy LOOPS]
+    python3 bench/exec_output_race.py [-n RUNS] [--busy LOOPS] [--platform host|containerd2|debian13]
 
 Prints one row per shim: runs, lost outputs, other failures, seconds.
 """
@@ -24,6 +24,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import harness
+import on_platform
 
 
 def measure(d: harness.Containerd, rootfs: str, runtime: str, runs: int) -> tuple[int, list, float]:
@@ -54,7 +55,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", "--runs", type=int, default=200, help="execs per shim (default 200)")
     ap.add_argument("--busy", type=int, default=3, help="busy loops to run meanwhile (default 3)")
+    on_platform.add_argument(ap)
     args = ap.parse_args()
+    on_platform.ensure(args.platform)
     base = tempfile.mkdtemp(prefix="pysh-race-")
     d = harness.Containerd()
     busy: list[subprocess.Popen] = []
@@ -63,6 +66,7 @@ def main() -> int:
         d.start()
         busy = [subprocess.Popen(["/bin/sh", "-c", "while :; do :; done"]) for _ in range(args.busy)]
         print(f"{args.busy} busy loops on {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        print(on_platform.caption())
         print("| shim | runs | output lost | other failures | seconds |")
         print("|---|---|---|---|---|")
         for runtime in (harness.RUNC, harness.PYSHIM):

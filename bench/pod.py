@@ -4,6 +4,7 @@ the pyshim runtime handler beside runc's (containerd-shim-runc-v2), one private
 containerd, no cluster.
 
     python3 bench/pod.py [--pods 5] [--containers 3] [--json FILE]
+                         [--platform host|containerd2|debian13]
 
 For each handler, --pods host-network pods are run through the CRI API (tests/cri.py),
 each with --containers idle busybox containers (`sleep`) besides its sandbox. CRI groups
@@ -26,6 +27,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import on_platform
+
+on_platform.ensure()  # before grpc (cri), which the platform's venv has
 
 import cri
 import harness
@@ -87,8 +92,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pods", type=int, default=5)
     ap.add_argument("--containers", type=int, default=3, help="containers per pod")
-    ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--json", help="write the rows to this file (default bench/out/PLATFORM/pod.json)")
+    on_platform.add_argument(ap)
     args = ap.parse_args()
+    on_platform.ensure(args.platform)
     if os.geteuid() != 0:
         raise SystemExit("needs root (it runs containerd and runc)")
     rows = []
@@ -107,6 +114,7 @@ def main() -> int:
     for r in rows:
         r["pss_per_pod_mb"] = round(r["pss_per_pod_kb"] / 1024, 2)
         r["pss_per_container_mb"] = round(r["pss_per_container_kb"] / 1024, 2)
+    print(on_platform.caption())
     print(table(rows, [
         ("handler", "handler"), ("pods", "pods"), ("containers", "containers"),
         ("shims", "shims"), ("sum PSS kB", "pss_sum_kb"), ("template PSS kB", "template_pss_kb"),
@@ -114,10 +122,11 @@ def main() -> int:
         ("PSS/container MB", "pss_per_container_mb"), ("threads/shim", "threads_per_shim"),
         ("MemAvailable drop/pod kB", "memavailable_drop_per_pod_kb"),
         ("run pods s", "run_pods_s")]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                      f, indent=2)
+    path = args.json or os.path.join(on_platform.out_dir(), "pod.json")
+    with open(path, "w") as f:
+        json.dump({"rows": rows, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "measured_on": on_platform.info()}, f, indent=2)
+    print(f"wrote {os.path.relpath(path)}")
     return 0
 
 

@@ -2,7 +2,7 @@
 """Runs idle containers through pyshim and through containerd-shim-runc-v2 under
 one private containerd, and prints each shim's memory side by side.
 
-    python3 bench/shim_memory.py [-n N] [--json FILE]
+    python3 bench/shim_memory.py [-n N] [--json FILE] [--platform host|containerd2|debian13]
 
 For each runtime, N detached busybox containers (`sleep`) are started with
 `ctr run -d --rootfs`; then every long-lived shim process of that runtime is
@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness
+import on_platform
 
 from bench import long_lived_shims, smaps_rollup, templates_of
 
@@ -114,8 +115,11 @@ def write_plot(rows: list[dict], path: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=5, help="containers per runtime (default 5)")
-    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--json", help="write the results to this file "
+                                   "(default bench/out/PLATFORM/shim_memory.json)")
+    on_platform.add_argument(ap)
     args = ap.parse_args()
+    on_platform.ensure(args.platform)
     if os.geteuid() != 0:
         raise SystemExit("needs root (it runs containerd and runc)")
     rows = []
@@ -126,18 +130,19 @@ def main() -> int:
                 rows.append(measure(daemon, rootfs, runtime, args.n))
     cols = ["runtime", "containers", "shims", "template_pss_kb", "pss_per_container_kb", "rss_per_shim_kb",
             "uss_per_shim_kb", "threads_per_shim", "ctr_run_d_median_ms"]
+    print(on_platform.caption())
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    plot = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "shim_memory.svg")
+    path = args.json or os.path.join(on_platform.out_dir(), "shim_memory.json")
+    with open(path, "w") as f:
+        json.dump({"rows": rows, "measured_on": on_platform.info()}, f, indent=2)
+    plot = os.path.join(on_platform.out_dir(), "shim_memory.svg")
     write_plot(rows, plot)
     print()
     print("\n".join(verdict(rows)))
-    print(f"plot: {plot}")
+    print(f"wrote {os.path.relpath(path)}; plot: {os.path.relpath(plot)}")
     return 0
 
 

@@ -3,7 +3,7 @@
 cycles on one grouped shim, for containerd-shim-runc-v2 and for pyshim under one
 private containerd.
 
-    python3 bench/soak.py [--cycles 1000] [--out bench/results/soak.json]
+    python3 bench/soak.py [--cycles 1000] [--out FILE] [--platform host|containerd2|debian13]
 
 The scenario is tests/soak_cycles.py's, the one test_faults.py's
 test_grouped_shim_cycles_do_not_leak asserts on (an anchor container keeps the group's
@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import harness
+import on_platform
 import soak_cycles
 
 SHORT = {harness.RUNC: "runc-v2 (Go)", harness.PYSHIM: "pyshim"}
@@ -53,14 +54,16 @@ def table(r: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cycles", type=int, default=1000, help="measured cycles per shim (default 1000)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "soak.json"),
-                    help="JSON file to write (default bench/results/soak.json)")
+    ap.add_argument("--out", help="JSON file to write (default bench/out/PLATFORM/soak.json)")
+    on_platform.add_argument(ap)
     args = ap.parse_args()
+    on_platform.ensure(args.platform)
     if os.geteuid() != 0:
         raise SystemExit("needs root (it runs containerd and runc)")
     if args.cycles < 1:
         raise SystemExit("--cycles must be at least 1")
     tenth = max(1, args.cycles // 10)
+    args.out = args.out or os.path.join(on_platform.out_dir(), "soak.json")
     results = []
     with tempfile.TemporaryDirectory(prefix="pysh-soak-") as tmp:
         rootfs = harness.make_busybox_rootfs(os.path.join(tmp, "rootfs"))
@@ -75,17 +78,18 @@ def main() -> int:
                 r.update(runtime=runtime, cycles=args.cycles, seconds=round(r["seconds"], 1))
                 del r["shim"]
                 results.append(r)
-                print(table(r) + "\n", flush=True)
+                print(on_platform.caption() + "\n\n" + table(r) + "\n", flush=True)
     commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True, check=False).stdout.strip()
     doc = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-           "commit": commit, "command": f"python3 bench/soak.py --cycles {args.cycles}",
+           "commit": commit, "measured_on": on_platform.info(),
+           "command": f"python3 bench/soak.py --cycles {args.cycles} --platform {args.platform}",
            "warmup_cycles": soak_cycles.WARMUP, "results": results}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {os.path.relpath(args.out)}")
     return 0
 
 

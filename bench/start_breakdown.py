@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where the time of one `ctr run -d` goes, for pyshim and the Go shim.
 
-    python3 bench/start_breakdown.py [--runs 20] [--dump]
+    python3 bench/start_breakdown.py [--runs 20] [--dump] [--platform host|containerd2|debian13]
 
 Runs `ctr run -d --rootfs <busybox> ... /bin/sleep` under one private containerd
 (tests/harness.py), alternating the two runtimes, and records kernel trace events
@@ -38,6 +38,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import harness
+import on_platform
 
 TRACEFS = "/sys/kernel/tracing"
 EVENTS = ("sched/sched_process_exec", "sched/sched_process_fork", "sched/sched_process_exit",
@@ -184,7 +185,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--dump", action="store_true", help="print every run's moments")
+    on_platform.add_argument(ap)
     args = ap.parse_args()
+    on_platform.ensure(args.platform)
     if os.geteuid() != 0:
         raise SystemExit("needs root (containerd, runc, tracefs)")
     rows: dict[str, list[dict[str, float]]] = {r: [] for r in (harness.PYSHIM, harness.RUNC)}
@@ -219,6 +222,7 @@ def main() -> int:
         return f"{statistics.median(vals):.1f}" if vals else "-"
 
     names = list(rows)
+    print(on_platform.caption())
     print(f"Medians of {args.runs} runs, ms. "
           f"Untraced `ctr run -d`: " + ", ".join(f"{SHORT[r]} {statistics.median(plain[r]):.0f}"
                                                  for r in names))
@@ -228,6 +232,7 @@ def main() -> int:
     for label, a, b in STEPS:
         print(f"| {label} | " + " | ".join(med(r, a, b) for r in names) + " |")
     print()
+    print(on_platform.caption())
     print("| moment (ms after ctr launched) | " + " | ".join(SHORT[r] for r in names) + " |")
     print("|---|" + "---|" * len(names))
     for k in ORDER:

@@ -124,19 +124,66 @@ class Behaviour:
     # `ctr plugins inspect-runtime` (introspection PluginInfo with runtime options).
     inspects_runtime: bool
 
+    # The daemon config form this line reads without migrating it: version 2 (1.x,
+    # CRI under io.containerd.grpc.v1.cri) or 3 (2.x, CRI split into
+    # io.containerd.cri.v1.runtime / .images, with io.containerd.grpc.v1.cri keeping
+    # only the stream server). 2.x migrates a version-2 file and logs a warning.
+    config_version: int
+    # Plugins this line has that a private test daemon does not use (only names the
+    # line knows: each would otherwise load, skip or fail noisily). NRI is among them
+    # from 1.7: 2.x enables it and listens on /var/run/nri/nri.sock, shared by every
+    # daemon of the machine.
+    unused_plugins: tuple[str, ...]
+    # The CNI binary dirs of the CRI config: 2.1 takes a list ``bin_dirs`` and
+    # deprecates ``bin_dir`` (io.containerd.deprecation/cri-cni-bin-dir).
+    cni_bin_dirs: bool
+    # The daemon has a deprecation warning service (`ctr deprecations list`), 1.7+.
+    deprecations_service: bool
+    # The bundle file that holds a task's shim address: 1.x reads the shim's own
+    # ``address``; 2.x keeps the bootstrap params, {"version", "address", "protocol"},
+    # in ``bootstrap.json``, written for every shim (from a version-2 shim's plain
+    # address too). Its Go shim, version 3, writes no ``address``.
+    bundle_address_file: str
+
+
 
 _TASK_V2, _TASK_V3 = "containerd.task.v2.Task", "containerd.task.v3.Task"
+_UNUSED_1X = ("io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+              "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs")
+_UNUSED_17 = (*_UNUSED_1X, "io.containerd.snapshotter.v1.blockfile",
+              "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing",
+              "io.containerd.nri.v1.nri")
+# 2.0 dropped aufs and zfs (not in 2.1.9's `ctr plugins ls`) and added erofs.
+_UNUSED_2X = ("io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
+              "io.containerd.snapshotter.v1.blockfile", "io.containerd.snapshotter.v1.erofs",
+              "io.containerd.differ.v1.erofs", "io.containerd.tracing.processor.v1.otlp",
+              "io.containerd.internal.v1.tracing", "io.containerd.nri.v1.nri")
+
 BEHAVIOURS: dict[tuple[int, int], Behaviour] = {
     (1, 6): Behaviour(ps_exec_info="ExecID:{}", keeps_exited_task_over_restart=True,
-                      go_shim_passes_criu=True, shim_version=None, writes_bootstrap_json=False,
+                      go_shim_passes_criu=True, config_version=2, unused_plugins=_UNUSED_1X,
+                      cni_bin_dirs=False, deprecations_service=False, bundle_address_file="address",
+                      shim_version=None, writes_bootstrap_json=False,
                       go_shim_task_services=(_TASK_V2,), go_shim_serves_sandbox=False,
                       go_shim_info=False, inspects_runtime=False),
     (1, 7): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
-                      go_shim_passes_criu=False, shim_version=None, writes_bootstrap_json=False,
+                      go_shim_passes_criu=False, config_version=2, unused_plugins=_UNUSED_17,
+                      cni_bin_dirs=False, deprecations_service=True, bundle_address_file="address",
+                      shim_version=None, writes_bootstrap_json=False,
                       go_shim_task_services=(_TASK_V2,), go_shim_serves_sandbox=True,
                       go_shim_info=False, inspects_runtime=False),
     (2, 0): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
-                      go_shim_passes_criu=False, shim_version=3, writes_bootstrap_json=True,
+                      go_shim_passes_criu=False, config_version=3, unused_plugins=_UNUSED_2X,
+                      cni_bin_dirs=False, deprecations_service=True,
+                      bundle_address_file="bootstrap.json",
+                      shim_version=3, writes_bootstrap_json=True,
+                      go_shim_task_services=(_TASK_V3,), go_shim_serves_sandbox=False,
+                      go_shim_info=True, inspects_runtime=True),
+    (2, 1): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
+                      go_shim_passes_criu=False, config_version=3, unused_plugins=_UNUSED_2X,
+                      cni_bin_dirs=True, deprecations_service=True,
+                      bundle_address_file="bootstrap.json",
+                      shim_version=3, writes_bootstrap_json=True,
                       go_shim_task_services=(_TASK_V3,), go_shim_serves_sandbox=False,
                       go_shim_info=True, inspects_runtime=True),
 }
@@ -286,6 +333,22 @@ def shim_binary_path(runtime: str = PYSHIM) -> str:
     if path is None:
         raise HarnessError(f"{shim_binary(runtime)} not found on {shim_search_path()}")
     return path
+
+
+def bundle_address(bundle: str, name: str | None = None) -> str | None:
+    """The shim address a bundle records (``unix:///run/containerd/s/...``), from the
+    file this containerd keeps it in (Behaviour.bundle_address_file) or the one named:
+    ``address`` holds it as text, ``bootstrap.json`` as its "address". None without one."""
+    name = name or behaviour().bundle_address_file
+    raw = _read(os.path.join(bundle, name))
+    if not raw:
+        return None
+    if name == "bootstrap.json":
+        try:
+            return str(json.loads(raw)["address"])
+        except (ValueError, KeyError, TypeError):
+            return None
+    return raw.decode(errors="replace").strip()
 
 
 def pb_fields(buf: bytes):
@@ -783,22 +846,22 @@ class Containerd:
     # -- lifecycle -------------------------------------------------------------------
 
     def _write_config(self, log_level: str) -> None:
-        d = self.dir
-        cri_disabled = "" if self.cri else '\n  "io.containerd.grpc.v1.cri",'
+        """The daemon config in the form this containerd reads as is (version 2 on 1.x,
+        3 on 2.x: Behaviour.config_version), so that it logs no migration and no
+        deprecation; every path it writes is under our dir."""
+        d, b = self.dir, behaviour()
+        # Without cri= only the CRI service goes: on 2.x its parts (cri.v1.runtime,
+        # .images, the podsandbox controller) are what other plugins load against, and
+        # disabling them costs "failed to load plugin" warnings.
+        disabled = [*(() if self.cri else ("io.containerd.grpc.v1.cri",)), *b.unused_plugins]
         text = f"""\
-version = 2
+version = {b.config_version}
 root = "{self.root}"
 state = "{self.state}"
 temp = "{d}/tmp"
-# Not "io.containerd.runtime.v1.linux": 1.6's tasks service fails to load without it.
-disabled_plugins = [{cri_disabled}
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
+# Not "io.containerd.runtime.v1.linux" (1.x): 1.6's tasks service fails to load without it.
+disabled_plugins = [
+""" + "".join(f'  "{name}",\n' for name in disabled) + f"""]
 
 [grpc]
   address = "{self.address}"
@@ -816,47 +879,86 @@ disabled_plugins = [{cri_disabled}
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
-
-[plugins."io.containerd.runtime.v2.task"]
-  platforms = ["linux/amd64"]
-""" + (self._cri_config() if self.cri else "")
+"""
+        if b.config_version == 2:  # 2.x's task plugin has no config (its platforms are the host's)
+            text += '\n[plugins."io.containerd.runtime.v2.task"]\n  platforms = ["linux/amd64"]\n'
+        if self.cri:
+            text += self._cri_config(b)
         os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
         with open(self.config_path, "w") as f:
             f.write(text)
 
-    def _cri_config(self) -> str:
+    def _cri_config(self, b: Behaviour) -> str:
         """The CRI plugin's section: every directory it writes is under our dir (its
         root and state dirs follow root/state; CNI and pod logs are pointed here). Pods
-        are meant to use host networking, for which 1.6 needs no CNI plugin: the empty
-        conf dir only costs a warning in the log. restrict_oom_score_adj because root
-        here may lack CAP_SYS_RESOURCE, which raising a score below ours needs."""
+        are meant to use host networking, for which CRI needs no CNI plugin: the empty
+        conf dir only costs an error line in the log ("failed to load cni during
+        init"). restrict_oom_score_adj because root here may lack CAP_SYS_RESOURCE,
+        which raising a score below ours needs.
+
+        Version 2 (1.x) keeps it all under io.containerd.grpc.v1.cri. Version 3 (2.x):
+        images (snapshotter, the pinned sandbox image) under io.containerd.cri.v1.images,
+        pods, runtimes and CNI under io.containerd.cri.v1.runtime, the stream server
+        still under io.containerd.grpc.v1.cri; each handler names its sandboxer,
+        "podsandbox" (a pause container run through the shim's task API)."""
         assert self.cri
         d = self.dir
         for sub in ("cni/conf", "cni/bin", "pods"):
             os.makedirs(os.path.join(d, sub), exist_ok=True)
-        cri = 'plugins."io.containerd.grpc.v1.cri"'
-        text = f"""
-[{cri}]
+        bin_dir = (f'bin_dirs = ["{d}/cni/bin"]' if b.cni_bin_dirs else f'bin_dir = "{d}/cni/bin"')
+        server = 'plugins."io.containerd.grpc.v1.cri"'
+        if b.config_version == 2:
+            rt = f"{server}.containerd"
+            text = f"""
+[{server}]
   sandbox_image = "{SANDBOX_REF}"
   restrict_oom_score_adj = true
   disable_apparmor = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
 
-[{cri}.cni]
-  bin_dir = "{d}/cni/bin"
+[{server}.cni]
+  {bin_dir}
   conf_dir = "{d}/cni/conf"
 
-[{cri}.containerd]
+[{rt}]
   snapshotter = "overlayfs"
   default_runtime_name = "{next(iter(self.cri))}"
 """
+            handler_keys = ""
+        else:
+            images = 'plugins."io.containerd.cri.v1.images"'
+            runtime = 'plugins."io.containerd.cri.v1.runtime"'
+            rt = f"{runtime}.containerd"
+            text = f"""
+[{server}]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+
+[{images}]
+  snapshotter = "overlayfs"
+
+[{images}.pinned_images]
+  sandbox = "{SANDBOX_REF}"
+
+[{runtime}]
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+
+[{runtime}.cni]
+  {bin_dir}
+  conf_dir = "{d}/cni/conf"
+
+[{rt}]
+  default_runtime_name = "{next(iter(self.cri))}"
+"""
+            handler_keys = '  sandboxer = "podsandbox"\n'
         for name, handler in self.cri.items():
             rtype, options = (handler, {}) if isinstance(handler, str) else handler
-            text += f'\n[{cri}.containerd.runtimes.{_toml_key(name)}]\n'
-            text += f'  runtime_type = {_toml_value(rtype)}\n'
+            text += f'\n[{rt}.runtimes.{_toml_key(name)}]\n'
+            text += f'  runtime_type = {_toml_value(rtype)}\n' + handler_keys
             if options:
-                text += f'\n[{cri}.containerd.runtimes.{_toml_key(name)}.options]\n'
+                text += f'\n[{rt}.runtimes.{_toml_key(name)}.options]\n'
                 for key, value in options.items():
                     text += f"  {_toml_key(key)} = {_toml_value(value)}\n"
         return text
@@ -1011,14 +1113,15 @@ disabled_plugins = [{cri_disabled}
         return os.path.join(SHIM_SOCKET_DIR, digest)
 
     def _shim_sockets(self, ids: set[tuple[str, str]]) -> set[str]:
-        """Socket paths this daemon's shims listen on or did: each bundle's ``address``
-        file plus the computed path of every known (namespace, id). The address is in
+        """Socket paths this daemon's shims listen on or did: each bundle's recorded
+        address plus the computed path of every known (namespace, id). The address is in
         the hash, so a computed path can only be ours."""
         socks = {self._socket_path(ns, cid) for ns, cid in ids}
         for ns, cid in self._bundle_ids():
-            raw = _read(os.path.join(self.state, TASK_PLUGIN_DIR, ns, cid, "address"))
-            if raw and raw.startswith(b"unix://"):
-                socks.add(raw[len(b"unix://"):].decode().strip())
+            for name in ("address", "bootstrap.json"):  # 1.x / 2.x (both for a v2 shim)
+                addr = bundle_address(os.path.join(self.state, TASK_PLUGIN_DIR, ns, cid), name)
+                if addr and addr.startswith("unix://"):
+                    socks.add(addr[len("unix://"):])
         return {s for s in socks if s.startswith(SHIM_SOCKET_DIR + "/")}
 
     def _template_sockets(self) -> set[str]:

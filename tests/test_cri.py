@@ -5,7 +5,15 @@ One private containerd with the CRI plugin on (harness ``cri=``), runtime handle
 (pyshim with ``options.ConfigPath`` naming a settings file) and ``pyshim-bad`` (a file
 with an unknown key). The sandbox ("pause") and busybox images are built here and
 imported into CRI's namespace: nothing is pulled. Pods use the host's network, for which
-containerd 1.6 needs no CNI plugin. The client is tests/cri.py (grpcio + cri.proto).
+CRI needs no CNI plugin. The client is tests/cri.py (grpcio + cri.proto).
+
+The daemon config is the form of this containerd (harness Behaviour.config_version):
+version 2 on 1.6/1.7, version 3 on 2.x, where the handlers live under
+io.containerd.cri.v1.runtime with the default sandboxer, podsandbox (a pause container
+run as a task of the handler's shim). docs/kubernetes.md shows both.
+
+pyshim's binary on the daemon's PATH is a wrapper that records what containerd hands
+`start` on stdin (the handler's runtime options) before running the real shim.
 
 The pod test runs for both handlers: three containers in one pod are served by exactly
 one shim (grouped by the io.kubernetes.cri.sandbox-id annotation), ExecSync returns
@@ -15,15 +23,18 @@ pod leaves no shim process, socket, mount, bundle or runc state behind.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import harness
 import pytest
@@ -48,6 +59,18 @@ memory_release_interval = 5
 """
 
 
+# On the daemon's PATH ahead of the real shim: each invocation's argv (one a line) in
+# <rec>/<n>.argv and its stdin in <rec>/<n>.stdin, then the real shim with that stdin.
+RECORDING_SHIM = """\
+#!/bin/sh
+rec={rec}/$(date +%s%N)-$$
+printf '%s\\n' "$@" > "$rec.argv"
+cat > "$rec.stdin"
+exec {real} "$@" < "$rec.stdin"
+"""
+CRI_OPTIONS_URL = "runtimeoptions.v1.Options"  # what 1.6.20, 1.7.24 and 2.1.9 send
+
+
 @dataclass
 class Cri:
     daemon: harness.Containerd
@@ -55,6 +78,9 @@ class Cri:
     settings_path: str
     bad_path: str
     runc_root: str
+    records: str = ""
+    startup_log: str = ""
+    pods: list[str] = field(default_factory=list)  # run and not yet removed
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +95,15 @@ def crid() -> Iterator[Cri]:
         f.write(SETTINGS.format(root=root))
     with open(bad, "w") as f:
         f.write('log_level = "info"\ncolour = "blue"\n')
-    daemon = harness.Containerd(cri={
+    records, shim_dir = os.path.join(tmp, "records"), os.path.join(tmp, "bin")
+    os.makedirs(records)
+    os.makedirs(shim_dir)
+    wrapper = os.path.join(shim_dir, harness.shim_binary(harness.PYSHIM))
+    with open(wrapper, "w") as f:
+        f.write(RECORDING_SHIM.format(rec=shlex.quote(records),
+                                      real=shlex.quote(harness.shim_binary_path(harness.PYSHIM))))
+    os.chmod(wrapper, 0o755)
+    daemon = harness.Containerd(extra_path=[shim_dir], cri={
         "runc": harness.RUNC,
         "pyshim": harness.PYSHIM,
         "pyshim-conf": (harness.PYSHIM, {"ConfigPath": settings}),
@@ -79,8 +113,9 @@ def crid() -> Iterator[Cri]:
     client = None
     try:
         _start_with_images(daemon, tmp)
+        startup_log = daemon.log_text()
         client = cri.CriClient(daemon.address)
-        yield Cri(daemon, client, settings, bad, root)
+        yield Cri(daemon, client, settings, bad, root, records, startup_log)
     finally:
         if client is not None:
             client.close()
@@ -88,6 +123,22 @@ def crid() -> Iterator[Cri]:
             daemon.cleanup()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_pod_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that failed half way leaves its pod running: removed here, so that the
+    next test starts without one and fails, if it does, for its own reasons."""
+    yield
+    if "crid" in request.fixturenames:
+        c = request.getfixturevalue("crid")
+        while c.pods:
+            pod = c.pods.pop()
+            try:
+                c.client.stop_pod(pod)
+                c.client.remove_pod(pod)
+            except grpc.RpcError:
+                pass
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -128,6 +179,25 @@ def _start_with_images(daemon: harness.Containerd, tmp: str) -> None:
         daemon.import_image(os.path.join(tmp, tar), namespace=NS)
 
 
+def _recorded_starts(c: Cri, cid: str) -> list[bytes]:
+    """stdin of each recorded `start` of container (or pod) `cid`, oldest first."""
+    out = []
+    for name in sorted(n for n in os.listdir(c.records) if n.endswith(".argv")):
+        with open(os.path.join(c.records, name)) as f:
+            argv = f.read().splitlines()
+        if argv[-1:] == ["start"] and _flag(argv, "-id") == cid:
+            with open(os.path.join(c.records, name[:-len(".argv")] + ".stdin"), "rb") as f:
+                out.append(f.read())
+    return out
+
+
+def _any(data: bytes) -> tuple[str, bytes]:
+    """(type URL, value) of a marshalled google.protobuf.Any."""
+    fields = dict(harness.pb_fields(data))
+    assert set(fields) <= {1, 2}, fields
+    return fields.get(1, b"").decode(), fields.get(2, b"")
+
+
 def _template_socket(daemon: harness.Containerd) -> str:
     """The warm template socket of this daemon's pyshim shims, as the installed pyshim
     (the one containerd runs, whose file is part of the name) computes it."""
@@ -145,6 +215,7 @@ def _run_pod(c: Cri, handler: str, name: str) -> tuple[str, object, list[str]]:
     """A pod of three containers: two sleep, the third exits with EXIT_CODE."""
     pod_cfg = cri.pod_config(name, harness.new_id("uid"), os.path.join(c.daemon.dir, "pods"))
     pod = c.client.run_pod(pod_cfg, handler)
+    c.pods.append(pod)
     cids = []
     for i, cmd in enumerate([SLEEP, SLEEP, ["/bin/sh", "-c", f"exit {EXIT_CODE}"]]):
         config = cri.container_config(f"c{i}", harness.BUSYBOX_REF, cmd, f"c{i}.log")
@@ -158,6 +229,7 @@ def _remove_pod(c: Cri, pod: str, runc_root: str, ids: list[str]) -> None:
     """Stop and remove the pod, then check that nothing of it is left."""
     c.client.stop_pod(pod)
     c.client.remove_pod(pod)
+    c.pods.remove(pod)
     d = c.daemon
     harness.wait_for(lambda: not _shims(d), 15, message=f"shims left: {_shims(d)}")
     assert not harness.shim_pids(d)  # no start/delete invocation either
@@ -199,11 +271,13 @@ def test_pod_of_three_containers(crid: Cri, handler: str) -> None:
     assert _flag(argv, "-id") == pod and _flag(argv, "-namespace") == NS
     sock = _socket(d, pod)
     assert os.path.exists(sock)
-    for cid in (pod, *cids[:2]):
-        with open(os.path.join(d.state, harness.TASK_PLUGIN_DIR, NS, cid, "address")) as f:
-            assert f.read() == "unix://" + sock
+    for cid in (pod, *cids[:2]):  # containerd's record: address (1.x), bootstrap.json (2.x)
+        bundle = os.path.join(d.state, harness.TASK_PLUGIN_DIR, NS, cid)
+        assert harness.bundle_address(bundle) == "unix://" + sock, os.listdir(bundle)
     if handler == "pyshim":  # the default log level shows the shim's info lines
         harness.wait_for(lambda: re.search(rf'msg="shim started" pid={shims[0]}\b', d.log_text()), 10)
+        # A handler without options: `start` reads an empty stdin (no Any at all).
+        assert _recorded_starts(crid, pod) == [b""]
 
     # ExecSync: stdout, stderr and the exit code, in two containers of the pod.
     r = client.exec_sync(cids[0], ["/bin/sh", "-c", "echo out; echo err >&2; exit 3"])
@@ -218,6 +292,47 @@ def test_pod_of_three_containers(crid: Cri, handler: str) -> None:
     assert _status(crid, cids[1])[0] == cri.pb.CONTAINER_RUNNING
 
     _remove_pod(crid, pod, harness.RUNC_ROOT, cids)
+
+
+def test_daemon_config_is_clean(crid: Cri) -> None:
+    """The harness wrote the config form of this containerd, which it took as is: no
+    migration, no deprecated key, no warning while the plugins loaded. The one error
+    line is CNI's empty conf dir, which host-network pods never use."""
+    b = harness.behaviour()
+    with open(crid.daemon.config_path) as f:
+        assert f.readline() == f"version = {b.config_version}\n"
+    noisy = [line for line in crid.startup_log.splitlines()
+             if re.search(r"level=(warning|error|fatal)", line)
+             and "failed to load cni during init" not in line]
+    assert noisy == []
+    cni = ("failed to load cni during init, please check CRI plugin status before setting "
+           "up network for pods")
+    assert re.findall(r'level=error msg="([^"]*)"', crid.startup_log) == [cni]
+    # Nothing listed (ctr then prints not even a header); 1.6 has no such command.
+    res = crid.daemon.ctr("deprecations", "list")
+    assert (res.returncode == 0) == b.deprecations_service, res.stderr
+    assert res.returncode != 0 or res.stdout.strip() == "", res.stdout
+
+
+def test_handler_options_on_the_wire(crid: Cri) -> None:
+    """A handler with ``options = {ConfigPath = ...}``: containerd hands pyshim's
+    `start` an Any of runtimeoptions.v1.Options holding only config_path (field 2;
+    no type_url, no config_body), and keeps the same Any as the container's runtime
+    options, which is what it puts in the shim's Create request."""
+    pod, _, cids = _run_pod(crid, "pyshim-conf", "wire")
+    starts = _recorded_starts(crid, pod)
+    assert len(starts) == 1
+    url, value = _any(starts[0])
+    assert url == CRI_OPTIONS_URL
+    assert list(harness.pb_fields(value)) == [(2, crid.settings_path.encode())]
+    for cid in (pod, *cids):
+        for data in _recorded_starts(crid, cid):  # a version-2 shim's containers: each started
+            assert data == starts[0]
+        info = json.loads(crid.daemon.ctr("containers", "info", cid, namespace=NS, check=True).stdout)
+        opts = info["Runtime"]["Options"]
+        assert (info["Runtime"]["Name"], opts["type_url"]) == (harness.PYSHIM, CRI_OPTIONS_URL)
+        assert base64.b64decode(opts["value"]) == value
+    _remove_pod(crid, pod, crid.runc_root, cids)
 
 
 def test_handler_settings_file(crid: Cri) -> None:
