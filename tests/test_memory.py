@@ -52,8 +52,8 @@ _FORK_SCRIPT = textwrap.dedent("""
     gc.disable()
     answer = pyshim.immortalize_heap()
     gc.freeze()
-    objs = [pyshim.TaskService, pyshim.log, pyshim.Log.__call__.__code__,
-            pyshim.Log.__call__.__code__.co_consts, pyshim.SETTINGS_KEYS, pyshim.immortal_terms]
+    objs = [pyshim.TaskService, pyshim.log, pyshim.LogrusLog.__call__.__code__,
+            pyshim.LogrusLog.__call__.__code__.co_consts, pyshim.SETTINGS_KEYS, pyshim.immortal_terms]
     before = [sys.getrefcount(o) for o in objs]
     r, w = os.pipe()
     pid = os.fork()
