@@ -351,28 +351,30 @@ def bundle_address(bundle: str, name: str | None = None) -> str | None:
     return raw.decode(errors="replace").strip()
 
 
+def varint_at(buf: bytes, i: int) -> tuple[int, int]:
+    """The protobuf varint at buf[i:] and the index after it (IndexError if cut)."""
+    value = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+
 def pb_fields(buf: bytes):
     """(field number, value) of each field of a protobuf message, for tests that
     read a few fields without the generated classes: varints as ints,
     length-delimited fields as bytes; other wire types raise ValueError."""
-    def varint(i: int) -> tuple[int, int]:
-        value = shift = 0
-        while True:
-            b = buf[i]
-            i += 1
-            value |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return value, i
-
     i = 0
     while i < len(buf):
-        key, i = varint(i)
+        key, i = varint_at(buf, i)
         if key & 7 == 0:
-            value, i = varint(i)
+            value, i = varint_at(buf, i)
             yield key >> 3, value
         elif key & 7 == 2:
-            n, i = varint(i)
+            n, i = varint_at(buf, i)
             yield key >> 3, buf[i:i + n]
             i += n
         else:

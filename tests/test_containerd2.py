@@ -390,31 +390,20 @@ def test_upgrade_from_the_host_containerd(rootfs: str, runtime: str,
 # ---------------------------------------------------------------------------- the wire
 
 
-def _varint_at(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = data[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, i
-
-
 def _descriptor_end(data: bytes, start: int) -> int:
     """End of the serialized FileDescriptorProto at `start`: its top-level fields are
     numbers 1-14 of wire type 0 or 2, and the next file begins with another field 1."""
     i, names = start, 0
     while i < len(data):
         try:
-            key, j = _varint_at(data, i)
+            key, j = harness.varint_at(data, i)
             if key >> 3 not in range(1, 15) or key & 7 not in (0, 2):
                 break
             if key >> 3 == 1:
                 names += 1
                 if names > 1:
                     break
-            n, j = _varint_at(data, j)
+            n, j = harness.varint_at(data, j)
             j += n if key & 7 == 2 else 0
         except IndexError:
             break
