@@ -48,8 +48,12 @@ provision_debian13() {
 }
 
 # Runs a command as root inside a provisioned root, in a private mount namespace: the
-# root bound onto itself (runc wants a mount point), /proc, /sys, /dev from the host,
-# fresh tmpfs on /run and /tmp; everything is gone when the command ends.
+# root bound onto itself, /proc, /sys, /dev from the host, fresh tmpfs on /run and /tmp;
+# everything is gone when the command ends. The root becomes the namespace's root by
+# pivot_root, not chroot: runc's own pivot_root from inside a chroot leaves a
+# container's processes on the namespace's root, i.e. the host's files, /dev and /proc
+# instead of the container's rootfs (the container's /dev/pts is then the host's, and
+# its /proc/1 the host's init).
 in_root() {
     local root=$1; shift
     unshare -m --propagation private /bin/sh -eu -c '
@@ -60,7 +64,11 @@ in_root() {
         mount --rbind /dev "$root/dev"
         mount -t tmpfs -o mode=0755 tmpfs "$root/run"
         mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
-        exec chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
+        mkdir -p "$root/.host"
+        cd "$root"
+        pivot_root . .host
+        exec /usr/sbin/chroot . /bin/sh -eu -c "umount -l /.host; exec \"\$@\"" in_root \
+            /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
             PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
             CI="${CI:-}" "$@"
     ' in_root "$root" "$@"
