@@ -2911,6 +2911,13 @@ class TaskService:
                 p.wait.set_result(p.exit_status)
             self.pids.pop(p.pid, None)
             del self.containers[c.id]
+            # A container and its processes refer to each other (init, execs <->
+            # Process.container): unlinked here, refcounting frees them at once.
+            # Left to the cyclic GC, a grouped shim holds every deleted container
+            # until a collection, which Python 3.13 runs after 2000 net allocations
+            # (3.11: 700): ~200 of them (+320 kB RSS) in a create/delete soak.
+            c.init = None
+            c.execs.clear()
             ev = pb.TaskDelete(container_id=c.id, pid=p.pid, exit_status=p.exit_status, id=c.id)
             _ts(ev.exited_at, p.exited_at)
             self._publish("/tasks/delete", ev)
