@@ -26,6 +26,10 @@ provision_containerd2() {
 }
 
 DEBIAN13_PACKAGES=containerd,runc,busybox-static,criu,python3,python3-venv,python3-dev,gcc,libc6-dev,libffi-dev,git,ca-certificates,procps,iproute2
+# criu only suggests iptables, but locks a dumped task's network namespace with
+# iptables-restore (its default --network-lock), so a container checkpoint fails
+# without it: "execvp("iptables-restore", ...) failed" in criu-dump.log.
+DEBIAN13_LATER_PACKAGES="iptables"
 
 # Debian 13 (containerd 1.7, runc 1.1.15, Python 3.13) as a root made by debootstrap
 # from the host's own mirror. Prints the root's path.
@@ -44,6 +48,17 @@ provision_debian13() {
     # pip in the root reaches PyPI as the host does.
     cp /etc/resolv.conf "$root/etc/resolv.conf"
     cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    # Added to a root already made (installed, not re-bootstrapped: other trees may be
+    # testing in it), each with its own stamp.
+    local pkg
+    for pkg in $DEBIAN13_LATER_PACKAGES; do
+        [ -e "$root/.complete-later-$pkg" ] && continue
+        log "debian13: installing $pkg"
+        in_root "$root" apt-get install -y -q --no-install-recommends "$pkg" \
+            > "$CACHE/debian13-apt-$pkg.log" 2>&1 \
+            || { tail -n 30 "$CACHE/debian13-apt-$pkg.log" >&2; return 1; }
+        touch "$root/.complete-later-$pkg"
+    done
     printf '%s\n' "$root"
 }
 
