@@ -103,9 +103,12 @@ class Behaviour:
     ps_exec_info: str
     # After a containerd restart, a task that exited while it was down still shows
     # STOPPED (1.6); 1.7 and later clean up a shim that reports no pids ("cleaning
-    # leaked shim process"), so the task is gone.
+    # leaked shim process": Delete, Shutdown, bundle removed), so the task is gone
+    # and only the container record stays (test_e2e.exited_while_down).
     keeps_exited_task_over_restart: bool
-    # The Go shim passes --criu to runc checkpoint/restore (1.6 only).
+    # The Go shim passes the runc options' CriuPath as --criu to runc checkpoint and
+    # restore (1.6 only: 1.7 deprecated the field and its go-runc dropped the flag,
+    # which runc 1.2 ignores). pyshim passes it on every line.
     go_shim_passes_criu: bool
 
 
