@@ -10,6 +10,7 @@ Public surface:
     build_busybox_image(tar_path, ref)     a hand-made OCI image archive for `ctr images import`
     build_sandbox_image(tar_path, ref)     the same, whose entrypoint sleeps forever (CRI "pause")
     shim_pids(daemon, runtime)             live shim processes of one daemon, by cmdline
+    shim_address(bundle)                   the address of a bundle's shim (per BEHAVIOURS)
     daemon_pids(address)                   every live process naming that daemon's address
     cmdline(pid), shim_binary(runtime)     /proc argv; runtime name -> shim binary name
     mounts_under(path), umount_tree(path)  mount points at/below path (deepest first)
@@ -110,15 +111,32 @@ class Behaviour:
     # restore (1.6 only: 1.7 deprecated the field and its go-runc dropped the flag,
     # which runc 1.2 ignores). pyshim passes it on every line.
     go_shim_passes_criu: bool
+    # The bundle file in which containerd keeps a shim's address: "address", written by
+    # the shim (1.x), or "bootstrap.json" ({"version", "address", "protocol"}), written
+    # by containerd for every shim (2.x; the Go shim writes no "address" there).
+    bootstrap_file: str
+    # What ctr appends to an error of gRPC code Unknown: 1.x ": unknown", 2.x nothing.
+    ctr_unknown_suffix: str
+    # ctr's error for a request over 4 MiB (an exec with a 4.5 MB spec), as a regex with
+    # the length as group 1: 1.x passes it on and containerd's ttrpc client to the shim
+    # refuses it (code Unknown); 2.x refuses it at its own gRPC server.
+    oversized_request: str
 
+
+_TTRPC_TOO_BIG = r"ctr: message length (\d+) exceed maximum message size of 4194304: unknown\n"
+_GRPC_TOO_BIG = (r"ctr: rpc error: code = ResourceExhausted desc = message length (\d+) exceed "
+                 r"maximum message size of 4194304\n")
 
 BEHAVIOURS: dict[tuple[int, int], Behaviour] = {
     (1, 6): Behaviour(ps_exec_info="ExecID:{}", keeps_exited_task_over_restart=True,
-                      go_shim_passes_criu=True),
+                      go_shim_passes_criu=True, bootstrap_file="address",
+                      ctr_unknown_suffix=": unknown", oversized_request=_TTRPC_TOO_BIG),
     (1, 7): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
-                      go_shim_passes_criu=False),
+                      go_shim_passes_criu=False, bootstrap_file="address",
+                      ctr_unknown_suffix=": unknown", oversized_request=_TTRPC_TOO_BIG),
     (2, 0): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
-                      go_shim_passes_criu=False),
+                      go_shim_passes_criu=False, bootstrap_file="bootstrap.json",
+                      ctr_unknown_suffix="", oversized_request=_GRPC_TOO_BIG),
 }
 
 _version_cache: dict[str, tuple[int, int, int]] = {}
@@ -144,6 +162,18 @@ def behaviour(version: tuple[int, ...] | None = None) -> Behaviour:
     if not lines:
         raise HarnessError(f"containerd {v} is older than every line the tests know")
     return BEHAVIOURS[max(lines)]
+
+
+def shim_address(bundle: str) -> str | None:
+    """The address ("unix:///run/containerd/s/...") of the shim serving a bundle, from
+    the file this containerd keeps it in (BEHAVIOURS.bootstrap_file); None if absent."""
+    name = behaviour().bootstrap_file
+    raw = _read(os.path.join(bundle, name))
+    if raw is None:
+        return None
+    if name == "bootstrap.json":
+        return json.loads(raw)["address"]
+    return raw.decode().strip()
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -996,9 +1026,9 @@ disabled_plugins = [{cri_disabled}
         the hash, so a computed path can only be ours."""
         socks = {self._socket_path(ns, cid) for ns, cid in ids}
         for ns, cid in self._bundle_ids():
-            raw = _read(os.path.join(self.state, TASK_PLUGIN_DIR, ns, cid, "address"))
-            if raw and raw.startswith(b"unix://"):
-                socks.add(raw[len(b"unix://"):].decode().strip())
+            address = shim_address(os.path.join(self.state, TASK_PLUGIN_DIR, ns, cid))
+            if address and address.startswith("unix://"):
+                socks.add(address[len("unix://"):])
         return {s for s in socks if s.startswith(SHIM_SOCKET_DIR + "/")}
 
     def _template_sockets(self) -> set[str]:

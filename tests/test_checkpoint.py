@@ -130,7 +130,8 @@ def _criu_fails(d: Containerd, image: str, r: str, scratch: str) -> dict:
         pid = wait_status(d, cid, "RUNNING")
         bundle = bundle_of(d, cid)
         words = f"runc did not terminate successfully: exit status 1: {DUMP_FAILED}"
-        refused = (1, "", f"ctr: {words} path= <BUNDLE>/criu-dump.log: unknown\n")
+        refused = (1, "", f"ctr: {words} path= <BUNDLE>/criu-dump.log"
+                          f"{harness.behaviour().ctr_unknown_suffix}\n")
         res = {"task checkpoint": normb(ctr(d, "task", "checkpoint", cid), d, cid)}
         assert res["task checkpoint"] == refused
         assert task_row(d, cid) == (pid, "RUNNING")

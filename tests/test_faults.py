@@ -97,9 +97,8 @@ fresh = test_e2e.fresh
 
 
 def shim_socket(d: Containerd, cid: str) -> str:
-    with open(os.path.join(bundle_of(d, cid), "address")) as f:
-        address = f.read().strip()
-    assert address.startswith("unix://"), address
+    address = harness.shim_address(bundle_of(d, cid))
+    assert address and address.startswith("unix://"), address
     return address[len("unix://"):]
 
 

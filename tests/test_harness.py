@@ -92,9 +92,10 @@ def _start_two_tasks(d: Containerd, rootfs: str, busybox_tar: str) -> tuple[list
     pids = [_task_pid(d, a), _task_pid(d, b), d.pid, d._reaper.pid, *shim_pids(d)]
     sockets = []
     for cid in (a, b):
-        with open(os.path.join(d.state, harness.TASK_PLUGIN_DIR, d.namespace, cid,
-                               "address")) as f:
-            sockets.append(f.read().removeprefix("unix://").strip())
+        address = harness.shim_address(os.path.join(d.state, harness.TASK_PLUGIN_DIR,
+                                                    d.namespace, cid))
+        assert address, cid
+        sockets.append(address.removeprefix("unix://"))
     runc_state = [os.path.join(harness.RUNC_ROOT, d.namespace, cid) for cid in (a, b)]
     fifos = [os.path.dirname(p) for p in glob.glob(f"{harness.FIFO_DIR}/*/{a}-stdout")]
     assert len(fifos) == 1  # ctr run -d leaves its FIFOs until the task is deleted
