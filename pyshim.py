@@ -3272,6 +3272,13 @@ class TaskService:
         self.exits.forget(p)
         if p is c.init:
             del self.containers[c.id]
+            # A container and its processes refer to each other (init, execs <->
+            # Process.container): unlinked here, refcounting frees them at once.
+            # Left to the cyclic GC, a grouped shim holds every deleted container
+            # until a collection, which Python 3.13 runs after 2000 net allocations
+            # (3.11: 700): ~200 of them (+320 kB RSS) in a create/delete soak.
+            c.init = None
+            c.execs.clear()
             ev = pb.TaskDelete(container_id=c.id, pid=p.pid, exit_status=p.exit_status, id=c.id)
             _ts(ev.exited_at, p.exited_at)
             self._publish("/tasks/delete", ev)

@@ -10,6 +10,7 @@ Public surface:
     build_busybox_image(tar_path, ref)     a hand-made OCI image archive for `ctr images import`
     build_sandbox_image(tar_path, ref)     the same, whose entrypoint sleeps forever (CRI "pause")
     shim_pids(daemon, runtime)             live shim processes of one daemon, by cmdline
+    bundle_address(bundle)                 the address of a bundle's shim (per BEHAVIOURS)
     daemon_pids(address)                   every live process naming that daemon's address
     cmdline(pid), shim_binary(runtime)     /proc argv; runtime name -> shim binary name
     mounts_under(path), umount_tree(path)  mount points at/below path (deepest first)
@@ -103,9 +104,12 @@ class Behaviour:
     ps_exec_info: str
     # After a containerd restart, a task that exited while it was down still shows
     # STOPPED (1.6); 1.7 and later clean up a shim that reports no pids ("cleaning
-    # leaked shim process"), so the task is gone.
+    # leaked shim process": Delete, Shutdown, bundle removed), so the task is gone
+    # and only the container record stays (test_e2e.exited_while_down).
     keeps_exited_task_over_restart: bool
-    # The Go shim passes --criu to runc checkpoint/restore (1.6 only).
+    # The Go shim passes the runc options' CriuPath as --criu to runc checkpoint and
+    # restore (1.6 only: 1.7 deprecated the field and its go-runc dropped the flag,
+    # which runc 1.2 ignores). pyshim passes it on every line.
     go_shim_passes_criu: bool
     # The bootstrap version the daemon logs at each shim connection ("connecting to
     # shim ID ... version=N"): 2 for a plain address, 3 for the Go shim 2.x's JSON
@@ -123,6 +127,12 @@ class Behaviour:
     go_shim_info: bool
     # `ctr plugins inspect-runtime` (introspection PluginInfo with runtime options).
     inspects_runtime: bool
+    # What ctr appends to an error of gRPC code Unknown: 1.x ": unknown", 2.x nothing.
+    ctr_unknown_suffix: str
+    # ctr's error for a request over 4 MiB (an exec with a 4.5 MB spec), as a regex with
+    # the length as group 1: 1.x passes it on and containerd's ttrpc client to the shim
+    # refuses it (code Unknown); 2.x refuses it at its own gRPC server.
+    oversized_request: str
 
     # The daemon config form this line reads without migrating it: version 2 (1.x,
     # CRI under io.containerd.grpc.v1.cri) or 3 (2.x, CRI split into
@@ -159,33 +169,41 @@ _UNUSED_2X = ("io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v
               "io.containerd.differ.v1.erofs", "io.containerd.tracing.processor.v1.otlp",
               "io.containerd.internal.v1.tracing", "io.containerd.nri.v1.nri")
 
+_TTRPC_TOO_BIG = r"ctr: message length (\d+) exceed maximum message size of 4194304: unknown\n"
+_GRPC_TOO_BIG = (r"ctr: rpc error: code = ResourceExhausted desc = message length (\d+) exceed "
+                 r"maximum message size of 4194304\n")
+
 BEHAVIOURS: dict[tuple[int, int], Behaviour] = {
     (1, 6): Behaviour(ps_exec_info="ExecID:{}", keeps_exited_task_over_restart=True,
                       go_shim_passes_criu=True, config_version=2, unused_plugins=_UNUSED_1X,
                       cni_bin_dirs=False, deprecations_service=False, bundle_address_file="address",
                       shim_version=None, writes_bootstrap_json=False,
                       go_shim_task_services=(_TASK_V2,), go_shim_serves_sandbox=False,
-                      go_shim_info=False, inspects_runtime=False),
+                      go_shim_info=False, inspects_runtime=False,
+                      ctr_unknown_suffix=": unknown", oversized_request=_TTRPC_TOO_BIG),
     (1, 7): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
                       go_shim_passes_criu=False, config_version=2, unused_plugins=_UNUSED_17,
                       cni_bin_dirs=False, deprecations_service=True, bundle_address_file="address",
                       shim_version=None, writes_bootstrap_json=False,
                       go_shim_task_services=(_TASK_V2,), go_shim_serves_sandbox=True,
-                      go_shim_info=False, inspects_runtime=False),
+                      go_shim_info=False, inspects_runtime=False,
+                      ctr_unknown_suffix=": unknown", oversized_request=_TTRPC_TOO_BIG),
     (2, 0): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
                       go_shim_passes_criu=False, config_version=3, unused_plugins=_UNUSED_2X,
                       cni_bin_dirs=False, deprecations_service=True,
                       bundle_address_file="bootstrap.json",
                       shim_version=3, writes_bootstrap_json=True,
                       go_shim_task_services=(_TASK_V3,), go_shim_serves_sandbox=False,
-                      go_shim_info=True, inspects_runtime=True),
+                      go_shim_info=True, inspects_runtime=True,
+                      ctr_unknown_suffix="", oversized_request=_GRPC_TOO_BIG),
     (2, 1): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
                       go_shim_passes_criu=False, config_version=3, unused_plugins=_UNUSED_2X,
                       cni_bin_dirs=True, deprecations_service=True,
                       bundle_address_file="bootstrap.json",
                       shim_version=3, writes_bootstrap_json=True,
                       go_shim_task_services=(_TASK_V3,), go_shim_serves_sandbox=False,
-                      go_shim_info=True, inspects_runtime=True),
+                      go_shim_info=True, inspects_runtime=True,
+                      ctr_unknown_suffix="", oversized_request=_GRPC_TOO_BIG),
 }
 
 _version_cache: dict[str, tuple[int, int, int]] = {}

@@ -17,6 +17,7 @@ import platform
 import re
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -108,10 +109,16 @@ def test_pip_wheel_builds_one_abi3_wheel_with_the_compiled_core(wheel: str) -> N
 
 def test_the_wheel_in_a_fresh_venv_works_and_uninstalls_without_a_trace(wheel: str, tmp_path) -> None:
     venv = tmp_path / "venv"
-    # The venv sees this Python's site-packages for cffi, protobuf and uvloop
-    # (and pip): nothing is downloaded. pyshim itself goes into the venv.
-    ok([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)])
+    # The venv sees this Python's site-packages for cffi, protobuf and uvloop (and
+    # pip) through a .pth file: nothing is downloaded, and nothing is asked of the
+    # system Python (Debian 13's, unlike Debian 12's here, has no pip or cffi).
+    # pyshim itself goes into the venv, whose own site-packages come first.
+    ok([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     python = str(venv / "bin" / "python")
+    site = ok([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).strip()
+    outer = sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+    with open(os.path.join(site, "outer-site.pth"), "w") as f:
+        f.write("\n".join(outer) + "\n")
     before = tree(str(venv))
 
     ok([python, "-m", "pip", "install", *OFFLINE[1:], "--ignore-installed", wheel])

@@ -26,6 +26,10 @@ provision_containerd2() {
 }
 
 DEBIAN13_PACKAGES=containerd,runc,busybox-static,criu,python3,python3-venv,python3-dev,gcc,libc6-dev,libffi-dev,git,ca-certificates,procps,iproute2
+# criu only suggests iptables, but locks a dumped task's network namespace with
+# iptables-restore (its default --network-lock), so a container checkpoint fails
+# without it: "execvp("iptables-restore", ...) failed" in criu-dump.log.
+DEBIAN13_LATER_PACKAGES="iptables"
 
 # Debian 13 (containerd 1.7, runc 1.1.15, Python 3.13) as a root made by debootstrap
 # from the host's own mirror. Prints the root's path.
@@ -44,12 +48,27 @@ provision_debian13() {
     # pip in the root reaches PyPI as the host does.
     cp /etc/resolv.conf "$root/etc/resolv.conf"
     cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    # Added to a root already made (installed, not re-bootstrapped: other trees may be
+    # testing in it), each with its own stamp.
+    local pkg
+    for pkg in $DEBIAN13_LATER_PACKAGES; do
+        [ -e "$root/.complete-later-$pkg" ] && continue
+        log "debian13: installing $pkg"
+        in_root "$root" apt-get install -y -q --no-install-recommends "$pkg" \
+            > "$CACHE/debian13-apt-$pkg.log" 2>&1 \
+            || { tail -n 30 "$CACHE/debian13-apt-$pkg.log" >&2; return 1; }
+        touch "$root/.complete-later-$pkg"
+    done
     printf '%s\n' "$root"
 }
 
 # Runs a command as root inside a provisioned root, in a private mount namespace: the
-# root bound onto itself (runc wants a mount point), /proc, /sys, /dev from the host,
-# fresh tmpfs on /run and /tmp; everything is gone when the command ends.
+# root bound onto itself, /proc, /sys, /dev from the host, fresh tmpfs on /run and /tmp;
+# everything is gone when the command ends. The root becomes the namespace's root by
+# pivot_root, not chroot: runc's own pivot_root from inside a chroot leaves a
+# container's processes on the namespace's root, i.e. the host's files, /dev and /proc
+# instead of the container's rootfs (the container's /dev/pts is then the host's, and
+# its /proc/1 the host's init).
 in_root() {
     local root=$1; shift
     unshare -m --propagation private /bin/sh -eu -c '
@@ -60,7 +79,11 @@ in_root() {
         mount --rbind /dev "$root/dev"
         mount -t tmpfs -o mode=0755 tmpfs "$root/run"
         mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
-        exec chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
+        mkdir -p "$root/.host"
+        cd "$root"
+        pivot_root . .host
+        exec /usr/sbin/chroot . /bin/sh -eu -c "umount -l /.host; exec \"\$@\"" in_root \
+            /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
             PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
             CI="${CI:-}" "$@"
     ' in_root "$root" "$@"
