@@ -610,14 +610,27 @@ def status_response(code: int, message: str, payload: bytes = b"") -> bytes:
     return resp.SerializeToString()
 
 
+# The text containerd's errdefs put after a message of these codes: the Go shim's
+# errors wrap errdefs' sentinels, so their message ends with it ("process does not
+# exist x: not found"). containerd 1.x strips and re-adds it; 2.x's ctr shows the
+# message as it is, so pyshim's must end the same way.
+ERRDEFS_SUFFIX = {NOT_FOUND: "not found", ALREADY_EXISTS: "already exists",
+                  INVALID_ARGUMENT: "invalid argument", FAILED_PRECONDITION: "failed precondition"}
+
+
 def _error_status(e: BaseException) -> tuple[int, str]:
     """The one place where an exception becomes a ttrpc status."""
-    if isinstance(e, ShimError):
-        return e.code, str(e)
-    if isinstance(e, OSError):
-        code = {ESRCH: NOT_FOUND, ENOENT: NOT_FOUND, EEXIST: ALREADY_EXISTS,
-                EINVAL: INVALID_ARGUMENT}.get(e.errno or 0, UNKNOWN)
-        return code, str(e)
+    if isinstance(e, (ShimError, OSError)):
+        if isinstance(e, ShimError):
+            code = e.code
+        else:
+            code = {ESRCH: NOT_FOUND, ENOENT: NOT_FOUND, EEXIST: ALREADY_EXISTS,
+                    EINVAL: INVALID_ARGUMENT}.get(e.errno or 0, UNKNOWN)
+        msg = str(e)
+        suffix = ERRDEFS_SUFFIX.get(code)
+        if suffix and not msg.endswith(": " + suffix):
+            msg = f"{msg}: {suffix}"
+        return code, msg
     log("error", "internal error", error=repr(e))
     return INTERNAL, f"internal error: {e!r}"
 

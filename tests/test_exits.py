@@ -17,7 +17,6 @@ Containers without a pid namespace are made with ``ctr run --config`` from the s
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import stat
@@ -28,6 +27,7 @@ import harness
 import pytest
 from harness import Containerd, new_id, wait_for
 from test_e2e import RUNTIMES, _checked, bundle_of, ctr, ok, same_as_runc, wait_status
+from test_parity import task_call
 
 import pyshim
 import pyshim_pb2 as pb
@@ -145,34 +145,8 @@ def test_init_exit_kills_the_container_without_a_pid_namespace(daemon: Container
 
 # ----------------------------------- bugs 3 and 4: an exec started through the task API
 
-TASK_V3 = "containerd.task.v3.Task"
 
 
-def task_call(d: Containerd, cid: str, method: str, req) -> bytes | tuple[int, str]:
-    """One task API call on the container's shim socket, either shim, as containerd
-    would make it: containerd 2.x keeps a shim's address and version in the bundle's
-    bootstrap.json (version 3: task API v3), 1.x only its address. Returns the
-    response payload, or (status code, message) when the shim refuses."""
-    bundle = bundle_of(d, cid)
-    try:
-        with open(os.path.join(bundle, "bootstrap.json")) as f:
-            params = json.load(f)
-    except FileNotFoundError:
-        with open(os.path.join(bundle, "address")) as f:
-            params = {"address": f.read().strip(), "version": 2}
-    service = TASK_V3 if params.get("version", 2) >= 3 else pyshim.TASK_SERVICE
-
-    async def call() -> bytes | tuple[int, str]:
-        client = await pyshim.TtrpcClient.connect(params["address"])
-        try:
-            return await client.call(service, method, req.SerializeToString(),
-                                     {pyshim.NAMESPACE_KEY: d.namespace}, timeout=10)
-        except pyshim.RemoteError as e:
-            return e.code, str(e)
-        finally:
-            client.close()
-
-    return asyncio.run(call())
 
 
 def exec_request(d: Containerd, cid: str, eid: str, args: list[str], terminal: bool,

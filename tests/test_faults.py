@@ -645,7 +645,7 @@ def test_malformed_ttrpc_input(daemon: Containerd, rootfs: str, runtime: str) ->
     pid = run_d(d, runtime, rootfs, cid, "/bin/sleep", "1000")
     shim = live_shim(d, runtime, cid)
     path = shim_socket(d, cid)
-    task = "containerd.task.v2.Task"
+    task = harness.behaviour().go_shim_task_services[0]  # what this line's containerd calls
     good = _request(task, "Connect", _field(1, cid.encode()), ns)
     rss0, fds0 = rss_kb(shim), fd_count(shim)
     res: dict[str, Any] = {}

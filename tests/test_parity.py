@@ -100,15 +100,23 @@ def events(d: Containerd) -> Iterator[Callable[[str, str], list[str]]]:
 
 
 def task_call(d: Containerd, cid: str, method: str, req) -> bytes | tuple[int, str]:
-    """One task API call on the container's shim socket (either shim); returns the
+    """One task API call on the container's shim socket, either shim, as containerd
+    would make it: containerd 2.x keeps a shim's address and version in the bundle's
+    bootstrap.json (version 3: task API v3), 1.x only its address. Returns the
     response payload, or (status code, message) when the shim refuses."""
-    address = harness.bundle_address(bundle_of(d, cid))
-    assert address, f"no shim address in the bundle of {cid}"
+    bundle = bundle_of(d, cid)
+    try:
+        with open(os.path.join(bundle, "bootstrap.json")) as f:
+            params = json.load(f)
+    except FileNotFoundError:
+        with open(os.path.join(bundle, "address")) as f:
+            params = {"address": f.read().strip(), "version": 2}
+    service = pyshim.TASK_SERVICE_V3 if params.get("version", 2) >= 3 else pyshim.TASK_SERVICE
 
     async def call() -> bytes | tuple[int, str]:
-        client = await pyshim.TtrpcClient.connect(address)
+        client = await pyshim.TtrpcClient.connect(params["address"])
         try:
-            return await client.call(pyshim.TASK_SERVICE, method, req.SerializeToString(),
+            return await client.call(service, method, req.SerializeToString(),
                                      {pyshim.NAMESPACE_KEY: d.namespace}, timeout=10)
         except pyshim.RemoteError as e:
             return e.code, str(e)
