@@ -155,13 +155,17 @@ def test_the_wheel_in_a_fresh_venv_works_and_uninstalls_without_a_trace(wheel: s
     assert res.returncode == 0 and res.stdout == version, (res.stdout, res.stderr)
 
     # A half-removed install (the module gone, the binary left): one line naming the
-    # interpreter and what it tried, never a traceback.
+    # interpreter and what it tried, never a traceback. The borrowed outer site-packages
+    # go too: they hold this tree's own pyshim.
     module = where.split()[0]
-    os.rename(module, module + ".away")
+    borrowed = os.path.join(site, "outer-site.pth")
+    for path in (module, borrowed):
+        os.rename(path, path + ".away")
     try:
         res = run([BINARY, "-v"], env=clean, cwd=str(tmp_path))
     finally:
-        os.rename(module + ".away", module)
+        for path in (module, borrowed):
+            os.rename(path + ".away", path)
     assert res.returncode == 127 and res.stdout == "", res
     assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert res.stderr.startswith(f"{BINARY}: {python}") and "cannot import pyshim" in res.stderr, res.stderr
