@@ -52,6 +52,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 from typing import Any
 
 import harness
@@ -255,14 +256,23 @@ def test_quick_exits_start_before_exit(daemon: Containerd, rootfs: str, runtime:
             runs.append((cid, code))
         last = runs[-1][0]
         wait_for(lambda: any(t == "/tasks/delete" for t, _ in log.of(last)), 10)
-        bad = []
+        bad, no_delete = [], []
         for cid, code in runs:
             events = log.of(cid)
             topics = [t for t, _ in events]
             exits = [p.get("exit_status", 0) for t, p in events if t == "/tasks/exit"]
+            if runtime == RUNC and topics == ["/tasks/create", "/tasks/start", "/tasks/exit"]:
+                # Seen with containerd 2.1.9's Go shim only: 5 and 14 of 100 `ctr run --rm`
+                # published no /tasks/delete at all. Recorded, not asserted: pyshim is
+                # held to the full sequence.
+                no_delete.append(cid)
+                topics.append("/tasks/delete")
             if topics != ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"] \
                     or exits != [code]:
                 bad.append((cid, topics, exits))
+    if no_delete:
+        warnings.warn(f"the Go shim published no /tasks/delete for {len(no_delete)} of "
+                      f"{len(runs)} runs: {no_delete[:5]}", stacklevel=1)
     assert bad == [], f"{len(bad)} of {len(runs)} runs out of order or misreported: {bad[:5]}"
 
 
