@@ -49,6 +49,7 @@ import sysconfig
 import tarfile
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Self, TypeVar
 
@@ -154,6 +155,11 @@ class Behaviour:
     # in ``bootstrap.json``, written for every shim (from a version-2 shim's plain
     # address too). Its Go shim, version 3, writes no ``address``.
     bundle_address_file: str
+    # The Go shim may publish no /tasks/delete for a deleted task (2.x: it sends the
+    # event from a goroutine and can exit, asked to shut down right after Delete, before
+    # that goroutine has published it). Seen with 2.1.9 in 5 to 14 of 100 quick
+    # `ctr run --rm`; never with 1.6.20 or 1.7.24. pyshim publishes it on every line.
+    go_shim_may_drop_task_delete: bool
 
 
 
@@ -180,14 +186,16 @@ BEHAVIOURS: dict[tuple[int, int], Behaviour] = {
                       shim_version=None, writes_bootstrap_json=False,
                       go_shim_task_services=(_TASK_V2,), go_shim_serves_sandbox=False,
                       go_shim_info=False, inspects_runtime=False,
-                      ctr_unknown_suffix=": unknown", oversized_request=_TTRPC_TOO_BIG),
+                      ctr_unknown_suffix=": unknown", go_shim_may_drop_task_delete=False,
+                      oversized_request=_TTRPC_TOO_BIG),
     (1, 7): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
                       go_shim_passes_criu=False, config_version=2, unused_plugins=_UNUSED_17,
                       cni_bin_dirs=False, deprecations_service=True, bundle_address_file="address",
                       shim_version=None, writes_bootstrap_json=False,
                       go_shim_task_services=(_TASK_V2,), go_shim_serves_sandbox=True,
                       go_shim_info=False, inspects_runtime=False,
-                      ctr_unknown_suffix=": unknown", oversized_request=_TTRPC_TOO_BIG),
+                      ctr_unknown_suffix=": unknown", go_shim_may_drop_task_delete=False,
+                      oversized_request=_TTRPC_TOO_BIG),
     (2, 0): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
                       go_shim_passes_criu=False, config_version=3, unused_plugins=_UNUSED_2X,
                       cni_bin_dirs=False, deprecations_service=True,
@@ -195,7 +203,8 @@ BEHAVIOURS: dict[tuple[int, int], Behaviour] = {
                       shim_version=3, writes_bootstrap_json=True,
                       go_shim_task_services=(_TASK_V3,), go_shim_serves_sandbox=False,
                       go_shim_info=True, inspects_runtime=True,
-                      ctr_unknown_suffix="", oversized_request=_GRPC_TOO_BIG),
+                      ctr_unknown_suffix="", go_shim_may_drop_task_delete=True,
+                      oversized_request=_GRPC_TOO_BIG),
     (2, 1): Behaviour(ps_exec_info='exec_id:"{}"', keeps_exited_task_over_restart=False,
                       go_shim_passes_criu=False, config_version=3, unused_plugins=_UNUSED_2X,
                       cni_bin_dirs=True, deprecations_service=True,
@@ -203,7 +212,8 @@ BEHAVIOURS: dict[tuple[int, int], Behaviour] = {
                       shim_version=3, writes_bootstrap_json=True,
                       go_shim_task_services=(_TASK_V3,), go_shim_serves_sandbox=False,
                       go_shim_info=True, inspects_runtime=True,
-                      ctr_unknown_suffix="", oversized_request=_GRPC_TOO_BIG),
+                      ctr_unknown_suffix="", go_shim_may_drop_task_delete=True,
+                      oversized_request=_GRPC_TOO_BIG),
 }
 
 _version_cache: dict[str, tuple[int, int, int]] = {}
@@ -249,6 +259,24 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
         if time.monotonic() >= deadline:
             raise TimeoutError(message or f"condition not met within {timeout:.1f}s")
         time.sleep(interval)
+
+
+def wait_task_delete(seen: Callable[[], T], runtime: str, timeout: float = 10.0,
+                     message: str = "") -> T | None:
+    """Wait, as ``wait_for``, until ``seen`` reports a task's /tasks/delete event.
+
+    Where this line's Go shim is known to lose that event (``go_shim_may_drop_task_delete``)
+    and ``runtime`` is the Go shim, a missing event is recorded as a warning and None is
+    returned, so the test can go on comparing everything else. pyshim, and the Go shim of
+    every other line, is held to the event: a timeout raises.
+    """
+    try:
+        return wait_for(seen, timeout, message=message)
+    except TimeoutError:
+        if runtime != RUNC or not behaviour().go_shim_may_drop_task_delete:
+            raise
+    warnings.warn(f"the Go shim published no /tasks/delete: {message}"[:400], stacklevel=2)
+    return None
 
 
 _ids = itertools.count(1)

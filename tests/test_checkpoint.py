@@ -124,7 +124,7 @@ def test_checkpoint_through_containerd(daemon: Containerd, busybox_image: str, r
 
 
 def _criu_fails(d: Containerd, image: str, r: str, scratch: str) -> dict:
-    with events(d) as topics:
+    with events(d, r) as topics:
         cid = new_id("cp")
         ok(d, "run", "-d", "--runtime", r, image, cid, "sleep", "1000")
         pid = wait_status(d, cid, "RUNNING")
@@ -320,7 +320,7 @@ def test_restore_and_checkpoint_flags(daemon: Containerd, rootfs: str, runtime: 
             paths[name] = os.path.join(scratch, f"{name}-{r}")
             return paths[name]
 
-        with events(daemon) as topics:
+        with events(daemon, r) as topics:
             host, _ = run_sleeper(daemon, r, rootfs)
             cid = new_id("rs")
             bundle = second_bundle(daemon, host, cid, scratch, rootfs,
@@ -413,7 +413,7 @@ def test_restore_failure_is_runcs_own_words(daemon: Containerd, rootfs: str, run
     reaches the caller, the task stays CREATED (pid 0) and deletes cleanly, leaving
     no runc state, cgroup or process."""
     def scenario(r: str) -> dict:
-        with events(daemon) as topics:
+        with events(daemon, r) as topics:
             host, _ = run_sleeper(daemon, r, rootfs)
             cid = new_id("rf")
             bundle = second_bundle(daemon, host, cid, scratch, rootfs, ["/bin/sleep", "1000"])
