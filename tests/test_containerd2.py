@@ -197,6 +197,40 @@ def test_start_answers_the_same_without_the_template(fresh_no_template: Containe
     same_as_go_shim("bootstrap-cold", runtime, out)
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_no_deprecation_names_the_shim(fresh_containerd: Containerd, rootfs: str,
+                                       runtime: str) -> None:
+    """After a shim's whole life on this daemon (run, exec, pause/resume, a grouped pair,
+    a daemon restart that reconnects, kill and delete), the daemon lists no deprecation
+    (`ctr deprecations list`, 1.7+) and logs none: nothing pyshim answers or serves is a
+    form the line has deprecated. The same holds for the line's own Go shim."""
+    d, b = fresh_containerd, harness.behaviour()
+    alone, first, second = new_id("dep"), new_id("dg1"), new_id("dg2")
+    group = new_id("grp")
+    run(d, runtime, rootfs, alone)
+    run(d, runtime, rootfs, first, group)
+    run(d, runtime, rootfs, second, group)
+    ran = d.ctr("task", "exec", "--exec-id", "e1", alone, "/bin/sh", "-c", "echo hi", timeout=30)
+    assert (ran.returncode, ran.stdout) == (0, "hi\n"), ran.stderr
+    ok(d, "task", "pause", alone)
+    ok(d, "task", "resume", alone)
+    d.stop()
+    d.start()
+    wait_for(lambda: d.tasks().get(alone) == "RUNNING", 20, message="not reconnected")
+    ok(d, "task", "exec", "--exec-id", "e2", first, "/bin/true")
+    remove_all(d, alone, first, second)
+    listed = d.ctr("deprecations", "list", timeout=30)
+    assert (listed.returncode == 0) == b.deprecations_service, listed.stderr
+    # A warning or error that speaks of a deprecation (the info lines loading the
+    # deprecation plugin and the CRI config's ignoreDeprecationWarnings are not ones).
+    logged = [line for line in d.log_text().splitlines()
+              if re.search(r"level=(warning|error)", line) and re.search(r"(?i)deprecat", line)]
+    out = {"listed": listed.stdout.strip() if listed.returncode == 0 else None,
+           "logged": logged}
+    assert out == {"listed": "" if b.deprecations_service else None, "logged": []}, out
+    same_as_go_shim("deprecations", runtime, out)
+
+
 def test_bootstrap_answer_follows_the_daemon_binary() -> None:
     """`start`'s answer for each containerd binary this machine has: JSON version 3
     for a 2.x, the plain address for 1.x and for anything that is not containerd."""
