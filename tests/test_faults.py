@@ -883,7 +883,14 @@ def test_create_in_a_bundle_on_a_full_filesystem(shim_direct, rootfs: str, runti
         call(address, "Delete", shim_direct_mod.pb.DeleteRequest(id=cid))
         assert harness.mounts_under(os.path.join(bundle, "rootfs")) == []
         assert not os.path.exists(runc_state)
-        call(address, "Shutdown", shim_direct_mod.pb.ShutdownRequest(id=cid))
+        try:
+            call(address, "Shutdown", shim_direct_mod.pb.ShutdownRequest(id=cid))
+        except ConnectionError:
+            # containerd takes a connection closed by Shutdown as done (ttrpc's
+            # ErrClosed): the Go shim can exit before its reply is out (seen on 1.7.24
+            # under load). pyshim always answers first.
+            if runtime == PYSHIM:
+                raise
         harness.wait_for(lambda: not os.path.exists(address[len("unix://"):]), 10, 0.02)
     finally:
         if log_reader >= 0:
