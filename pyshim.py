@@ -83,7 +83,10 @@ URL_RUNTIME_FEATURES = "types.containerd.io/opencontainers/runtime-spec/1/featur
 URL_LINUX_CHECKPOINT_OPTIONS = "containerd.linux.runc.CheckpointOptions"
 EVENT_URL = "containerd.events."
 
-# How long Delete waits for a process's output to drain, as the Go shim does.
+# Delete waits for a process's output to drain while it keeps flowing, and gives up
+# once no byte has moved for this long. The Go shim waits 2 s in all, and so drops the
+# end of an output its reader is slow to take (a loaded node: tens of kB of a tty's
+# last output seen lost); pyshim drops only what nobody is taking.
 IO_DRAIN_SECONDS = 2.0
 # A logging binary (binary:// stdio) must signal ready within this (the Go
 # shim waits without limit), and gets this long to exit after SIGTERM at
@@ -973,7 +976,8 @@ class Copier:
     `keep_dst`) and `done` resolves. Loop thread only.
     """
 
-    __slots__ = ("_pending", "_started", "_waiting_dst", "done", "dst", "loop", "on_close", "splice", "src")
+    __slots__ = ("_pending", "_started", "_waiting_dst", "done", "dst", "loop", "moved", "on_close",
+                 "splice", "src")
 
     def __init__(self, loop, src: int, dst: int, on_close=None, splice: bool = True) -> None:
         self.loop = loop
@@ -987,6 +991,7 @@ class Copier:
         # to or from a terminal reads and writes through one small buffer.
         self.splice = splice
         self._pending = b""
+        self.moved = 0  # bytes copied so far: Delete's drain waits while this grows
 
     def start(self) -> None:
         if not self._started and self.src >= 0:
@@ -1019,6 +1024,7 @@ class Copier:
                 self.close()
                 return
             moved += n
+            self.moved += n
 
     def _writable(self) -> None:
         self.loop.remove_writer(self.dst)
@@ -1056,6 +1062,7 @@ class Copier:
                 self.close()
                 return False
             self._pending = self._pending[n:]
+            self.moved += n
         return True
 
     def close(self) -> None:
@@ -1295,14 +1302,17 @@ class Stdio:
             os.close(self.stdin_keep)
             self.stdin_keep = -1
 
-    async def drain(self, timeout: float) -> None:
-        """Waits (bounded) for the output copiers to reach EOF."""
+    async def drain(self, idle: float) -> None:
+        """Waits for the output copiers to reach EOF as long as they keep
+        moving bytes; returns once none has moved one for `idle` seconds (a
+        process left holding the output open, a reader that stopped reading)."""
         import asyncio
 
         # The outputs: the copies to a fifo or file, and to a logging binary.
-        outs = [c.done for c in self.copiers if c.on_close == self._release or c.on_close is _close_log_pipe]
-        if outs:
-            await asyncio.wait(outs, timeout=timeout)
+        outs = [c for c in self.copiers if c.on_close == self._release or c.on_close is _close_log_pipe]
+        pending, moved = {c.done for c in outs}, -1
+        while pending and moved != (moved := sum(c.moved for c in outs)):
+            _, pending = await asyncio.wait(pending, timeout=idle)
 
     def close(self) -> None:
         for fd in self.child_fds:

@@ -42,6 +42,7 @@ own daemon's process tree, and another test run's cleanup cannot reach it.)
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import re
@@ -896,6 +897,76 @@ def test_create_in_a_bundle_on_a_full_filesystem(shim_direct, rootfs: str, runti
         if log_reader >= 0:
             os.close(log_reader)
     # Not compared with the Go shim: the wording differs, and it leaves options.json.
+
+
+TTY_BYTES = 1_000_000
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_delete_waits_for_a_slow_terminal_reader(shim_direct, rootfs: str, runtime: str) -> None:
+    """A task with a terminal writes a megabyte and exits while its reader still has
+    tens of kB to take, and then takes them slowly (16 kB/s): Delete, sent at once,
+    must not cut the output off while it is still flowing. pyshim waits as long as
+    bytes move (IO_DRAIN_SECONDS without one ends the wait); the Go shim waits 2 s in
+    all, so what it delivers is recorded, not asserted."""
+    import threading
+
+    d, _mounts = shim_direct
+    call, NS, pb = shim_direct_mod.call, shim_direct_mod.NS, shim_direct_mod.pb
+    cid = new_id("tty")
+    bundle = d.bundle(cid, ["/bin/sh", "-c", f"head -c {TTY_BYTES} /dev/zero | tr '\\0' x"])
+    with open(os.path.join(bundle, "config.json")) as f:
+        spec = json.load(f)
+    spec["process"]["terminal"] = True
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(spec, f)
+    fifo = os.path.join(d.dir, f"{cid}-stdout")
+    os.mkfifo(fifo)
+    log_reader = -1
+    if runtime == RUNC:  # the Go shim waits for a reader of its log fifo, as containerd is
+        os.mkfifo(os.path.join(bundle, "log"))
+        log_reader = os.open(os.path.join(bundle, "log"), os.O_RDONLY | os.O_NONBLOCK)
+    exited, got = threading.Event(), [0]
+
+    def read() -> None:
+        with open(fifo, "rb", buffering=0) as f:
+            # ~1.3 MB/s while the task runs (slower than the shim copies, so the
+            # fifo and the terminal stay full), 16 kB/s once it has exited.
+            while chunk := f.read(4096):
+                got[0] += chunk.count(b"x")
+                time.sleep(0.25 if exited.is_set() else 0.003)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        address = d.start(bundle, cid, binary=harness.shim_binary_path(runtime))
+        call(address, "Create", pb.CreateTaskRequest(id=cid, bundle=bundle, terminal=True,
+                                                     stdout=fifo, rootfs=[pb_mount(rootfs)]))
+        call(address, "Start", pb.StartRequest(id=cid))
+        waited = call(address, "Wait", pb.WaitRequest(id=cid), pb.WaitResponse)
+        exited.set()
+        backlog = TTY_BYTES - got[0]
+        assert waited.exit_status == 0
+        call(address, "Delete", pb.DeleteRequest(id=cid))
+        reader.join(60)
+        assert not reader.is_alive(), "the output never ended"
+        print(f"{runtime}: backlog at exit {backlog} bytes; delivered {got[0]}")
+        try:
+            call(address, "Shutdown", pb.ShutdownRequest(id=cid))
+        except ConnectionError:  # see test_create_in_a_bundle_on_a_full_filesystem
+            if runtime == PYSHIM:
+                raise
+    finally:
+        exited.set()
+        if log_reader >= 0:
+            os.close(log_reader)
+    if runtime == RUNC:
+        if got[0] != TTY_BYTES:
+            warnings.warn(f"the Go shim delivered {got[0]} of {TTY_BYTES} bytes "
+                          f"(backlog {backlog} at exit)", stacklevel=1)
+        return
+    assert backlog > 0, "the reader kept up: nothing was left to drain at Delete"
+    assert got[0] == TTY_BYTES, f"delivered {got[0]} of {TTY_BYTES} (backlog {backlog} at exit)"
 
 
 def pb_mount(rootfs: str):

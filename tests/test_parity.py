@@ -597,9 +597,12 @@ def test_a_megabyte_through_a_terminal_loses_no_byte(daemon, rootfs: str, runtim
     assert code == 0
     got = out.count("x")
     if runtime == RUNC and got != 1_000_000:
-        # The Go shim (containerd 1.6.20) sometimes loses the end of a tty's output
-        # under load (950,272 and 991,221 of 1,000,000 bytes seen): recorded, not
-        # asserted. pyshim drains the pty before it publishes the exit.
+        # The Go shim sometimes loses the end of a tty's output under load (950,272 and
+        # 991,221 of 1,000,000 bytes seen on 1.6.20; also on 2.1.9): recorded, not
+        # asserted. Between the shim and this count sit ctr and script(1): under a load
+        # of 20 on two cores the count came short through pyshim too, with every byte
+        # copied by the shim; test_faults' test_delete_waits_for_a_slow_terminal_reader
+        # holds the shim itself to the whole output.
         warnings.warn(f"the Go shim delivered {got} of 1000000 bytes through a tty", stacklevel=1)
         return
     assert got == 1_000_000, got
