@@ -28,10 +28,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import on_platform
+
+on_platform.ensure()  # re-runs this in the platform's venv, which has harness installed
 
 import harness
-import on_platform
 from harness import smaps_rollup
 
 RUNTIMES = (harness.PYSHIM, harness.RUNC)

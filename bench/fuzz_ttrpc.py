@@ -58,9 +58,6 @@ import time
 import traceback
 from collections import Counter, deque
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
 import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

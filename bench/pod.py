@@ -25,15 +25,12 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import on_platform
 
-on_platform.ensure()  # before grpc (cri), which the platform's venv has
+on_platform.ensure()  # re-runs this in the platform's venv, which has harness and grpc
 
-import cri
 import harness
+from harness import cri
 
 from bench import long_lived_shims, mem_available_kb, smaps_rollup, table, templates_of
 

@@ -23,11 +23,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import on_platform
+
+on_platform.ensure()  # re-runs this in the platform's venv, which has harness installed
 
 import harness
-import on_platform
 
 from bench import long_lived_shims, smaps_rollup, templates_of
 

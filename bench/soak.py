@@ -24,12 +24,14 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+import on_platform
+
+on_platform.ensure()  # re-runs this in the platform's venv, which has harness installed
 
 import harness
-import on_platform
-import soak_cycles
+from harness import soak_cycles
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 SHORT = {harness.RUNC: "runc-v2 (Go)", harness.PYSHIM: "pyshim"}
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import harness
 import pytest
-from conftest import require, require_e2e
+from harness import require, require_e2e
 
 try:
     import cri

@@ -26,27 +26,27 @@ import tempfile
 import textwrap
 from unittest import mock
 
+import harness
 import pytest
 import uvloop
 from google.protobuf import any_pb2, empty_pb2
+from harness import require
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import harness
-from conftest import require
 
 import pyshim
 import pyshim_pb2 as pb
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.unit  # needs no containerd: the fast tier (-m unit)
 
 BINARY = "containerd-shim-pyshim-v1"
 
 
 def _run(argv: list[str], timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+    """A child process; a `python -c` child run with cwd=REPO imports this tree's pyshim.py
+    (`-c` puts the working directory first on its path), as this process does under
+    `python -m pytest` from the tree's top."""
     return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout, **kw)
 
 
@@ -307,7 +307,6 @@ def test_malloc_trim_runs() -> None:
 
 _BARE_FORK = """
 import os, sys
-sys.path.insert(0, {repo!r})
 import pyshim
 ran = []
 os.register_at_fork(after_in_child=lambda: ran.append("child"), after_in_parent=lambda: ran.append("parent"))
@@ -322,7 +321,7 @@ print(os.waitstatus_to_exitcode(status), ran)
 def test_bare_fork_runs_no_python_at_fork_callbacks() -> None:
     # The template forks with reaper_fork: what os.register_at_fork callbacks
     # would do in the child is exactly the memory it avoids.
-    res = _run([sys.executable, "-c", _BARE_FORK.format(repo=REPO)])
+    res = _run([sys.executable, "-c", _BARE_FORK], cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split(None, 1) == ["10", "[]\n"]
 
@@ -333,7 +332,6 @@ def test_bare_fork_runs_no_python_at_fork_callbacks() -> None:
 
 REAPER_SCRIPT = textwrap.dedent("""
     import asyncio, json, os, signal, sys, time
-    sys.path.insert(0, {repo!r})
     import uvloop
     import pyshim
 
@@ -427,7 +425,7 @@ REAPER_SCRIPT = textwrap.dedent("""
 
 
 def _reaper_child(*args: str) -> dict:
-    res = _run([sys.executable, "-c", REAPER_SCRIPT, *args], timeout=45)
+    res = _run([sys.executable, "-c", REAPER_SCRIPT, *args], timeout=45, cwd=REPO)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
@@ -1320,7 +1318,6 @@ PUBLISH_BINARY = textwrap.dedent("""\
 
 PUBLISHER_SCRIPT = textwrap.dedent("""
     import asyncio, json, sys
-    sys.path.insert(0, {repo!r})
     import uvloop
     import pyshim, pyshim_pb2 as pb
 
@@ -1345,7 +1342,7 @@ def test_publisher_falls_back_to_the_publish_binary(tmp_path) -> None:
     binary = tmp_path / "fake-containerd"
     binary.write_text(PUBLISH_BINARY.format(python=sys.executable, log=str(log)))
     binary.chmod(0o755)
-    res = _run([sys.executable, "-c", PUBLISHER_SCRIPT, str(binary)], timeout=45)
+    res = _run([sys.executable, "-c", PUBLISHER_SCRIPT, str(binary)], timeout=45, cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) is True
     calls = [json.loads(line) for line in log.read_text().splitlines()]

@@ -1,6 +1,14 @@
 """End-to-end harness: a private containerd driven through ``ctr``.
 
-Importable as a plain module (bench/ does ``sys.path.insert(0, "tests")``). Stdlib only.
+The one helper package of tests/ and bench/: .ci/setup installs it into the dev venv
+(editable, from tests/harness/pyproject.toml), so both import it as ``harness`` and
+neither touches sys.path. Stdlib only, but for ``harness.scenario`` (pytest; pyshim when
+a test calls a shim's task API), ``harness.cri`` (grpcio) and ``harness.direct``
+(pyshim, protobuf, uvloop). Submodules:
+    harness.scenario     the comparison kit; every name of it is re-exported here
+    harness.direct       the shim driven without containerd (``Direct``, ``call``)
+    harness.soak_cycles  the create/exec/kill/delete soak shared by a test and bench/soak.py
+    harness.cri          a small CRI (Kubernetes) client for containerd's CRI plugin
 
 Public surface:
     PYSHIM, RUNC, NAMESPACE, BUSYBOX_REF   runtime names, default namespace and image ref
@@ -21,6 +29,8 @@ Public surface:
                                            also containerd's CRI plugin (Kubernetes API)
     CRI_NAMESPACE, SANDBOX_REF             CRI's containerd namespace, its sandbox image ref
     HarnessError                           raised when the daemon cannot be driven
+    pb_varint, pb_message, pb_fields       the tests' one protobuf codec: encode a varint,
+    varint_at                              a message of (number, value); decode fields
 
 Why a reaper process: PID 1 on the test machines does not reap orphans, and every shim
 is an orphan once its `start` invocation exits. Containerd is therefore spawned by a
@@ -395,6 +405,33 @@ def bundle_address(bundle: str, name: str | None = None) -> str | None:
         except (ValueError, KeyError, TypeError):
             return None
     return raw.decode(errors="replace").strip()
+
+
+# The tests' one protobuf codec (pyshim's own is its wire code): enough to build and read
+# a few fields of a message without the generated classes.
+
+
+def pb_varint(n: int) -> bytes:
+    """``n`` (>= 0) as a protobuf varint."""
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def pb_message(*fields: tuple[int, str | bytes | int | bool]) -> bytes:
+    """A protobuf message from (field number, value) in order: ints and bools as
+    varints (wire type 0), strings and bytes (an embedded message too) length-delimited."""
+    out = bytearray()
+    for number, value in fields:
+        if isinstance(value, int):
+            out += pb_varint(number << 3) + pb_varint(int(value))
+        else:
+            data = value.encode() if isinstance(value, str) else value
+            out += pb_varint(number << 3 | 2) + pb_varint(len(data)) + data
+    return bytes(out)
 
 
 def varint_at(buf: bytes, i: int) -> tuple[int, int]:
@@ -1421,3 +1458,8 @@ def _remove_fifos(ids: set[str]) -> None:
         if entries and all(cid in ids and std in ("stdin", "stdout", "stderr")
                            for cid, _, std in owned):
             shutil.rmtree(path, ignore_errors=True)
+
+
+# The comparison kit (ctr steps, same_as_runc, events, task calls) lives in its own
+# module; its names are harness's too. Last, because it imports the names above.
+from harness.scenario import *
