@@ -44,7 +44,7 @@ class Direct:
         with open(self.publisher, "w") as f:
             f.write(f"#!/bin/sh\n{{ echo \"$*\"; base64 -w0; echo; }} >> {self.record}\n")
         os.chmod(self.publisher, 0o755)
-        self.reaper = harness._Reaper(os.path.join(self.dir, "reaper.py"), self.dir)
+        self.reaper = harness._Reaper(self.dir)
         self.env = {k: v for k, v in os.environ.items() if k != "TTRPC_ADDRESS"}
         self.env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         self.ids: list[str] = []
