@@ -6,7 +6,7 @@ containerd, no cluster.
     python3 bench/pod.py [--pods 5] [--containers 3] [--json FILE]
                          [--platform host|containerd2|debian13]
 
-For each handler, --pods host-network pods are run through the CRI API (tests/cri.py),
+For each handler, --pods host-network pods are run through the CRI API (harness.cri),
 each with --containers idle busybox containers (`sleep`) besides its sandbox. CRI groups
 a pod's containers into one shim (io.kubernetes.cri.sandbox-id), so there is one shim
 per pod for both handlers. Then the PSS of every long-lived shim of the daemon (and of
@@ -59,7 +59,7 @@ def measure(client: cri.CriClient, daemon: harness.Containerd, handler: str,
     t0 = time.monotonic()
     ids = run_pods(client, daemon, handler, pods, containers)
     took = time.monotonic() - t0
-    time.sleep(1.5)  # let start-up settle as it would on a node
+    time.sleep(1.5)  # pacing, not a wait: let start-up settle as it would on a node
     after = mem_available_kb()
     shims = long_lived_shims(daemon, runtime)
     figs = [f for f in map(smaps_rollup, shims) if f]

@@ -4,7 +4,7 @@
     python3 bench/start_breakdown.py [--runs 20] [--dump] [--platform host|containerd2|debian13]
 
 Runs `ctr run -d --rootfs <busybox> ... /bin/sleep` under one private containerd
-(tests/harness.py), alternating the two runtimes, and records kernel trace events
+(tests/harness/), alternating the two runtimes, and records kernel trace events
 (a private tracefs instance: exec, fork, exit, accept4, connect, clock "mono") for
 every run. Each run gives these moments, in ms after ctr was launched:
 

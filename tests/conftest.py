@@ -1,4 +1,4 @@
-"""Fixtures for end-to-end tests through a private containerd (see harness.py).
+"""Fixtures for end-to-end tests through a private containerd (the harness package).
 
 Fixtures:
     rootfs            session: busybox rootfs dir for `ctr run --rootfs` (removed at the end)

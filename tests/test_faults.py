@@ -17,7 +17,7 @@ Rows (the numbers of the issue):
  8. malformed ttrpc input: each gets a status error or a closed connection, the shim
     keeps serving and its RSS stays bounded.
  9. create/start/exec/kill/delete cycles on one grouped shim: RSS and fds do not grow.
-    100 cycles by default, 1000 with PYSHIM_SOAK=1; tests/soak_cycles.py holds the
+    100 cycles by default, 1000 with PYSHIM_SOAK=1; tests/harness/soak_cycles.py holds the
     scenario, which bench/soak.py runs too and prints the figures of.
 10. bad bundles: a rootfs that does not exist; a full filesystem ("/run full"), met by
     the shim itself, driven directly as in test_shim_direct.py (through ctr, a full
@@ -177,8 +177,8 @@ def test_exits_while_containerd_is_down(fresh: Containerd, rootfs: str, runtime:
     assert sorted(shim_pids(d, runtime)) == shims, "the shims must outlive their daemon"
     os.kill(pids["hostkill"], signal.SIGKILL)
     for name in (*codes, "hostkill"):
-        wait_for(lambda n=name: pid_gone(pids[n]), 15, message=f"{name} did not exit")
-    time.sleep(0.3)  # let the shims see and queue the exits while nobody listens
+        # Reaped: its shim has the exit and queues it, as nobody listens.
+        wait_for(lambda n=name: harness.reaped(pids[n]), 15, message=f"{name} was not reaped")
     d.start()
 
     res: dict[str, Any] = {}
@@ -334,7 +334,7 @@ def test_concurrent_execs_while_init_is_killed(daemon: Containerd, rootfs: str,
                     if t == "/tasks/exit" and p.get("id") == cid]
 
         wait_for(init_exit, 10, message="no /tasks/exit for the init")
-        time.sleep(0.5)  # anything published late would show now
+        time.sleep(0.5)  # a required gap, not a wait: anything published late would show now
         events = log.of(cid)
     started_ids = {p["exec_id"] for t, p in events if t == "/tasks/exec-started"}
     exit_at = {}
@@ -457,7 +457,6 @@ def test_shim_terminated_by_signal(daemon: Containerd, rootfs: str, runtime: str
         gone = True
     except TimeoutError:
         gone = False
-    time.sleep(0.3)  # containerd copies the shim's log asynchronously
     outcome = {"shim gone": gone, "socket left": os.path.exists(sock),
                "task process gone": pid_gone(pid), "task": task_row(d, cid)}
     print(f"{runtime} SIG{sig.name[3:]}: {outcome}")
@@ -467,10 +466,12 @@ def test_shim_terminated_by_signal(daemon: Containerd, rootfs: str, runtime: str
         # containerd's `shim delete` (runc delete --force) rather than by the shim.
         return
     assert gone, "pyshim did not exit on the signal"
-    new = d.log_text()[start:]
     # The shim is not our child, so its exit status is read from its last words: it
-    # logs "shim exiting" just before main() returns 0.
-    assert re.search(r'msg="shim exiting".*runtime=' + re.escape(PYSHIM), new), new[-3000:]
+    # logs "shim exiting" just before main() returns 0 (and containerd copies the log
+    # asynchronously).
+    exiting = re.compile(r'msg="shim exiting".*runtime=' + re.escape(PYSHIM))
+    wait_for(lambda: exiting.search(d.log_text()[start:]), 10,
+             message=f"no 'shim exiting' line: {d.log_text()[start:][-3000:]}")
     assert not outcome["socket left"], "socket file left behind"
     wait_for(lambda: pid_gone(pid), 10, message="the task's process survived")
     # containerd notices the dead shim and reports the task gone.
@@ -541,14 +542,16 @@ def test_peer_with_another_uid_is_refused(daemon: Containerd, rootfs: str,
             break
     assert {p: stat.S_IMODE(os.stat(p).st_mode) for p in paths} == modes
     assert out.startswith("closed"), f"{runtime}: the other uid got: {out}"
-    time.sleep(0.3)
-    new = d.log_text()[start:]
-    refusal = [ln for ln in new.splitlines()
-               if re.search(r"refus|handshake|credential|permission", ln, re.IGNORECASE)]
-    print(f"{runtime}: peer of uid 65534 -> {out}; logged: {refusal}")
-    if runtime == PYSHIM:
-        assert any("refusing connection from another user" in ln and "peer_uid=65534" in ln
-                   and f"namespace={d.namespace}" in ln for ln in refusal), new[-3000:]
+
+    def refusal() -> list[str]:
+        return [ln for ln in d.log_text()[start:].splitlines()
+                if re.search(r"refus|handshake|credential|permission", ln, re.IGNORECASE)]
+
+    if runtime == PYSHIM:  # its log line, which containerd copies asynchronously
+        wait_for(lambda: any("refusing connection from another user" in ln and "peer_uid=65534" in ln
+                             and f"namespace={d.namespace}" in ln for ln in refusal()), 10,
+                 message=d.log_text()[start:][-3000:])
+    print(f"{runtime}: peer of uid 65534 -> {out}; logged: {refusal()}")
     # The shim still serves its own user.
     assert not pid_gone(shim)
     assert ctr(d, "task", "exec", "--exec-id", "after", cid, "/bin/sh", "-c", "exit 4") \
@@ -724,7 +727,7 @@ CYCLES = 1000 if SOAK else 100
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_grouped_shim_cycles_do_not_leak(fresh: Containerd, rootfs: str, runtime: str) -> None:
-    """The scenario is tests/soak_cycles.py's, shared with bench/soak.py (which prints
+    """The scenario is tests/harness/soak_cycles.py's, shared with bench/soak.py (which prints
     the figures); each cycle checks ctr's answers and raises at the first surprise."""
     r = soak_cycles.run(fresh, runtime, rootfs, CYCLES)
     s0, s1 = r["samples"]["start"], r["samples"]["end"]
@@ -915,7 +918,7 @@ def test_start_with_a_full_socket_dir(shim_direct, runtime: str) -> None:
         with open(os.path.join(out, name)) as f:
             return f.read().strip()
 
-    time.sleep(0.3)  # a shim that was launched anyway would show now
+    time.sleep(0.3)  # a required gap, not a wait: a shim launched anyway would show now
     res = {"code": int(read("code")), "stdout": read("stdout"),
            "stderr": read("stderr").replace(cid, "<id>"),
            "left in the socket dir": [n for n in read("ls").split() if not n.startswith("filler")],

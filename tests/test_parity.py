@@ -35,6 +35,7 @@ from harness import (
     new_id,
     norm,
     ok,
+    pb_fields,
     pb_message,
     remove,
     require,
@@ -523,14 +524,6 @@ def test_a_megabyte_through_a_terminal_loses_no_byte(daemon, rootfs: str, runtim
 # such as nerdctl sends them: terminal set, stdout and stderr naming the logger.
 
 
-def _pb_varint_field(data: bytes, want: int) -> int:
-    """The varint field ``want`` of a protobuf message (0 when absent)."""
-    for num, value in harness.pb_fields(data):
-        if num == want and isinstance(value, int):
-            return value
-    return 0
-
-
 def _grpc():
     """The grpc module (grpcio); a test without it skips, or fails under CI=true."""
     try:
@@ -551,7 +544,7 @@ def tasks_call(d: Containerd, method: str, payload: bytes) -> bytes:
 
 def _exit_status(d: Containerd, cid: str, exec_id: str = "") -> int:
     """Tasks.Wait: blocks until the process has exited; its exit status."""
-    return _pb_varint_field(tasks_call(d, "Wait", pb_message((1, cid), (2, exec_id))), 1)
+    return dict(pb_fields(tasks_call(d, "Wait", pb_message((1, cid), (2, exec_id))))).get(1, 0)
 
 
 def _read_bytes(path: str) -> bytes:

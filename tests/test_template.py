@@ -175,7 +175,9 @@ def test_a_stalled_template_forks_no_second_shim(templated: harness.Containerd, 
     assert "timed out waiting for the warm template" in templated.log_text()
     cold = shim_of(templated, second)
     assert not _is_template(_ppid(cold))
-    time.sleep(2.0)  # time for a resumed template to act on the stale request
+    # A required gap, not a wait: a resumed template acting on the stale request would
+    # have forked a second shim within it.
+    time.sleep(2.0)
 
     def shims_of(cid: str) -> list[int]:
         return [p for p in harness.shim_pids(templated, PYSHIM)
@@ -289,7 +291,7 @@ def test_idle_template_exits_and_removes_its_socket(rootfs: str) -> None:
         _run_d(daemon, rootfs, cid)
         template = _ppid(shim_of(daemon, cid))
         assert _is_template(template)
-        time.sleep(2.5)
+        time.sleep(2.5)  # a required gap: over twice the idle timeout (1 s), with a shim alive
         assert harness.cmdline(template), "left while a shim it forked was alive"
         daemon.remove_all()  # the shim exits; the template is idle from now on
 

@@ -602,7 +602,8 @@ def test_client_pending_calls_fail_when_the_connection_drops() -> None:
         c = await pyshim.TtrpcClient.connect(path)
         peer, _ = await loop.run_in_executor(None, lsock.accept)
         call = asyncio.ensure_future(c.call(SERVICE, "Echo", b""))
-        await asyncio.sleep(0.05)
+        peer.settimeout(IO_TIMEOUT)
+        assert await loop.run_in_executor(None, peer.recv, HDR.size)  # the call is in flight
         peer.close()
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(call, 5)

@@ -43,6 +43,15 @@ pytestmark = pytest.mark.unit  # needs no containerd: the fast tier (-m unit)
 BINARY = "containerd-shim-pyshim-v1"
 
 
+async def _until(predicate, timeout: float = 10.0) -> None:
+    """harness.wait_for for a test on the event loop: poll ``predicate`` each loop turn
+    (and 5 ms) until truthy; TimeoutError after ``timeout`` seconds."""
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+    await asyncio.wait_for(poll(), timeout)
+
+
 def _run(argv: list[str], timeout: float = 30, **kw) -> subprocess.CompletedProcess:
     """A child process; a `python -c` child run with cwd=REPO imports this tree's pyshim.py
     (`-c` puts the working directory first on its path), as this process does under
@@ -573,10 +582,10 @@ class FakeRunner:
         args = self.command(argv)
         self.argvs.append(argv)
         self.calls.append(args)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # a loop turn, not a wait: a real runc call yields here
         if self.during is not None:
             self.during(args)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # and again before it returns
         return self.code, b""
 
 
@@ -760,7 +769,7 @@ def test_init_exit_without_a_pid_namespace_kills_the_cgroup(loop) -> None:
     c.init.state = R
     c.shares_pidns = True
     svc.on_exit(4242, 0, 10)
-    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.run_until_complete(_until(lambda: runner.calls and _exit_events(pub)))
     assert runner.calls == [("kill", "--all", "c1", str(pyshim.SIGKILL))]
     assert _exit_events(pub) == [("c1", 0)]
 
@@ -1210,11 +1219,13 @@ class FakeContainerd:
         self.path = path
         self.got: list[tuple[pb.ForwardRequest, dict]] = []
         self.gate: asyncio.Event | None = None
+        self.held = 0  # requests that reached a closed gate
         self.server: pyshim.TtrpcServer | None = None
 
     async def up(self) -> None:
         async def forward(req: pb.ForwardRequest, meta: dict) -> empty_pb2.Empty:
             if self.gate is not None:
+                self.held += 1
                 await self.gate.wait()
             self.got.append((req, meta))
             return empty_pb2.Empty()
@@ -1277,7 +1288,7 @@ def test_publisher_never_waits_for_a_slow_containerd_and_reconnects(sockdir: str
         pub = pyshim.Publisher(loop, None, "ns2", path, "", "")
         pub.start()
         _publish_all(pub, SAMPLE_EVENTS[:1])
-        await asyncio.sleep(0.1)
+        await _until(lambda: fake.held == 1)  # the first event is with containerd
         _publish_all(pub, SAMPLE_EVENTS[1:4])  # returns at once though delivery is stuck
         assert len(pub.queue) == 4 and fake.got == []
         fake.gate.set()
