@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------------- prerequisites
+# ------------------------------------------------------------------------ prerequisites
 
 
 def require(condition: object, reason: str) -> None:
@@ -102,7 +102,6 @@ def ctr_children() -> tuple[list[int], list[int]]:
     return zombies, ctrs
 
 
-
 def assert_no_leftovers(d: Containerd) -> None:
     """Scenario 8: no shim of this daemon and no zombie/ctr child of ours is left."""
     try:
@@ -116,19 +115,20 @@ def assert_no_leftovers(d: Containerd) -> None:
     assert ctrs == [], f"ctr children still running: {ctrs}"
 
 
-
 @contextmanager
 def checked(d: Containerd, request: pytest.FixtureRequest) -> Iterator[Containerd]:
+    """Yields ``d``; after a test that passed, asserts it left nothing behind (a failed
+    test has its own report)."""
     failed = request.session.testsfailed
     yield d
-    if request.session.testsfailed == failed:  # a failed test has its own report
+    if request.session.testsfailed == failed:
         assert_no_leftovers(d)
 
-# --------------------------------------------------------- comparing the shims
+
+# ------------------------------------------------------------------ comparing the shims
 
 
 _outcomes: dict[tuple[str, str], Any] = {}
-
 
 
 def same_as_runc(key: str, runtime: str, scenario: Callable[[str], Any]) -> Any:
@@ -145,7 +145,6 @@ def same_as_runc(key: str, runtime: str, scenario: Callable[[str], Any]) -> Any:
     return outcome
 
 
-
 def compare_with_runc(key: str, runtime: str, outcome: Any) -> None:
     """For scenarios that need a daemon of their own: record the RUNC outcome, and
     assert pyshim's equals it when the RUNC case ran (it runs first by parametrization)."""
@@ -154,7 +153,8 @@ def compare_with_runc(key: str, runtime: str, outcome: Any) -> None:
     if runtime != RUNC and ref is not None:
         assert outcome == ref, f"{key}: pyshim differs from the Go shim"
 
-# ------------------------------------------------------------------------- ctr
+
+# ---------------------------------------------------------------------------------- ctr
 
 
 def ctr(d: Containerd, *args: str, timeout: float = CTR_TIMEOUT) -> Step:
@@ -162,13 +162,11 @@ def ctr(d: Containerd, *args: str, timeout: float = CTR_TIMEOUT) -> Step:
     return res.returncode, res.stdout, res.stderr
 
 
-
 def ok(d: Containerd, *args: str) -> str:
     """ctr that must succeed; returns its stdout."""
     code, out, err = ctr(d, *args)
     assert code == 0, f"ctr {' '.join(args)} -> {code}: {err}"
     return out
-
 
 
 def norm(step: Step, *ids: str) -> Step:
@@ -179,7 +177,6 @@ def norm(step: Step, *ids: str) -> Step:
         return re.sub(r'time="[^"]*"', "time=<T>", text)
 
     return step[0], n(step[1]), n(step[2])
-
 
 
 @contextmanager
@@ -197,11 +194,9 @@ def ctr_bg(d: Containerd, *args: str, stdin: int = subprocess.DEVNULL
         proc.communicate()
 
 
-
 def finish(proc: subprocess.Popen, input: str | None = None) -> Step:
     out, err = proc.communicate(input, timeout=CTR_TIMEOUT)
     return proc.returncode, out, err
-
 
 
 def task_row(d: Containerd, cid: str) -> tuple[int, str] | None:
@@ -213,7 +208,6 @@ def task_row(d: Containerd, cid: str) -> tuple[int, str] | None:
     return None
 
 
-
 def wait_status(d: Containerd, cid: str, status: str, timeout: float = 10) -> int:
     """Wait until the task has ``status``; returns its pid."""
     row = wait_for(lambda: (r := task_row(d, cid)) and r[1] == status and r, timeout,
@@ -221,11 +215,9 @@ def wait_status(d: Containerd, cid: str, status: str, timeout: float = 10) -> in
     return row[0]
 
 
-
 def exec_info(exec_id: str) -> str:
     """What ``ctr task ps`` shows in INFO for an exec: this containerd's form (BEHAVIOURS)."""
     return harness.behaviour().ps_exec_info.format(exec_id)
-
 
 
 def task_ps(d: Containerd, cid: str) -> list[tuple[int, str]]:
@@ -237,17 +229,14 @@ def task_ps(d: Containerd, cid: str) -> list[tuple[int, str]]:
     return rows
 
 
-
 def bundle_of(d: Containerd, cid: str) -> str:
     return os.path.join(d.state, harness.TASK_PLUGIN_DIR, d.namespace, cid)
-
 
 
 def remove(d: Containerd, cid: str) -> dict[str, Step]:
     """task rm + container rm of a stopped task, normalized."""
     return {"task rm": norm(ctr(d, "task", "rm", cid), cid),
             "container rm": norm(ctr(d, "containers", "rm", cid), cid)}
-
 
 
 def exit_warning(code: int) -> str:
@@ -262,7 +251,6 @@ def run_sleeper(d: Containerd, runtime: str, rootfs: str, *flags: str) -> tuple[
     return cid, wait_status(d, cid, "RUNNING")
 
 
-
 def kill_and_remove(d: Containerd, cid: str) -> dict:
     assert ctr(d, "task", "kill", "-s", "KILL", cid) == (0, "", "")
     wait_status(d, cid, "STOPPED")
@@ -274,7 +262,6 @@ def kill_and_remove(d: Containerd, cid: str) -> dict:
 def pid_gone(pid: int) -> bool:
     st = _stat(pid)
     return st is None or st[0] in ("Z", "X")
-
 
 
 def exited_while_down(d: Containerd, cid: str, pid: int, code: int) -> dict[str, Step]:
@@ -301,11 +288,11 @@ def exited_while_down(d: Containerd, cid: str, pid: int, code: int) -> dict[str,
     assert res["container rm"] == (0, "", "")
     return res
 
-# ---------------------------------------------------------------------- events
+
+# ------------------------------------------------------------------------------- events
 
 
 _EVENT = re.compile(r"^\S+ \S+ \S+ UTC (\S+) (/\S+) (\{.*\})\s*$")
-
 
 
 class EventLog:
@@ -389,7 +376,7 @@ def events(d: Containerd, runtime: str) -> Iterator[Callable[[str, str], list[st
         yield topics
 
 
-# -------------------------------------------------------------------- task API
+# ----------------------------------------------------------------------------- task API
 
 
 def task_call(d: Containerd, cid: str, method: str, req) -> bytes | tuple[int, str]:
@@ -420,7 +407,8 @@ def task_call(d: Containerd, cid: str, method: str, req) -> bytes | tuple[int, s
 
     return asyncio.run(call())
 
-# -------------------------------------------------------------- logging binary
+
+# ----------------------------------------------------------------------- logging binary
 
 
 # A logging binary for `binary://` URIs: records how it was started (argv, environment,
@@ -446,14 +434,12 @@ echo done > "$d/done"
 """
 
 
-
 def write_logger(directory, name: str, text: str, mode: int = 0o755) -> str:
     path = os.path.join(str(directory), name)
     with open(path, "w") as f:
         f.write(text)
     os.chmod(path, mode)
     return path
-
 
 
 def logger_record(out: str, *replace: tuple[str, str]) -> dict[str, str]:
@@ -469,7 +455,7 @@ def logger_record(out: str, *replace: tuple[str, str]) -> dict[str, str]:
     return rec
 
 
-# ---------------------------------------------------------------------------- daemons
+# ------------------------------------------------------------------------------ daemons
 
 
 @contextmanager
