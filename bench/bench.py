@@ -28,10 +28,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import on_platform
+
+on_platform.ensure()  # re-runs this in the platform's venv, which has harness installed
 
 import harness
-import on_platform
 from harness import smaps_rollup
 
 RUNTIMES = (harness.PYSHIM, harness.RUNC)
@@ -98,7 +99,7 @@ def memory_at(daemon: harness.Containerd, rootfs: str, runtime: str, n: int,
     before = mem_available_kb()
     for _ in range(n):
         ctr_run_d(daemon, rootfs, runtime, harness.new_id("m"), group)
-    time.sleep(1.5)  # let start-up settle as it would on a node
+    time.sleep(1.5)  # pacing, not a wait: let start-up settle as it would on a node
     after = mem_available_kb()
     shims = long_lived_shims(daemon, runtime)
     tmpl = templates_of(shims)

@@ -21,10 +21,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import on_platform
+
+on_platform.ensure()  # re-runs this in the platform's venv, which has harness installed
 
 import harness
-import on_platform
 
 
 def measure(d: harness.Containerd, rootfs: str, runtime: str, runs: int) -> tuple[int, list, float]:

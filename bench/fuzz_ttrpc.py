@@ -58,9 +58,6 @@ import time
 import traceback
 from collections import Counter, deque
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
 import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -510,7 +507,7 @@ class Harness:
         if svc.oom is not None:
             for cid in list(svc.containers):
                 svc.oom.forget(cid)
-        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.run_until_complete(asyncio.sleep(0))  # a loop turn: the cancellations run
         self.service = None
 
     # ---- dispatch: in-process, fake transport
@@ -561,8 +558,7 @@ class Harness:
         self.check(want, got, methods)
         assert len(conn.decoder._buf) < HDR.size + MAX, "the decoder keeps more than a frame"
         conn.close()
-        self.loop.run_until_complete(asyncio.sleep(0))
-        assert conn.closed and conn not in server.conns
+        assert self.run_until(lambda: conn.closed and conn not in server.conns, 5)
         self.finish_service()
         self.run_until(lambda: conn.inflight == 0, 2.0)
         assert conn.inflight == 0, f"{conn.inflight} requests still in flight after close"

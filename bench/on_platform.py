@@ -12,6 +12,10 @@ tree's pyshim. Paths in the arguments are therefore taken from the tree's top, a
 from a chroot (debian13) only what is written under bench/out/ comes back:
 ``out_dir()`` is where outputs go by default.
 
+Stdlib only until ``ensure()`` has returned: a script imports this first and calls
+``ensure()`` before it imports ``harness``, which the platform's venv has installed
+(.ci/setup), so that ``python3 bench/SCRIPT`` works from any Python.
+
 Every table a script prints is headed by ``caption()``: the platform, its
 containerd and Python versions, so that figures of two platforms are never mixed.
 """
@@ -25,10 +29,6 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(REPO, "tests"))
-
-import harness
-
 PLATFORMS = ("host", "containerd2", "debian13")
 OUT = os.path.join(HERE, "out")
 
@@ -64,6 +64,8 @@ def ensure(platform: str | None = None) -> None:
 
 def info() -> dict[str, str]:
     """What the figures were measured on, for a script's JSON output."""
+    import harness  # the platform's venv has it; ensure() needs only the stdlib
+
     return {"platform": harness.PLATFORM,
             "containerd": ".".join(map(str, harness.containerd_version())),
             "go_shim": harness.GO_SHIM,
@@ -78,6 +80,8 @@ def caption() -> str:
 
 def out_dir() -> str:
     """bench/out/<platform>/, made if missing: where a script's files go by default."""
+    import harness
+
     path = os.path.join(OUT, harness.PLATFORM)
     os.makedirs(path, exist_ok=True)
     return path

@@ -6,7 +6,7 @@ containerd, no cluster.
     python3 bench/pod.py [--pods 5] [--containers 3] [--json FILE]
                          [--platform host|containerd2|debian13]
 
-For each handler, --pods host-network pods are run through the CRI API (tests/cri.py),
+For each handler, --pods host-network pods are run through the CRI API (harness.cri),
 each with --containers idle busybox containers (`sleep`) besides its sandbox. CRI groups
 a pod's containers into one shim (io.kubernetes.cri.sandbox-id), so there is one shim
 per pod for both handlers. Then the PSS of every long-lived shim of the daemon (and of
@@ -25,15 +25,12 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import on_platform
 
-on_platform.ensure()  # before grpc (cri), which the platform's venv has
+on_platform.ensure()  # re-runs this in the platform's venv, which has harness and grpc
 
-import cri
 import harness
+from harness import cri
 
 from bench import long_lived_shims, mem_available_kb, smaps_rollup, table, templates_of
 
@@ -62,7 +59,7 @@ def measure(client: cri.CriClient, daemon: harness.Containerd, handler: str,
     t0 = time.monotonic()
     ids = run_pods(client, daemon, handler, pods, containers)
     took = time.monotonic() - t0
-    time.sleep(1.5)  # let start-up settle as it would on a node
+    time.sleep(1.5)  # pacing, not a wait: let start-up settle as it would on a node
     after = mem_available_kb()
     shims = long_lived_shims(daemon, runtime)
     figs = [f for f in map(smaps_rollup, shims) if f]

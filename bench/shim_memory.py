@@ -23,11 +23,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import on_platform
+
+on_platform.ensure()  # re-runs this in the platform's venv, which has harness installed
 
 import harness
-import on_platform
 
 from bench import long_lived_shims, smaps_rollup, templates_of
 
@@ -43,8 +43,8 @@ def measure(daemon: harness.Containerd, rootfs: str, runtime: str, n: int) -> di
         if r.returncode != 0:
             raise SystemExit(f"{runtime}: ctr run failed: {r.stderr.strip()}")
         ids.append(cid)
-    # Let start-up garbage settle as it would on a node; with host KSM on, give
-    # ksmd time to scan (BENCH_SETTLE_SECONDS, default 1).
+    # Pacing, not a wait: let start-up garbage settle as it would on a node; with host
+    # KSM on, give ksmd time to scan (BENCH_SETTLE_SECONDS, default 1).
     time.sleep(float(os.environ.get("BENCH_SETTLE_SECONDS", "1")))
     pids = long_lived_shims(daemon, runtime)
     figures = [f for f in map(smaps_rollup, pids) if f]

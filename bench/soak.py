@@ -5,7 +5,7 @@ private containerd.
 
     python3 bench/soak.py [--cycles 1000] [--out FILE] [--platform host|containerd2|debian13]
 
-The scenario is tests/soak_cycles.py's, the one test_faults.py's
+The scenario is tests/harness/soak_cycles.py's, the one test_faults.py's
 test_grouped_shim_cycles_do_not_leak asserts on (an anchor container keeps the group's
 shim alive; 10 warm-up cycles; then each cycle runs a container, execs `exit 4` in it,
 kills it with SIGKILL and deletes it). The shim's RSS, USS and PSS
@@ -24,12 +24,14 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+import on_platform
+
+on_platform.ensure()  # re-runs this in the platform's venv, which has harness installed
 
 import harness
-import on_platform
-import soak_cycles
+from harness import soak_cycles
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 SHORT = {harness.RUNC: "runc-v2 (Go)", harness.PYSHIM: "pyshim"}
 

@@ -4,7 +4,7 @@
     python3 bench/start_breakdown.py [--runs 20] [--dump] [--platform host|containerd2|debian13]
 
 Runs `ctr run -d --rootfs <busybox> ... /bin/sleep` under one private containerd
-(tests/harness.py), alternating the two runtimes, and records kernel trace events
+(tests/harness/), alternating the two runtimes, and records kernel trace events
 (a private tracefs instance: exec, fork, exit, accept4, connect, clock "mono") for
 every run. Each run gives these moments, in ms after ctr was launched:
 
@@ -35,10 +35,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import on_platform
+
+on_platform.ensure()  # re-runs this in the platform's venv, which has harness installed
 
 import harness
-import on_platform
 
 TRACEFS = "/sys/kernel/tracing"
 EVENTS = ("sched/sched_process_exec", "sched/sched_process_fork", "sched/sched_process_exit",

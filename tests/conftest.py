@@ -1,4 +1,4 @@
-"""Fixtures for end-to-end tests through a private containerd (see harness.py).
+"""Fixtures for end-to-end tests through a private containerd (the harness package).
 
 Fixtures:
     rootfs            session: busybox rootfs dir for `ctr run --rootfs` (removed at the end)
@@ -7,42 +7,27 @@ Fixtures:
     busybox_tar       session: path of the hand-built OCI image archive
     busybox_image     session: that archive imported into `containerd`; returns its ref
     fresh_containerd  function: a daemon of the test's own, for kill -9/restart tests
+    daemon            function: ``containerd``, checked for leftover shims and zombie or
+                      ctr children of the test process before it is cleaned
+    fresh             function: ``fresh_containerd``, checked the same way
 
-``require(condition, reason)`` skips a test whose prerequisites are missing, or fails it
-when CI=true, so that CI never passes by skipping.
+The helpers themselves are the ``harness`` package (tests/harness/), which .ci/setup
+installs into the venv. ``require(condition, reason)`` (harness) skips a test whose
+prerequisites are missing, or fails it when CI=true, so that CI never passes by skipping.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 
-import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import harness
+import pytest
+from harness import checked, require, require_e2e
 
 LOG_TAIL = 12000  # characters of daemon log attached to a failing test's report
-
-
-def require(condition: object, reason: str) -> None:
-    """Skip unless ``condition``; under CI=true a would-be skip fails instead."""
-    if condition:
-        return
-    if os.environ.get("CI", "").strip().lower() == "true":
-        pytest.fail(f"CI=true forbids skipping: {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
-def require_e2e() -> None:
-    """Prerequisites of every test that drives a real containerd."""
-    require(os.geteuid() == 0, "end-to-end tests need root")
-    for path in (harness.CONTAINERD, harness.CTR, harness.RUNC_BINARY, harness.BUSYBOX):
-        require(os.access(path, os.X_OK), f"{path} is not installed")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -73,6 +58,22 @@ def _private_daemon() -> Iterator[harness.Containerd]:
 @pytest.fixture(scope="session")
 def containerd() -> Iterator[harness.Containerd]:
     yield from _private_daemon()
+
+
+@pytest.fixture
+def daemon(containerd: harness.Containerd, request: pytest.FixtureRequest) -> Iterator[harness.Containerd]:
+    """The session daemon; checked for leftovers before ``_independent_tests`` removes
+    everything."""
+    with checked(containerd, request) as d:
+        yield d
+
+
+@pytest.fixture
+def fresh(fresh_containerd: harness.Containerd,
+          request: pytest.FixtureRequest) -> Iterator[harness.Containerd]:
+    """A daemon of the test's own; checked for leftovers before it is torn down."""
+    with checked(fresh_containerd, request) as d:
+        yield d
 
 
 @pytest.fixture(autouse=True)

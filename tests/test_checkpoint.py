@@ -39,23 +39,26 @@ from collections.abc import Iterator
 import harness
 import pytest
 from google.protobuf import any_pb2
-from harness import Containerd, new_id, wait_for
-from test_e2e import (
+from harness import (
     RUNTIMES,
-    _checked,
+    Containerd,
     bundle_of,
+    checked,
     ctr,
+    events,
     exit_warning,
+    kill_and_remove,
+    new_id,
     norm,
     ok,
     remove,
+    run_sleeper,
     same_as_runc,
+    task_call,
     task_row,
+    wait_for,
     wait_status,
 )
-from test_parity import events, kill_and_remove, run_sleeper, task_call
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pyshim
 import pyshim_pb2 as pb
@@ -66,7 +69,7 @@ DUMP_FAILED = "criu failed: type DUMP errno 0"
 
 @pytest.fixture
 def daemon(containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[Containerd]:
-    with _checked(containerd, request) as d:
+    with checked(containerd, request) as d:
         yield d
 
 

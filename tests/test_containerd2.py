@@ -23,7 +23,7 @@ from typing import Any
 
 import harness
 import pytest
-from harness import PYSHIM, RUNC, Containerd, new_id, shim_pids, wait_for
+from harness import PYSHIM, RUNC, Containerd, new_id, require_e2e, shim_pids, wait_for
 
 import pyshim
 
@@ -121,8 +121,6 @@ def remove_all(d: Containerd, *cids: str) -> None:
 @pytest.fixture
 def fresh_no_template(request: pytest.FixtureRequest) -> Iterator[Containerd]:
     """A daemon whose pyshim starts every shim cold (PYSHIM_TEMPLATE=0)."""
-    from conftest import require_e2e
-
     require_e2e()
     d = Containerd()
     d.env[pyshim.TEMPLATE_ENV] = "0"
@@ -377,8 +375,6 @@ def test_upgrade_from_the_host_containerd(rootfs: str, runtime: str,
     starts on the same root, state and address. On containerd2 that is the 1.6 -> 2.1
     upgrade: the bundle has only `address` and 2.x migrates it as version 2 (the old
     shim still runs the old code). Elsewhere old and new are the same daemon."""
-    from conftest import require_e2e
-
     require_e2e()
     old_bin = os.path.join(HOST_CONTAINERD_DIR, "containerd")
     new_version = harness.containerd_version()

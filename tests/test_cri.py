@@ -5,7 +5,7 @@ One private containerd with the CRI plugin on (harness ``cri=``), runtime handle
 (pyshim with ``options.ConfigPath`` naming a settings file) and ``pyshim-bad`` (a file
 with an unknown key). The sandbox ("pause") and busybox images are built here and
 imported into CRI's namespace: nothing is pulled. Pods use the host's network, for which
-CRI needs no CNI plugin. The client is tests/cri.py (grpcio + cri.proto).
+CRI needs no CNI plugin. The client is harness.cri (tests/harness/cri.py: grpcio + cri.proto).
 
 The daemon config is the form of this containerd (harness Behaviour.config_version):
 version 2 on 1.6/1.7, version 3 on 2.x, where the handlers live under
@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 
 import harness
 import pytest
-from conftest import require, require_e2e
+from harness import require, require_e2e
 
 try:
-    import cri
     import grpc
+    from harness import cri
 except ImportError as e:  # reported by the fixture (a failure under CI=true)
     grpc = cri = None
     _import_error = str(e)

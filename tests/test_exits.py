@@ -25,9 +25,19 @@ from collections.abc import Iterator
 
 import harness
 import pytest
-from harness import Containerd, new_id, wait_for
-from test_e2e import RUNTIMES, _checked, bundle_of, ctr, ok, same_as_runc, wait_status
-from test_parity import task_call
+from harness import (
+    RUNTIMES,
+    Containerd,
+    bundle_of,
+    checked,
+    ctr,
+    new_id,
+    ok,
+    same_as_runc,
+    task_call,
+    wait_for,
+    wait_status,
+)
 
 import pyshim
 import pyshim_pb2 as pb
@@ -35,7 +45,7 @@ import pyshim_pb2 as pb
 
 @pytest.fixture
 def daemon(containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[Containerd]:
-    with _checked(containerd, request) as d:
+    with checked(containerd, request) as d:
         yield d
 
 

@@ -17,7 +17,7 @@ Rows (the numbers of the issue):
  8. malformed ttrpc input: each gets a status error or a closed connection, the shim
     keeps serving and its RSS stays bounded.
  9. create/start/exec/kill/delete cycles on one grouped shim: RSS and fds do not grow.
-    100 cycles by default, 1000 with PYSHIM_SOAK=1; tests/soak_cycles.py holds the
+    100 cycles by default, 1000 with PYSHIM_SOAK=1; tests/harness/soak_cycles.py holds the
     scenario, which bench/soak.py runs too and prints the figures of.
 10. bad bundles: a rootfs that does not exist; a full filesystem ("/run full"), met by
     the shim itself, driven directly as in test_shim_direct.py (through ctr, a full
@@ -58,41 +58,39 @@ from typing import Any
 
 import harness
 import pytest
-import soak_cycles
-import test_e2e
-import test_shim_direct as shim_direct_mod
 from harness import (
     CTR,
     PYSHIM,
     RUNC,
-    Containerd,
-    live_shim,
-    new_id,
-    shim_pids,
-    wait_for,
-)
-from test_e2e import (
     RUNTIMES,
+    Containerd,
     EventLog,
-    _pid_gone,
     bundle_of,
     compare_with_runc,
     ctr,
     ctr_bg,
+    direct,
     exited_while_down,
+    live_shim,
+    new_id,
     norm,
     ok,
+    pb_message,
+    pid_gone,
+    require,
     same_as_runc,
+    shim_pids,
+    soak_cycles,
     task_row,
+    wait_for,
     wait_status,
 )
 
 import pyshim
+import pyshim_pb2 as pb
 
-# test_e2e's fixtures: the session daemon / a daemon of the test's own, both checked
-# for leftover shims, zombies and ctr children after a passing test.
-daemon = test_e2e.daemon
-fresh = test_e2e.fresh
+# The fixtures `daemon` and `fresh` are conftest's: the session daemon / a daemon of the
+# test's own, both checked for leftover shims, zombies and ctr children after a passing test.
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -180,16 +178,16 @@ def test_exits_while_containerd_is_down(fresh: Containerd, rootfs: str, runtime:
     assert sorted(shim_pids(d, runtime)) == shims, "the shims must outlive their daemon"
     os.kill(pids["hostkill"], signal.SIGKILL)
     for name in (*codes, "hostkill"):
-        wait_for(lambda n=name: _pid_gone(pids[n]), 15, message=f"{name} did not exit")
-    time.sleep(0.3)  # let the shims see and queue the exits while nobody listens
+        # Reaped: its shim has the exit and queues it, as nobody listens.
+        wait_for(lambda n=name: harness.reaped(pids[n]), 15, message=f"{name} was not reaped")
     d.start()
 
     res: dict[str, Any] = {}
-    # Each exited task as this containerd treats it (test_e2e.exited_while_down).
+    # Each exited task as this containerd treats it (harness.exited_while_down).
     for name, code in [*codes.items(), ("hostkill", 137)]:
         res[name] = exited_while_down(d, cids[name], pids[name], code)
     assert task_row(d, cids["alive"]) == (pids["alive"], "RUNNING")
-    assert not _pid_gone(pids["alive"])
+    assert not pid_gone(pids["alive"])
     # The survivor is still fully served.
     res["exec"] = ctr(d, "task", "exec", "--exec-id", "after", cids["alive"],
                       "/bin/sh", "-c", "exit 9")
@@ -225,8 +223,8 @@ def test_shim_sigkill_is_cleaned_up(daemon: Containerd, busybox_image: str,
     assert topics.index("/tasks/exit") < topics.index("/tasks/delete")
     # containerd forgets a task whose shim died: it is not left RUNNING.
     wait_for(lambda: cid not in d.tasks(), 10, message=f"task left: {d.tasks()}")
-    wait_for(lambda: _pid_gone(pid), 10, message="the container process survived")
-    wait_for(lambda: _pid_gone(shim), 10)
+    wait_for(lambda: pid_gone(pid), 10, message="the container process survived")
+    wait_for(lambda: pid_gone(shim), 10)
     assert harness.mounts_under(rootfs_dir) == [], "rootfs left mounted"
     assert not os.path.exists(runc_state(d, cid)), "runc state left"
     res = {"topics": topics[-2:], "exit": 137,
@@ -337,7 +335,7 @@ def test_concurrent_execs_while_init_is_killed(daemon: Containerd, rootfs: str,
                     if t == "/tasks/exit" and p.get("id") == cid]
 
         wait_for(init_exit, 10, message="no /tasks/exit for the init")
-        time.sleep(0.5)  # anything published late would show now
+        time.sleep(0.5)  # a required gap, not a wait: anything published late would show now
         events = log.of(cid)
     started_ids = {p["exec_id"] for t, p in events if t == "/tasks/exec-started"}
     exit_at = {}
@@ -372,7 +370,7 @@ def test_concurrent_execs_while_init_is_killed(daemon: Containerd, rootfs: str,
     wrong = {e: by_id[e] for e in started_ids if by_id[e][0] != exit_at[e][1]}
     assert not wrong, f"ctr exit codes differ from /tasks/exit: {wrong}"
     assert all(exit_at[e][1] in (0, 137) for e in started_ids)
-    assert _pid_gone(pid)
+    assert pid_gone(pid)
     ok(d, "task", "rm", cid)
     ok(d, "containers", "rm", cid)
     print(f"{runtime}: {len(started_ids)} execs started, "
@@ -391,7 +389,7 @@ def test_background_child_holds_stdout(daemon: Containerd, rootfs: str, runtime:
 
     def children() -> list[int]:
         return [p for p in harness._pids()
-                if harness.cmdline(p) == ["sleep", marker] and not _pid_gone(p)]
+                if harness.cmdline(p) == ["sleep", marker] and not pid_gone(p)]
 
     t0 = time.monotonic()
     step = ctr(d, "run", "--rm", "--runtime", runtime, "--rootfs", rootfs, cid,
@@ -434,7 +432,7 @@ def test_writer_outside_holds_stdout(daemon: Containerd, rootfs: str, runtime: s
     step = (proc.returncode, out, err)
     assert step == (0, "first\n", ""), step
     assert cid not in d.containers()
-    wait_for(lambda: _pid_gone(pid), 10)
+    wait_for(lambda: pid_gone(pid), 10)
     reaper = d._reaper.pid if d._reaper is not None else 1
     wait_for(lambda: not zombies_under(reaper), 5,
              message=f"zombies: {zombies_under(reaper)}")
@@ -456,13 +454,12 @@ def test_shim_terminated_by_signal(daemon: Containerd, rootfs: str, runtime: str
     start = len(d.log_text())
     os.kill(shim, sig)
     try:
-        wait_for(lambda: _pid_gone(shim), 10)
+        wait_for(lambda: pid_gone(shim), 10)
         gone = True
     except TimeoutError:
         gone = False
-    time.sleep(0.3)  # containerd copies the shim's log asynchronously
     outcome = {"shim gone": gone, "socket left": os.path.exists(sock),
-               "task process gone": _pid_gone(pid), "task": task_row(d, cid)}
+               "task process gone": pid_gone(pid), "task": task_row(d, cid)}
     print(f"{runtime} SIG{sig.name[3:]}: {outcome}")
     if runtime == RUNC:
         # Recorded only. In our runs the Go shim (containerd 1.6.20) also exits on
@@ -470,12 +467,14 @@ def test_shim_terminated_by_signal(daemon: Containerd, rootfs: str, runtime: str
         # containerd's `shim delete` (runc delete --force) rather than by the shim.
         return
     assert gone, "pyshim did not exit on the signal"
-    new = d.log_text()[start:]
     # The shim is not our child, so its exit status is read from its last words: it
-    # logs "shim exiting" just before main() returns 0.
-    assert re.search(r'msg="shim exiting".*runtime=' + re.escape(PYSHIM), new), new[-3000:]
+    # logs "shim exiting" just before main() returns 0 (and containerd copies the log
+    # asynchronously).
+    exiting = re.compile(r'msg="shim exiting".*runtime=' + re.escape(PYSHIM))
+    wait_for(lambda: exiting.search(d.log_text()[start:]), 10,
+             message=f"no 'shim exiting' line: {d.log_text()[start:][-3000:]}")
     assert not outcome["socket left"], "socket file left behind"
-    wait_for(lambda: _pid_gone(pid), 10, message="the task's process survived")
+    wait_for(lambda: pid_gone(pid), 10, message="the task's process survived")
     # containerd notices the dead shim and reports the task gone.
     wait_for(lambda: cid not in d.tasks(), 20, message=f"task left: {d.tasks()}")
     assert not os.path.exists(runc_state(d, cid))
@@ -485,18 +484,10 @@ def test_shim_terminated_by_signal(daemon: Containerd, rootfs: str, runtime: str
 # ------------------------------------------------ 7. a peer with another uid is refused
 
 
+# argv: socket, then the ttrpc request (built here with harness's codec) in hex.
 _PEER_SCRIPT = r"""
-import os, socket, struct, sys
-def field(n, data): return bytes([n << 3 | 2]) + varint(len(data)) + data
-def varint(v):
-    out = b""
-    while True:
-        b, v = v & 0x7f, v >> 7
-        out += bytes([b | (0x80 if v else 0)])
-        if not v: return out
-req = (field(1, b"containerd.task.v2.Task") + field(2, b"Connect")
-       + field(3, field(1, sys.argv[2].encode()))
-       + field(5, field(1, b"containerd-namespace-ttrpc") + field(2, sys.argv[3].encode())))
+import socket, struct, sys
+req = bytes.fromhex(sys.argv[2])
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 try:
     s.connect(sys.argv[1])
@@ -537,8 +528,10 @@ def test_peer_with_another_uid_is_refused(daemon: Containerd, rootfs: str,
                 os.chmod(p, modes[p] | 0o011)  # search for others
             os.chmod(sock, modes[sock] | 0o066)
             # subprocess forks, then setgid/setuid(65534) before exec.
-            res = subprocess.run([PEER_PYTHON, "-I", "-c", _PEER_SCRIPT, sock, cid,
-                                  d.namespace], user=65534, group=65534, extra_groups=[],
+            connect = _request("containerd.task.v2.Task", "Connect", pb_message((1, cid)),
+                               d.namespace)
+            res = subprocess.run([PEER_PYTHON, "-I", "-c", _PEER_SCRIPT, sock, connect.hex()],
+                                 user=65534, group=65534, extra_groups=[],
                                  capture_output=True, text=True, timeout=30, cwd="/",
                                  check=False)
         finally:
@@ -550,16 +543,18 @@ def test_peer_with_another_uid_is_refused(daemon: Containerd, rootfs: str,
             break
     assert {p: stat.S_IMODE(os.stat(p).st_mode) for p in paths} == modes
     assert out.startswith("closed"), f"{runtime}: the other uid got: {out}"
-    time.sleep(0.3)
-    new = d.log_text()[start:]
-    refusal = [ln for ln in new.splitlines()
-               if re.search(r"refus|handshake|credential|permission", ln, re.IGNORECASE)]
-    print(f"{runtime}: peer of uid 65534 -> {out}; logged: {refusal}")
-    if runtime == PYSHIM:
-        assert any("refusing connection from another user" in ln and "peer_uid=65534" in ln
-                   and f"namespace={d.namespace}" in ln for ln in refusal), new[-3000:]
+
+    def refusal() -> list[str]:
+        return [ln for ln in d.log_text()[start:].splitlines()
+                if re.search(r"refus|handshake|credential|permission", ln, re.IGNORECASE)]
+
+    if runtime == PYSHIM:  # its log line, which containerd copies asynchronously
+        wait_for(lambda: any("refusing connection from another user" in ln and "peer_uid=65534" in ln
+                             and f"namespace={d.namespace}" in ln for ln in refusal()), 10,
+                 message=d.log_text()[start:][-3000:])
+    print(f"{runtime}: peer of uid 65534 -> {out}; logged: {refusal()}")
     # The shim still serves its own user.
-    assert not _pid_gone(shim)
+    assert not pid_gone(shim)
     assert ctr(d, "task", "exec", "--exec-id", "after", cid, "/bin/sh", "-c", "exit 4") \
         == (4, "", "")
     kill_rm(d, cid)
@@ -569,22 +564,10 @@ def test_peer_with_another_uid_is_refused(daemon: Containerd, rootfs: str,
 # ------------------------------------------------------------- 8. malformed ttrpc input
 
 
-def _varint(v: int) -> bytes:
-    out = b""
-    while True:
-        b, v = v & 0x7F, v >> 7
-        out += bytes([b | (0x80 if v else 0)])
-        if not v:
-            return out
-
-
-def _field(n: int, data: bytes) -> bytes:
-    return bytes([n << 3 | 2]) + _varint(len(data)) + data
-
-
 def _request(service: str, method: str, payload: bytes, ns: str) -> bytes:
-    return (_field(1, service.encode()) + _field(2, method.encode()) + _field(3, payload)
-            + _field(5, _field(1, b"containerd-namespace-ttrpc") + _field(2, ns.encode())))
+    """A ttrpc Request: service, method, payload and the namespace in its metadata."""
+    return pb_message((1, service), (2, method), (3, payload),
+                      (5, pb_message((1, "containerd-namespace-ttrpc"), (2, ns))))
 
 
 def _frame(sid: int, body: bytes, mtype: int = 1) -> bytes:
@@ -658,7 +641,7 @@ def test_malformed_ttrpc_input(daemon: Containerd, rootfs: str, runtime: str) ->
     shim = live_shim(d, runtime, cid)
     path = shim_socket(d, cid)
     task = harness.behaviour().go_shim_task_services[0]  # what this line's containerd calls
-    good = _request(task, "Connect", _field(1, cid.encode()), ns)
+    good = _request(task, "Connect", pb_message((1, cid)), ns)
     rss0, fds0 = rss_kb(shim), fd_count(shim)
     res: dict[str, Any] = {}
 
@@ -722,7 +705,7 @@ def test_malformed_ttrpc_input(daemon: Containerd, rootfs: str, runtime: str) ->
             assert got == want, f"{name}: {res[name]} != {want}"
 
     # The shim still serves containerd, and kept no memory of the garbage.
-    assert not _pid_gone(shim)
+    assert not pid_gone(shim)
     assert task_row(d, cid) == (pid, "RUNNING")
     assert ctr(d, "task", "exec", "--exec-id", "after", cid, "/bin/sh", "-c", "echo ok; exit 5") \
         == (5, "ok\n", "")
@@ -745,7 +728,7 @@ CYCLES = 1000 if SOAK else 100
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_grouped_shim_cycles_do_not_leak(fresh: Containerd, rootfs: str, runtime: str) -> None:
-    """The scenario is tests/soak_cycles.py's, shared with bench/soak.py (which prints
+    """The scenario is tests/harness/soak_cycles.py's, shared with bench/soak.py (which prints
     the figures); each cycle checks ctr's answers and raises at the first surprise."""
     r = soak_cycles.run(fresh, runtime, rootfs, CYCLES)
     s0, s1 = r["samples"]["start"], r["samples"]["end"]
@@ -811,11 +794,9 @@ def _processes_naming(word: str, but: tuple[int, ...] = ()) -> list[int]:
 
 @pytest.fixture
 def shim_direct(rootfs: str):
-    from conftest import require
-
     require(os.geteuid() == 0, "mounting a tmpfs needs root")
     require(os.access(harness.RUNC_BINARY, os.X_OK), "runc is not installed")
-    d = shim_direct_mod.Direct(rootfs)
+    d = direct.Direct(rootfs)
     mounts: list[str] = []
     try:
         yield d, mounts
@@ -833,7 +814,7 @@ def test_create_in_a_bundle_on_a_full_filesystem(shim_direct, rootfs: str, runti
     must fail with a clear error and leave no mount, runc state, process or file, and
     the same Create must work once there is space again."""
     d, mounts = shim_direct
-    call, remote_error, NS = shim_direct_mod.call, shim_direct_mod.remote_error, shim_direct_mod.NS
+    call, remote_error, NS = direct.call, direct.remote_error, direct.NS
     cid = new_id("full")
     bundle = os.path.join(d.dir, cid)
     os.makedirs(bundle)
@@ -854,7 +835,7 @@ def test_create_in_a_bundle_on_a_full_filesystem(shim_direct, rootfs: str, runti
         rootfs_mount = pb_mount(rootfs)
         runc_state = os.path.join(pyshim.RUNC_ROOT, NS, cid)
 
-        e = remote_error(address, "Create", shim_direct_mod.pb.CreateTaskRequest(
+        e = remote_error(address, "Create", pb.CreateTaskRequest(
             id=cid, bundle=bundle, rootfs=[rootfs_mount]))
         after = {n: os.lstat(os.path.join(bundle, n)).st_size for n in os.listdir(bundle)}
         res: dict[str, Any] = {
@@ -874,18 +855,18 @@ def test_create_in_a_bundle_on_a_full_filesystem(shim_direct, rootfs: str, runti
 
         # Space again: the same Create works, and the task runs to its end.
         os.unlink(os.path.join(bundle, "filler"))
-        created = call(address, "Create", shim_direct_mod.pb.CreateTaskRequest(
-            id=cid, bundle=bundle, rootfs=[rootfs_mount]), shim_direct_mod.pb.CreateTaskResponse)
+        created = call(address, "Create", pb.CreateTaskRequest(
+            id=cid, bundle=bundle, rootfs=[rootfs_mount]), pb.CreateTaskResponse)
         assert created.pid > 0
-        call(address, "Start", shim_direct_mod.pb.StartRequest(id=cid))
-        waited = call(address, "Wait", shim_direct_mod.pb.WaitRequest(id=cid),
-                      shim_direct_mod.pb.WaitResponse)
+        call(address, "Start", pb.StartRequest(id=cid))
+        waited = call(address, "Wait", pb.WaitRequest(id=cid),
+                      pb.WaitResponse)
         assert waited.exit_status == 3
-        call(address, "Delete", shim_direct_mod.pb.DeleteRequest(id=cid))
+        call(address, "Delete", pb.DeleteRequest(id=cid))
         assert harness.mounts_under(os.path.join(bundle, "rootfs")) == []
         assert not os.path.exists(runc_state)
         try:
-            call(address, "Shutdown", shim_direct_mod.pb.ShutdownRequest(id=cid))
+            call(address, "Shutdown", pb.ShutdownRequest(id=cid))
         except ConnectionError:
             # containerd takes a connection closed by Shutdown as done (ttrpc's
             # ErrClosed): the Go shim can exit before its reply is out (seen on 1.7.24
@@ -915,7 +896,7 @@ def test_delete_waits_for_a_slow_reader(shim_direct, rootfs: str, runtime: str,
     import threading
 
     d, _mounts = shim_direct
-    call, NS, pb = shim_direct_mod.call, shim_direct_mod.NS, shim_direct_mod.pb
+    call = direct.call
     cid = new_id("tty")
     bundle = d.bundle(cid, ["/bin/sh", "-c", f"head -c {TTY_BYTES} /dev/zero | tr '\\0' x"])
     with open(os.path.join(bundle, "config.json")) as f:
@@ -982,7 +963,7 @@ def test_delete_waits_for_a_slow_reader(shim_direct, rootfs: str, runtime: str,
 
 
 def pb_mount(rootfs: str):
-    return shim_direct_mod.pb.Mount(type="bind", source=rootfs, options=["rbind", "ro"])
+    return pb.Mount(type="bind", source=rootfs, options=["rbind", "ro"])
 
 
 def shim_pids_of(d, cid: str) -> list[int]:
@@ -1016,7 +997,7 @@ def test_start_with_a_full_socket_dir(shim_direct, runtime: str) -> None:
     bundle = d.bundle(cid, ["/bin/true"])
     out = os.path.join(d.dir, "out-" + cid)
     os.makedirs(out)
-    env = dict(d.env, BUNDLE=bundle, SHIM=harness.shim_binary_path(runtime), NS=shim_direct_mod.NS,
+    env = dict(d.env, BUNDLE=bundle, SHIM=harness.shim_binary_path(runtime), NS=direct.NS,
                CID=cid, ADDR=d.address, OUT=out)
     ran = subprocess.run(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
                           _FULL_SOCKET_DIR], env=env, capture_output=True, text=True, timeout=60,
@@ -1027,7 +1008,7 @@ def test_start_with_a_full_socket_dir(shim_direct, runtime: str) -> None:
         with open(os.path.join(out, name)) as f:
             return f.read().strip()
 
-    time.sleep(0.3)  # a shim that was launched anyway would show now
+    time.sleep(0.3)  # a required gap, not a wait: a shim launched anyway would show now
     res = {"code": int(read("code")), "stdout": read("stdout"),
            "stderr": read("stderr").replace(cid, "<id>"),
            "left in the socket dir": [n for n in read("ls").split() if not n.startswith("filler")],

@@ -9,8 +9,7 @@ from collections.abc import Callable
 
 import harness
 import pytest
-from conftest import require_e2e
-from harness import RUNC, Containerd, new_id, shim_pids, wait_for
+from harness import RUNC, Containerd, new_id, require, require_e2e, shim_pids, wait_for
 
 
 def _run(daemon: Containerd, *args: str) -> tuple[int, str, str]:
@@ -137,8 +136,6 @@ def test_cleanup_leaves_nothing(rootfs: str, busybox_tar: str,
 
 
 def test_require_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import require
-
     require(True, "never")
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true forbids skipping: why"):

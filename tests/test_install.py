@@ -23,7 +23,7 @@ import zipfile
 from collections.abc import Iterator
 
 import pytest
-from conftest import require
+from harness import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = "containerd-shim-pyshim-v1"

@@ -20,13 +20,9 @@ import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import harness
-from conftest import require, require_e2e
-from test_template import _run_d, _shim_of, daemon_with
+import pytest
+from harness import daemon_with, require, require_e2e, shim_of
 
 import pyshim
 
@@ -90,8 +86,9 @@ def test_forked_shims_say_what_the_template_did(rootfs: str) -> None:
     line about the template's heap."""
     with daemon_with(PYSHIM_TEMPLATE="1") as daemon:
         cid = harness.new_id("imm")
-        _run_d(daemon, rootfs, cid)
-        shim = _shim_of(daemon, cid)
+        daemon.ctr("run", "-d", "--runtime", harness.PYSHIM, "--rootfs", rootfs, cid, "/bin/sleep", "1000",
+                   check=True)
+        shim = shim_of(daemon, cid)
         r = daemon.ctr("task", "exec", "--exec-id", "e1", cid, "/bin/sh", "-c", "exit 3")
         assert r.returncode == 3
         usage = harness.smaps_rollup(shim)
@@ -189,8 +186,9 @@ def _init_pid(daemon: harness.Containerd, cid: str) -> int:
 def test_ksm_auto_marks_the_shim_and_not_the_container(rootfs: str, template: str) -> None:
     with host_ksm("1"), daemon_with(PYSHIM_TEMPLATE=template, PYSHIM_KSM="") as daemon:
         cid = harness.new_id("ksm")
-        _run_d(daemon, rootfs, cid)
-        shim = _shim_of(daemon, cid)
+        daemon.ctr("run", "-d", "--runtime", harness.PYSHIM, "--rootfs", rootfs, cid, "/bin/sleep", "1000",
+                   check=True)
+        shim = shim_of(daemon, cid)
         assert _mergeable_mappings(shim) > 0
         assert _ksm_stat(shim)["ksm_mergeable"] == "yes"
         assert _ksm_stat(shim)["ksm_merge_any"] == "no"  # no prctl: it would survive exec
@@ -209,8 +207,9 @@ def test_ksm_auto_marks_the_shim_and_not_the_container(rootfs: str, template: st
 def test_ksm_off_or_host_ksm_off_marks_nothing(rootfs: str, run: str, mode: str) -> None:
     with host_ksm(run), daemon_with(PYSHIM_TEMPLATE="1", PYSHIM_KSM=mode) as daemon:
         cid = harness.new_id("noksm")
-        _run_d(daemon, rootfs, cid)
-        shim = _shim_of(daemon, cid)
+        daemon.ctr("run", "-d", "--runtime", harness.PYSHIM, "--rootfs", rootfs, cid, "/bin/sleep", "1000",
+                   check=True)
+        shim = shim_of(daemon, cid)
         assert _mergeable_mappings(shim) == 0
         assert _ksm_stat(shim)["ksm_mergeable"] == "no"
         with open(f"/proc/{shim}/stat") as f:

@@ -12,8 +12,7 @@ import os
 import subprocess
 
 import harness
-from harness import PYSHIM, RUNC, Containerd, new_id
-from test_e2e import ctr, wait_status
+from harness import PYSHIM, RUNC, Containerd, ctr, new_id, wait_status
 
 import pyshim
 

@@ -14,37 +14,39 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import tempfile
-import threading
-import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import harness
 import pytest
-from conftest import require
-from harness import CTR, PYSHIM, RUNC, Containerd, new_id, wait_for
-from test_e2e import (
+from harness import (
     LOGGER,
+    PYSHIM,
+    RUNC,
     RUNTIMES,
-    _checked,
+    Containerd,
     bundle_of,
     compare_with_runc,
     ctr,
+    events,
     exit_warning,
+    kill_and_remove,
     logger_record,
+    new_id,
     norm,
     ok,
+    pb_fields,
+    pb_message,
     remove,
+    require,
+    run_sleeper,
     same_as_runc,
+    task_call,
     task_row,
+    wait_for,
     wait_status,
     write_logger,
 )
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pyshim
 import pyshim_pb2 as pb
@@ -59,101 +61,12 @@ MEMORY_CG = os.path.join(harness.CGROUP_ROOT, "memory")
 CPU_CG = os.path.join(harness.CGROUP_ROOT, "cpu")
 
 
-@pytest.fixture
-def daemon(containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[Containerd]:
-    """The session daemon; checked for leftover shims and zombies, as in test_e2e."""
-    with _checked(containerd, request) as d:
-        yield d
-
-
 # ---------------------------------------------------------------------------- helpers
-
-
-@contextmanager
-def events(d: Containerd, runtime: str) -> Iterator[Callable[[str, str], list[str]]]:
-    """``ctr events`` in the background. Yields ``topics(cid, until)``: waits until
-    topic ``until`` was seen for container ``cid``, then returns that container's
-    /tasks/* topics in the order containerd delivered them. A /tasks/delete that the
-    ``runtime``'s Go shim lost (``harness.wait_task_delete``: a warning) is put at the
-    end of its record, where it comes when it is published, so pyshim is compared with
-    what the Go shim does when it does not lose it."""
-    proc = subprocess.Popen([CTR, "--address", d.address, "events"], env=d.env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-
-    def topics(cid: str, until: str) -> list[str]:
-        def mine() -> list[str]:
-            return [ln.split()[5] for ln in lines
-                    if len(ln.split()) > 6 and f'"{cid}"' in ln and ln.split()[5].startswith("/tasks/")]
-
-        def seen() -> list[str] | None:
-            got = mine()
-            return got if until in got else None
-
-        message = f"no {until} event for {cid}: {lines[-10:]}"
-        if until != "/tasks/delete":
-            return wait_for(seen, 10, 0.05, message=message)
-        got = harness.wait_task_delete(seen, runtime, 10, message=message)
-        return got if got is not None else [*mine(), until]
-
-    try:
-        time.sleep(0.3)  # ctr events has subscribed
-        yield topics
-    finally:
-        proc.kill()
-        proc.wait()
-        reader.join(5)
-        proc.stdout.close()
-
-
-def task_call(d: Containerd, cid: str, method: str, req) -> bytes | tuple[int, str]:
-    """One task API call on the container's shim socket, either shim, as containerd
-    would make it: containerd 2.x keeps a shim's address and version in the bundle's
-    bootstrap.json (version 3: task API v3), 1.x only its address. Returns the
-    response payload, or (status code, message) when the shim refuses."""
-    bundle = bundle_of(d, cid)
-    try:
-        with open(os.path.join(bundle, "bootstrap.json")) as f:
-            params = json.load(f)
-    except FileNotFoundError:
-        with open(os.path.join(bundle, "address")) as f:
-            params = {"address": f.read().strip(), "version": 2}
-    service = pyshim.TASK_SERVICE_V3 if params.get("version", 2) >= 3 else pyshim.TASK_SERVICE
-
-    async def call() -> bytes | tuple[int, str]:
-        client = await pyshim.TtrpcClient.connect(params["address"])
-        try:
-            return await client.call(service, method, req.SerializeToString(),
-                                     {pyshim.NAMESPACE_KEY: d.namespace}, timeout=10)
-        except pyshim.RemoteError as e:
-            return e.code, str(e)
-        finally:
-            client.close()
-
-    return asyncio.run(call())
 
 
 def cgroup_file(d: Containerd, controller: str, cid: str, name: str) -> str:
     with open(os.path.join(harness.CGROUP_ROOT, controller, d.namespace, cid, name)) as f:
         return f.read().strip()
-
-
-def run_sleeper(d: Containerd, runtime: str, rootfs: str, *flags: str) -> tuple[str, int]:
-    cid = new_id()
-    assert ctr(d, "run", "-d", "--runtime", runtime, *flags, "--rootfs", rootfs, cid,
-               "/bin/sleep", "1000") == (0, "", "")
-    return cid, wait_status(d, cid, "RUNNING")
-
-
-def kill_and_remove(d: Containerd, cid: str) -> dict:
-    assert ctr(d, "task", "kill", "-s", "KILL", cid) == (0, "", "")
-    wait_status(d, cid, "STOPPED")
-    res = remove(d, cid)
-    assert res["task rm"] == (0, "", exit_warning(137))
-    return res
 
 
 # ------------------------------------------------------------------- Pause / Resume
@@ -614,36 +527,6 @@ def test_a_megabyte_through_a_terminal_loses_no_byte(daemon, rootfs: str, runtim
 # such as nerdctl sends them: terminal set, stdout and stderr naming the logger.
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _pb(*fields: tuple[int, str | bytes | bool]) -> bytes:
-    """A protobuf message from (field number, value): strings and bytes (an
-    embedded message) length-delimited, bools as varints."""
-    out = b""
-    for num, value in fields:
-        if isinstance(value, bool):
-            out += _varint(num << 3) + _varint(int(value))
-        else:
-            data = value.encode() if isinstance(value, str) else value
-            out += _varint(num << 3 | 2) + _varint(len(data)) + data
-    return out
-
-
-def _pb_varint_field(data: bytes, want: int) -> int:
-    """The varint field ``want`` of a protobuf message (0 when absent)."""
-    for num, value in harness.pb_fields(data):
-        if num == want and isinstance(value, int):
-            return value
-    return 0
-
-
 def _grpc():
     """The grpc module (grpcio); a test without it skips, or fails under CI=true."""
     try:
@@ -664,7 +547,7 @@ def tasks_call(d: Containerd, method: str, payload: bytes) -> bytes:
 
 def _exit_status(d: Containerd, cid: str, exec_id: str = "") -> int:
     """Tasks.Wait: blocks until the process has exited; its exit status."""
-    return _pb_varint_field(tasks_call(d, "Wait", _pb((1, cid), (2, exec_id))), 1)
+    return dict(pb_fields(tasks_call(d, "Wait", pb_message((1, cid), (2, exec_id))))).get(1, 0)
 
 
 def _read_bytes(path: str) -> bytes:
@@ -693,8 +576,8 @@ def test_run_with_a_terminal_and_a_logging_binary(daemon, rootfs: str, runtime: 
         # `-ec`, not `-c`: ctr container create takes a `-c` after the id for its --config.
         ok(daemon, "container", "create", "-t", "--runtime", r, "--rootfs", rootfs, cid,
            "/bin/sh", "-ec", "tty; read line; echo got $line; echo to-stderr >&2; exit 3")
-        tasks_call(daemon, "Create", _pb((1, cid), (4, stdin), (5, uri), (6, uri), (7, True)))
-        tasks_call(daemon, "Start", _pb((1, cid)))
+        tasks_call(daemon, "Create", pb_message((1, cid), (4, stdin), (5, uri), (6, uri), (7, True)))
+        tasks_call(daemon, "Start", pb_message((1, cid)))
         stdout, done = os.path.join(out, "stdout"), os.path.join(out, "done")
         wait_for(lambda: _read_bytes(stdout) == b"/dev/pts/0\r\n", 10,
                  message=f"{r}: the logger never got the tty's first line: {_read_bytes(stdout)!r}")
@@ -734,14 +617,14 @@ def test_exec_with_a_terminal_and_a_logging_binary(daemon, rootfs: str, runtime:
         uri = f"binary://{logger}?dir={out}"
         spec = json.loads(ok(daemon, "container", "info", cid))["Spec"]["process"]
         spec.update(terminal=True, args=["/bin/sh", "-c", "tty; echo exec-out; echo exec-err >&2; exit 5"])
-        any_spec = _pb((1, "types.containerd.io/opencontainers/runtime-spec/1/Process"), (2, json.dumps(spec)))
-        tasks_call(daemon, "Exec", _pb((1, cid), (3, uri), (4, uri), (5, True), (6, any_spec), (7, "tx")))
-        tasks_call(daemon, "Start", _pb((1, cid), (2, "tx")))
+        any_spec = pb_message((1, "types.containerd.io/opencontainers/runtime-spec/1/Process"), (2, json.dumps(spec)))
+        tasks_call(daemon, "Exec", pb_message((1, cid), (3, uri), (4, uri), (5, True), (6, any_spec), (7, "tx")))
+        tasks_call(daemon, "Start", pb_message((1, cid), (2, "tx")))
         status = _exit_status(daemon, cid, "tx")
         done = os.path.join(out, "done")
         if r == PYSHIM:
             wait_for(lambda: os.path.exists(done), 10, message="the exec's logger got no EOF at its exit")
-        tasks_call(daemon, "DeleteProcess", _pb((1, cid), (2, "tx")))
+        tasks_call(daemon, "DeleteProcess", pb_message((1, cid), (2, "tx")))
         res = kill_and_remove(daemon, cid)
         wait_for(lambda: os.path.exists(done), 20, message=f"{r}: the exec's logger never finished")
         rec = logger_record(out, (bundle_of(daemon, cid), "<BUNDLE>"), (cid, "<ID>"), (out, "<DIR>"))
@@ -770,7 +653,7 @@ def test_terminal_with_a_logging_binary_that_cannot_start(daemon, rootfs: str, r
         ok(daemon, "container", "create", "-t", "--runtime", r, "--rootfs", rootfs, cid, "/bin/true")
         uri = f"binary://{path}?dir=/nonexistent"
         with pytest.raises(grpc.RpcError) as err:
-            tasks_call(daemon, "Create", _pb((1, cid), (5, uri), (6, uri), (7, True)))
+            tasks_call(daemon, "Create", pb_message((1, cid), (5, uri), (6, uri), (7, True)))
         details = err.value.details()
         assert path in details and "no such file or directory" in details, details
         assert cid not in daemon.tasks()

@@ -18,14 +18,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-
-import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness
-from conftest import require_e2e
+import pytest
+from harness import daemon_with, shim_of
 
 PYSHIM = harness.PYSHIM
 
@@ -48,36 +44,8 @@ def _ppid(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
-def _shim_of(daemon: harness.Containerd, cid: str) -> int:
-    for pid in harness.shim_pids(daemon, PYSHIM):
-        argv = harness.cmdline(pid)
-        if "-id" in argv and argv[argv.index("-id") + 1] == cid and argv[-1] not in ("start", "delete"):
-            return pid
-    raise AssertionError(f"no shim for {cid}")
-
-
 def _is_template(pid: int) -> bool:
     return harness.is_template_argv(harness.cmdline(pid))
-
-
-@contextmanager
-def daemon_with(**env: str) -> Iterator[harness.Containerd]:
-    """A private containerd whose environment (and so its shims' and template's)
-    has these variables; os.environ is restored afterwards."""
-    require_e2e()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    daemon = harness.Containerd()  # copies os.environ
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.cleanup()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture
@@ -91,7 +59,7 @@ def test_template_can_be_turned_off(rootfs: str) -> None:
     with daemon_with(PYSHIM_TEMPLATE="0") as daemon:
         cid = harness.new_id("off")
         _run_d(daemon, rootfs, cid)
-        shim = _shim_of(daemon, cid)
+        shim = shim_of(daemon, cid)
         assert not _is_template(_ppid(shim))
         assert harness.cmdline(shim)[-2:] != ["template"]
 
@@ -104,7 +72,7 @@ def _run_d(daemon: harness.Containerd, rootfs: str, cid: str) -> None:
 def test_forked_shim_is_titled_like_a_cold_one(templated: harness.Containerd, rootfs: str) -> None:
     cid = harness.new_id("tf")
     _run_d(templated, rootfs, cid)
-    shim = _shim_of(templated, cid)
+    shim = shim_of(templated, cid)
     assert _is_template(_ppid(shim)), harness.cmdline(_ppid(shim))
     argv = harness.cmdline(shim)
     assert argv[argv.index("-namespace") + 1] == templated.namespace
@@ -133,7 +101,7 @@ def test_forked_shim_holds_none_of_the_templates_files(templated: harness.Contai
     a shim inherits nothing from it but what it would get from a cold spawn."""
     cid = harness.new_id("tfd")
     _run_d(templated, rootfs, cid)
-    shim = _shim_of(templated, cid)
+    shim = shim_of(templated, cid)
     template = _ppid(shim)
     assert _is_template(template)
     template_fds = _fds(template)
@@ -153,7 +121,7 @@ def test_forked_shim_holds_none_of_the_templates_files(templated: harness.Contai
 def test_killing_the_template_leaves_shims_alone(templated: harness.Containerd, rootfs: str) -> None:
     first = harness.new_id("tk")
     _run_d(templated, rootfs, first)
-    shim = _shim_of(templated, first)
+    shim = shim_of(templated, first)
     template = _ppid(shim)
     assert _is_template(template)
     os.kill(template, signal.SIGKILL)
@@ -165,7 +133,7 @@ def test_killing_the_template_leaves_shims_alone(templated: harness.Containerd, 
     # The next start brings a new template.
     second = harness.new_id("tk")
     _run_d(templated, rootfs, second)
-    new_template = _ppid(_shim_of(templated, second))
+    new_template = _ppid(shim_of(templated, second))
     assert _is_template(new_template) and new_template != template
     templated.ctr("task", "kill", "-s", "KILL", first, check=True)
     harness.wait_for(lambda: templated.tasks()[first] == "STOPPED", 10, 0.05)
@@ -196,7 +164,7 @@ def test_a_stalled_template_forks_no_second_shim(templated: harness.Containerd, 
     task it does not hold, and never exit."""
     first = harness.new_id("ts")
     _run_d(templated, rootfs, first)
-    template = _ppid(_shim_of(templated, first))
+    template = _ppid(shim_of(templated, first))
     assert _is_template(template)
     second = harness.new_id("ts")
     os.kill(template, signal.SIGSTOP)
@@ -205,9 +173,11 @@ def test_a_stalled_template_forks_no_second_shim(templated: harness.Containerd, 
     finally:
         os.kill(template, signal.SIGCONT)
     assert "timed out waiting for the warm template" in templated.log_text()
-    cold = _shim_of(templated, second)
+    cold = shim_of(templated, second)
     assert not _is_template(_ppid(cold))
-    time.sleep(2.0)  # time for a resumed template to act on the stale request
+    # A required gap, not a wait: a resumed template acting on the stale request would
+    # have forked a second shim within it.
+    time.sleep(2.0)
 
     def shims_of(cid: str) -> list[int]:
         return [p for p in harness.shim_pids(templated, PYSHIM)
@@ -217,7 +187,7 @@ def test_a_stalled_template_forks_no_second_shim(templated: harness.Containerd, 
     # The template still serves the next start.
     third = harness.new_id("ts")
     _run_d(templated, rootfs, third)
-    assert _ppid(_shim_of(templated, third)) == template
+    assert _ppid(shim_of(templated, third)) == template
 
 
 def test_usr1_leaves_the_template_alone_and_still_dumps_its_shims(templated: harness.Containerd,
@@ -226,7 +196,7 @@ def test_usr1_leaves_the_template_alone_and_still_dumps_its_shims(templated: har
     (the default action would kill it), its shims still dump their stacks."""
     first = harness.new_id("tu")
     _run_d(templated, rootfs, first)
-    shim = _shim_of(templated, first)
+    shim = shim_of(templated, first)
     template = _ppid(shim)
     assert _is_template(template)
     start = len(templated.log_text())
@@ -237,7 +207,7 @@ def test_usr1_leaves_the_template_alone_and_still_dumps_its_shims(templated: har
     assert _is_template(template), "the template died of SIGUSR1"
     second = harness.new_id("tu")
     _run_d(templated, rootfs, second)
-    assert _ppid(_shim_of(templated, second)) == template
+    assert _ppid(shim_of(templated, second)) == template
 
 
 @pytest.mark.parametrize("who", ["other-uid", "other-gid"])
@@ -287,7 +257,7 @@ def test_template_refuses_another_user(templated: harness.Containerd, rootfs: st
     # ... and it still serves its own user.
     other = harness.new_id("tu")
     _run_d(templated, rootfs, other)
-    assert _is_template(_ppid(_shim_of(templated, other)))
+    assert _is_template(_ppid(shim_of(templated, other)))
 
 
 def test_dead_templates_are_cleared_and_sigterm_removes_the_socket(templated: harness.Containerd,
@@ -301,7 +271,7 @@ def test_dead_templates_are_cleared_and_sigterm_removes_the_socket(templated: ha
     open(dead + ".lock", "w").close()
     cid = harness.new_id("tg")
     _run_d(templated, rootfs, cid)
-    template = _ppid(_shim_of(templated, cid))
+    template = _ppid(shim_of(templated, cid))
     assert _is_template(template)
     # SIGTERM: the template leaves and takes its socket with it; shims carry on.
     os.kill(template, signal.SIGTERM)
@@ -310,7 +280,7 @@ def test_dead_templates_are_cleared_and_sigterm_removes_the_socket(templated: ha
     # The next start launches a new template, clearing dead sockets on the way.
     other = harness.new_id("tg")
     _run_d(templated, rootfs, other)
-    assert _is_template(_ppid(_shim_of(templated, other)))
+    assert _is_template(_ppid(shim_of(templated, other)))
     assert not os.path.exists(dead) and not os.path.exists(dead + ".lock")
 
 
@@ -319,9 +289,9 @@ def test_idle_template_exits_and_removes_its_socket(rootfs: str) -> None:
         path = _template_socket(daemon)
         cid = harness.new_id("ti")
         _run_d(daemon, rootfs, cid)
-        template = _ppid(_shim_of(daemon, cid))
+        template = _ppid(shim_of(daemon, cid))
         assert _is_template(template)
-        time.sleep(2.5)
+        time.sleep(2.5)  # a required gap: over twice the idle timeout (1 s), with a shim alive
         assert harness.cmdline(template), "left while a shim it forked was alive"
         daemon.remove_all()  # the shim exits; the template is idle from now on
 
@@ -346,6 +316,6 @@ def test_each_containerd_has_its_own_template(templated: harness.Containerd, roo
         a, b = harness.new_id("ta"), harness.new_id("tb")
         _run_d(templated, rootfs, a)
         _run_d(other, rootfs, b)
-        ta, tb = _ppid(_shim_of(templated, a)), _ppid(_shim_of(other, b))
+        ta, tb = _ppid(shim_of(templated, a)), _ppid(shim_of(other, b))
         assert _is_template(ta) and _is_template(tb) and ta != tb
         assert _template_socket(templated) != _template_socket(other)

@@ -23,11 +23,9 @@ from collections.abc import Iterator
 
 import pytest
 import uvloop
+from harness import pb_varint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 import pyshim
 import pyshim_pb2 as pb
@@ -335,21 +333,12 @@ def test_oversized_body_is_resource_exhausted_and_connection_survives(raw: Raw) 
     assert out.id == "after"
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
 def _request_of_size(total: int, cid: str) -> bytes:
     """A valid Echo request body of exactly `total` bytes (padded with an unknown field)."""
     base = pb.StateRequest(id=cid).SerializeToString()
     n = total
     for _ in range(10):
-        body = request_bytes(payload=base + b"\x7a" + _varint(n) + bytes(n))  # field 15, bytes
+        body = request_bytes(payload=base + b"\x7a" + pb_varint(n) + bytes(n))  # field 15, bytes
         if len(body) == total:
             return body
         n -= len(body) - total
@@ -613,7 +602,8 @@ def test_client_pending_calls_fail_when_the_connection_drops() -> None:
         c = await pyshim.TtrpcClient.connect(path)
         peer, _ = await loop.run_in_executor(None, lsock.accept)
         call = asyncio.ensure_future(c.call(SERVICE, "Echo", b""))
-        await asyncio.sleep(0.05)
+        peer.settimeout(IO_TIMEOUT)
+        assert await loop.run_in_executor(None, peer.recv, HDR.size)  # the call is in flight
         peer.close()
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(call, 5)

@@ -26,27 +26,36 @@ import tempfile
 import textwrap
 from unittest import mock
 
+import harness
 import pytest
 import uvloop
 from google.protobuf import any_pb2, empty_pb2
+from harness import require
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import harness
-from conftest import require
 
 import pyshim
 import pyshim_pb2 as pb
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.unit  # needs no containerd: the fast tier (-m unit)
 
 BINARY = "containerd-shim-pyshim-v1"
 
 
+async def _until(predicate, timeout: float = 10.0) -> None:
+    """harness.wait_for for a test on the event loop: poll ``predicate`` each loop turn
+    (and 5 ms) until truthy; TimeoutError after ``timeout`` seconds."""
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+    await asyncio.wait_for(poll(), timeout)
+
+
 def _run(argv: list[str], timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+    """A child process; a `python -c` child run with cwd=REPO imports this tree's pyshim.py
+    (`-c` puts the working directory first on its path), as this process does under
+    `python -m pytest` from the tree's top."""
     return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout, **kw)
 
 
@@ -307,7 +316,6 @@ def test_malloc_trim_runs() -> None:
 
 _BARE_FORK = """
 import os, sys
-sys.path.insert(0, {repo!r})
 import pyshim
 ran = []
 os.register_at_fork(after_in_child=lambda: ran.append("child"), after_in_parent=lambda: ran.append("parent"))
@@ -322,7 +330,7 @@ print(os.waitstatus_to_exitcode(status), ran)
 def test_bare_fork_runs_no_python_at_fork_callbacks() -> None:
     # The template forks with reaper_fork: what os.register_at_fork callbacks
     # would do in the child is exactly the memory it avoids.
-    res = _run([sys.executable, "-c", _BARE_FORK.format(repo=REPO)])
+    res = _run([sys.executable, "-c", _BARE_FORK], cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split(None, 1) == ["10", "[]\n"]
 
@@ -333,7 +341,6 @@ def test_bare_fork_runs_no_python_at_fork_callbacks() -> None:
 
 REAPER_SCRIPT = textwrap.dedent("""
     import asyncio, json, os, signal, sys, time
-    sys.path.insert(0, {repo!r})
     import uvloop
     import pyshim
 
@@ -427,7 +434,7 @@ REAPER_SCRIPT = textwrap.dedent("""
 
 
 def _reaper_child(*args: str) -> dict:
-    res = _run([sys.executable, "-c", REAPER_SCRIPT, *args], timeout=45)
+    res = _run([sys.executable, "-c", REAPER_SCRIPT, *args], timeout=45, cwd=REPO)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
@@ -575,10 +582,10 @@ class FakeRunner:
         args = self.command(argv)
         self.argvs.append(argv)
         self.calls.append(args)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # a loop turn, not a wait: a real runc call yields here
         if self.during is not None:
             self.during(args)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # and again before it returns
         return self.code, b""
 
 
@@ -762,7 +769,7 @@ def test_init_exit_without_a_pid_namespace_kills_the_cgroup(loop) -> None:
     c.init.state = R
     c.shares_pidns = True
     svc.on_exit(4242, 0, 10)
-    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.run_until_complete(_until(lambda: runner.calls and _exit_events(pub)))
     assert runner.calls == [("kill", "--all", "c1", str(pyshim.SIGKILL))]
     assert _exit_events(pub) == [("c1", 0)]
 
@@ -1212,11 +1219,13 @@ class FakeContainerd:
         self.path = path
         self.got: list[tuple[pb.ForwardRequest, dict]] = []
         self.gate: asyncio.Event | None = None
+        self.held = 0  # requests that reached a closed gate
         self.server: pyshim.TtrpcServer | None = None
 
     async def up(self) -> None:
         async def forward(req: pb.ForwardRequest, meta: dict) -> empty_pb2.Empty:
             if self.gate is not None:
+                self.held += 1
                 await self.gate.wait()
             self.got.append((req, meta))
             return empty_pb2.Empty()
@@ -1279,7 +1288,7 @@ def test_publisher_never_waits_for_a_slow_containerd_and_reconnects(sockdir: str
         pub = pyshim.Publisher(loop, None, "ns2", path, "", "")
         pub.start()
         _publish_all(pub, SAMPLE_EVENTS[:1])
-        await asyncio.sleep(0.1)
+        await _until(lambda: fake.held == 1)  # the first event is with containerd
         _publish_all(pub, SAMPLE_EVENTS[1:4])  # returns at once though delivery is stuck
         assert len(pub.queue) == 4 and fake.got == []
         fake.gate.set()
@@ -1320,7 +1329,6 @@ PUBLISH_BINARY = textwrap.dedent("""\
 
 PUBLISHER_SCRIPT = textwrap.dedent("""
     import asyncio, json, sys
-    sys.path.insert(0, {repo!r})
     import uvloop
     import pyshim, pyshim_pb2 as pb
 
@@ -1345,7 +1353,7 @@ def test_publisher_falls_back_to_the_publish_binary(tmp_path) -> None:
     binary = tmp_path / "fake-containerd"
     binary.write_text(PUBLISH_BINARY.format(python=sys.executable, log=str(log)))
     binary.chmod(0o755)
-    res = _run([sys.executable, "-c", PUBLISHER_SCRIPT, str(binary)], timeout=45)
+    res = _run([sys.executable, "-c", PUBLISHER_SCRIPT, str(binary)], timeout=45, cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) is True
     calls = [json.loads(line) for line in log.read_text().splitlines()]

@@ -1,7 +1,6 @@
 """A small client of the Kubernetes CRI (runtime.v1) that containerd's CRI plugin serves.
 
-Importable as a plain module, as harness is (bench/ puts tests/ on sys.path). grpcio
-plus our own subset of the API in cri.proto (cri_pb2.py); the methods are called by
+``harness.cri``: grpcio plus our own subset of the API in cri.proto (cri_pb2.py); the methods are called by
 their gRPC path, so no generated stubs are needed.
 
 Public surface:
@@ -13,15 +12,11 @@ Public surface:
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Self
 
 import grpc
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import cri_pb2 as pb
+from harness import cri_pb2 as pb
 
 RUNTIME_SERVICE = "/runtime.v1.RuntimeService/"
 IMAGE_SERVICE = "/runtime.v1.ImageService/"

@@ -1,6 +1,15 @@
 """End-to-end harness: a private containerd driven through ``ctr``.
 
-Importable as a plain module (bench/ does ``sys.path.insert(0, "tests")``). Stdlib only.
+The one helper package of tests/ and bench/: .ci/setup installs it into the dev venv
+(editable, from tests/harness/pyproject.toml), so both import it as ``harness`` and
+neither touches sys.path. It needs the stdlib and pytest (harness.scenario, imported
+here); ``task_call`` also pyshim, ``harness.cri`` grpcio, ``harness.direct`` pyshim,
+protobuf and uvloop. Submodules:
+    harness.scenario     the comparison kit; every name of it is re-exported here
+    harness.direct       the shim driven without containerd (``Direct``, ``call``)
+    harness.soak_cycles  the create/exec/kill/delete soak shared by a test and bench/soak.py
+    harness.cri          a small CRI (Kubernetes) client for containerd's CRI plugin
+    harness/reaper.py    the subreaper process under each daemon (a script, not imported)
 
 Public surface:
     PYSHIM, RUNC, NAMESPACE, BUSYBOX_REF   runtime names, default namespace and image ref
@@ -13,6 +22,7 @@ Public surface:
     bundle_address(bundle)                 the address of a bundle's shim (per BEHAVIOURS)
     daemon_pids(address)                   every live process naming that daemon's address
     cmdline(pid), shim_binary(runtime)     /proc argv; runtime name -> shim binary name
+    reaped(pid)                            dead and reaped (gone from /proc, not a zombie)
     mounts_under(path), umount_tree(path)  mount points at/below path (deepest first)
     cgroup_hierarchies()                   the mounted cgroup hierarchies (v1 + unified)
     Containerd                             the private daemon: start, ctr, kill9, restart,
@@ -21,12 +31,16 @@ Public surface:
                                            also containerd's CRI plugin (Kubernetes API)
     CRI_NAMESPACE, SANDBOX_REF             CRI's containerd namespace, its sandbox image ref
     HarnessError                           raised when the daemon cannot be driven
+    pb_varint, pb_message, pb_fields       the tests' one protobuf codec: encode a varint,
+    varint_at                              a message of (number, value); decode fields
 
 Why a reaper process: PID 1 on the test machines does not reap orphans, and every shim
 is an orphan once its `start` invocation exits. Containerd is therefore spawned by a
-tiny child-subreaper helper (``_Reaper``) that lives as long as the ``Containerd``
-object: shims, and the container processes of a shim killed by a test, are re-parented to
-it and reaped there, never to PID 1, and the test process's own children are untouched.
+tiny child-subreaper helper (``_Reaper``, harness/reaper.py) that lives as long as the
+``Containerd`` object: shims, and the container processes of a shim killed by a test,
+are re-parented to it and reaped there, never to PID 1, and the test process's own
+children are untouched. reaper.py's docstring says why it is not the test process, nor
+pyshim's C core.
 """
 
 from __future__ import annotations
@@ -316,6 +330,12 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0].decode(), int(fields[1])
 
 
+def reaped(pid: int) -> bool:
+    """Whether ``pid`` is gone from /proc: dead and reaped by its parent (for a task's
+    process, its shim), not merely a zombie."""
+    return _stat(pid) is None
+
+
 def _alive(pid: int) -> bool:
     """True while pid exists and is not a zombie."""
     st = _stat(pid)
@@ -395,6 +415,33 @@ def bundle_address(bundle: str, name: str | None = None) -> str | None:
         except (ValueError, KeyError, TypeError):
             return None
     return raw.decode(errors="replace").strip()
+
+
+# The tests' one protobuf codec (pyshim's own is its wire code): enough to build and read
+# a few fields of a message without the generated classes.
+
+
+def pb_varint(n: int) -> bytes:
+    """``n`` (>= 0) as a protobuf varint."""
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def pb_message(*fields: tuple[int, str | bytes | int | bool]) -> bytes:
+    """A protobuf message from (field number, value) in order: ints and bools as
+    varints (wire type 0), strings and bytes (an embedded message too) length-delimited."""
+    out = bytearray()
+    for number, value in fields:
+        if isinstance(value, int):
+            out += pb_varint(number << 3) + pb_varint(int(value))
+        else:
+            data = value.encode() if isinstance(value, str) else value
+            out += pb_varint(number << 3 | 2) + pb_varint(len(data)) + data
+    return bytes(out)
 
 
 def varint_at(buf: bytes, i: int) -> tuple[int, int]:
@@ -674,131 +721,16 @@ def build_sandbox_image(tar_path: str, ref: str = SANDBOX_REF) -> str:
 
 # ---------------------------------------------------------------------------- reaper
 
-# The reaper runs this file in its own interpreter (written next to the daemon's config,
-# so that ps shows a short cmdline). Protocol: one JSON request per line on stdin, one
-# JSON reply per line on stdout. {"op": "spawn", "argv", "env", "log"} -> {"pid"};
-# {"op": "status", "pid"} -> {"exit": code or null} (negative: killed by that signal).
-# EOF on stdin means the harness is done -- or died without cleaning up: SIGTERM what was
-# spawned, after 5 s SIGKILL every child left (orphans keep arriving as shims die), and
-# exit once no child is left or after 15 s. If a spawned process was still alive at EOF
-# the harness died without cleanup(): then also unmount and remove the dir in argv[1].
-_REAPER_SRC = r"""
-import ctypes, json, os, select, shutil, signal, sys, time
-
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
-    sys.exit("reaper: prctl(PR_SET_CHILD_SUBREAPER) failed")
-rfd, wfd = os.pipe()
-os.set_blocking(wfd, False)
-signal.set_wakeup_fd(wfd)
-signal.signal(signal.SIGCHLD, lambda *_: None)
-signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is for pytest, whose teardown cleans up
-spawned, exits, me = set(), {}, os.getpid()
-
-
-def reap():
-    # Reap to exhaustion; False once we have no children at all.
-    while True:
-        try:
-            pid, st = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return False
-        if pid == 0:
-            return True
-        if pid in spawned:
-            exits[pid] = os.waitstatus_to_exitcode(st)
-
-
-def kill_children():
-    for name in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(b")") + 2:].split()[1]) == me:
-            try:
-                os.kill(int(name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def remove_dir(path):
-    for _ in range(10):
-        with open("/proc/self/mountinfo") as f:
-            points = [ln.split()[4] for ln in f]
-        points = [p for p in points if p == path or p.startswith(path + "/")]
-        if not points:
-            break
-        for p in sorted(points, key=len, reverse=True):
-            libc.umount2(p.encode(), 2)  # MNT_DETACH
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def reply(obj):
-    os.write(1, (json.dumps(obj) + "\n").encode())
-
-
-def handle(req):
-    if req["op"] == "spawn":
-        fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            # Python ignores SIGPIPE/SIGXFSZ and we ignore SIGINT: give the child defaults.
-            pid = os.posix_spawn(
-                req["argv"][0], req["argv"], req["env"], setsid=True, setsigmask=(),
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT),
-                file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                              (os.POSIX_SPAWN_DUP2, fd, 1), (os.POSIX_SPAWN_DUP2, fd, 2)])
-        except OSError as e:
-            return reply({"error": str(e)})
-        finally:
-            os.close(fd)
-        spawned.add(pid)
-        reply({"pid": pid})
-    elif req["op"] == "status":
-        reply({"exit": exits.get(req["pid"])})
-
-
-buf, eof, unclean = b"", None, False  # eof: monotonic time stdin closed
-while True:
-    children = reap()
-    if eof is not None:
-        if not children or time.monotonic() > eof + 15:
-            break
-        if time.monotonic() > eof + 5 or not spawned - exits.keys():
-            kill_children()
-    r, _, _ = select.select([rfd] if eof is not None else [rfd, 0], [], [],
-                            0.1 if eof is not None else 1.0)
-    if rfd in r:
-        os.read(rfd, 4096)
-    if 0 in r:
-        data = os.read(0, 65536)
-        if not data:
-            eof = time.monotonic()
-            for pid in spawned - exits.keys():
-                unclean = True
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            continue
-        buf += data
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            handle(json.loads(line))
-if unclean:
-    remove_dir(sys.argv[1])
-"""
-
-
 class _Reaper:
-    """A child-subreaper helper process that spawns the daemon and reaps every orphan
-    below it. Not thread-safe: one request at a time."""
+    """The child-subreaper helper process (harness/reaper.py, whose docstring says why
+    the tests need one and why it is its own) that spawns the daemon and reaps every
+    orphan below it; it removes ``owned_dir`` if the harness dies without cleanup. Not
+    thread-safe: one request at a time."""
 
-    def __init__(self, script: str, owned_dir: str) -> None:
-        with open(script, "w") as f:
-            f.write(_REAPER_SRC)
-        self.proc = subprocess.Popen([sys.executable, "-I", "-S", script, owned_dir],
+    SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reaper.py")
+
+    def __init__(self, owned_dir: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-I", "-S", self.SCRIPT, owned_dir],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      close_fds=True)
 
@@ -1022,7 +954,7 @@ disabled_plugins = [
         if self.running:
             raise HarnessError("containerd already running")
         if self._reaper is None:
-            self._reaper = _Reaper(os.path.join(self.dir, "reaper.py"), self.dir)
+            self._reaper = _Reaper(self.dir)
         with open(self.log_path, "a") as f:
             f.write(f"--- harness: starting containerd at {time.strftime('%H:%M:%S')}\n")
         self.pid = self._reaper.spawn([CONTAINERD, "--config", self.config_path],
@@ -1421,3 +1353,8 @@ def _remove_fifos(ids: set[str]) -> None:
         if entries and all(cid in ids and std in ("stdin", "stdout", "stderr")
                            for cid, _, std in owned):
             shutil.rmtree(path, ignore_errors=True)
+
+
+# The comparison kit (ctr steps, same_as_runc, events, task calls) lives in its own
+# module; its names are harness's too. Last, because it imports the names above.
+from harness.scenario import *
