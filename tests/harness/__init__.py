@@ -821,6 +821,8 @@ class Containerd:
         self.pid: int | None = None
         self._reaper: _Reaper | None = None
         self._cleaned = False
+        self._log_level = log_level
+        self._config_for: tuple[int, int, int] | None = None
         self._write_config(log_level)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -828,8 +830,11 @@ class Containerd:
     def _write_config(self, log_level: str) -> None:
         """The daemon config in the form this containerd reads as is (version 2 on 1.x,
         3 on 2.x: Behaviour.config_version), so that it logs no migration and no
-        deprecation; every path it writes is under our dir."""
-        d, b = self.dir, behaviour()
+        deprecation; every path it writes is under our dir. Written for the binary
+        ``CONTAINERD`` names when it is called (a test may swap daemons: an upgrade)."""
+        version = containerd_version(CONTAINERD)
+        d, b = self.dir, behaviour(version)
+        self._config_for = version
         # Without cri= only the CRI service goes: on 2.x its parts (cri.v1.runtime,
         # .images, the podsandbox controller) are what other plugins load against, and
         # disabling them costs "failed to load plugin" warnings.
@@ -955,6 +960,8 @@ disabled_plugins = [
             raise HarnessError("containerd already running")
         if self._reaper is None:
             self._reaper = _Reaper(self.dir)
+        if containerd_version(CONTAINERD) != self._config_for:
+            self._write_config(self._log_level)  # another daemon: its own config form
         with open(self.log_path, "a") as f:
             f.write(f"--- harness: starting containerd at {time.strftime('%H:%M:%S')}\n")
         self.pid = self._reaper.spawn([CONTAINERD, "--config", self.config_path],
