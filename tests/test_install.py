@@ -9,9 +9,10 @@ cffi of the Python running the tests (`--no-build-isolation --no-deps --no-index
 
 Then the install forms end to end, each binary symlinked onto the PATH of a private
 containerd that holds only system directories and the link: `pip install --user`
-(into a throwaway HOME). It runs pip as the README does, so pip fetches pyshim's dependencies
+(into a throwaway HOME), and the README's venv removed under running containers and
+put back. These run pip as the README does, so pip fetches pyshim's dependencies
 (and build requirements) from the package index pip is configured with, as .ci/setup
-does; it needs root and containerd. About 30 s.
+does; they need root and containerd. About 1-2 min.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -304,3 +307,80 @@ def test_pip_install_user_runs_containers_through_a_symlink(wheel: str, rootfs: 
         assert harness.cmdline(shim)[:3] == [python, "-IS", str(binary)], harness.cmdline(shim)
         core = [f for f in mapped_files(shim) if f.endswith("_reaper.abi3.so")]
         assert core == [str(user / "lib" / version / "site-packages" / "_reaper.abi3.so")], core
+
+
+def test_a_removed_install_under_running_containers(rootfs: str, tmp_path) -> None:
+    """The README's install (a venv, its binary symlinked onto containerd's PATH)
+    removed under a running container, then half put back, then whole: each new run
+    fails with one line saying why; a shim that dies meanwhile leaves its container
+    running, unknown to `ctr task ls`; restarting containerd once the install is
+    back cleans it up."""
+    require_e2e()
+    venv = tmp_path / "opt-pyshim"
+    env = pip_env(tmp_path)
+
+    def install() -> None:  # the README's Install commands, as written there
+        ok(["python3", "-m", "venv", str(venv)], env=env, cwd=str(tmp_path))
+        ok([str(venv / "bin" / "pip"), "install", "-q", REPO], env=env, cwd=str(tmp_path))
+
+    install()
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / BINARY).symlink_to(venv / "bin" / BINARY)
+    with daemon_on(links, tmp_path) as d:
+        first = harness.new_id("rm")
+        assert sleeper(d, rootfs, first).returncode == 0
+        shim = harness.live_shim(d, PYSHIM, first)
+        init = task_pids(d)[first]
+
+        def refused(why: str) -> None:
+            """A new run fails, saying `why` in one line, and leaves no task."""
+            cid = harness.new_id("rm")
+            r = sleeper(d, rootfs, cid)
+            assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, r
+            assert r.stderr.count("\n") == 1, r.stderr
+            assert cid not in task_pids(d)
+            d.ctr("container", "rm", cid)
+
+        shutil.rmtree(venv)  # `rm -rf /opt/pyshim`: the link dangles, containerd says so
+        gone = f"fork/exec {links}/{BINARY}: no such file or directory"
+        refused(gone)
+
+        # The shim dies: containerd cannot run `shim delete`; the container runs on.
+        os.kill(shim, signal.SIGKILL)
+        harness.wait_for(lambda: d.log_text().count(gone) >= 2, 20, 0.1,
+                         message="containerd did not log the failed shim delete")
+        assert harness.cmdline(init), "the container's init died with its shim"
+        left = task_pids(d)
+        assert first not in left, left  # invisible to `ctr task ls`
+        assert first in d.containers()
+        bundle = os.path.join(d.state, harness.TASK_PLUGIN_DIR, d.namespace, first)
+        runc_state = os.path.join("/run/containerd/runc", d.namespace, first)
+        assert os.path.isdir(bundle) and os.path.isdir(runc_state)
+
+        # Half put back. The interpreter's pointer missing: the launcher's line.
+        install()
+        saved = (venv / "bin" / "pyshim-python").read_bytes()
+        (venv / "bin" / "pyshim-python").unlink()
+        refused(f"{BINARY}: no Python to run pyshim: {venv}/bin/pyshim-python is missing; reinstall pyshim")
+        (venv / "bin" / "pyshim-python").write_bytes(saved)
+        (venv / "bin" / "pyshim-python").chmod(0o755)
+        # A dependency of the shim missing: pyshim's start refuses.
+        site = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+        os.rename(site / "uvloop", tmp_path / "uvloop")
+        refused("pyshim start: refusing to start a shim from a half-removed install: uvloop not found "
+                f"(by {venv}/bin/python")
+
+        # Whole again, and containerd restarted: it runs `shim delete` for the dead
+        # shim's bundle, which kills and deletes the container's task.
+        os.rename(tmp_path / "uvloop", site / "uvloop")
+        d.restart()
+        harness.wait_for(lambda: not harness.cmdline(init), 30, 0.1,
+                         message="the left container still runs after containerd's restart")
+        assert first not in task_pids(d)
+        harness.wait_for(lambda: not os.path.exists(bundle), 10, 0.1, message=f"{bundle} is left")
+        assert not os.path.exists(runc_state)
+        assert d.ctr("container", "rm", first).returncode == 0
+        r = d.ctr("run", "--rm", "--runtime", PYSHIM, "--rootfs", rootfs, harness.new_id("rm"),
+                  "/bin/echo", "back")
+        assert (r.returncode, r.stdout) == (0, "back\n"), r
