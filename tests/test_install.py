@@ -369,7 +369,7 @@ def test_a_removed_install_under_running_containers(rootfs: str, tmp_path) -> No
         site = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
         os.rename(site / "uvloop", tmp_path / "uvloop")
         refused("pyshim start: refusing to start a shim from a half-removed install: uvloop not found "
-                f"(by {venv}/bin/python")
+                f"(by {venv}/bin/python3, in [")
 
         # Whole again, and containerd restarted: it runs `shim delete` for the dead
         # shim's bundle, which kills and deletes the container's task.
