@@ -3780,6 +3780,36 @@ def _join_cgroup(pid: int, path: str) -> None:
         raise FailedPrecondition(f"shim cgroup {path!r} does not exist in any cgroup hierarchy")
 
 
+# What a new shim (and the template) import beyond what `start` itself has
+# loaded (this module, _reaper, cffi's backend).
+SHIM_MODULES = ("pyshim_pb2", "uvloop", "google.protobuf")
+
+
+def install_gaps() -> list[str]:
+    """What the install this `start` runs from lacks for a new shim: its
+    interpreter, its launcher, modules of SHIM_MODULES, each as a path or a
+    module name; [] when whole. A half-removed install (an `rm -rf` or a pip
+    uninstall in progress, a dependency gone) would otherwise start a shim
+    that dies at its first import, with a traceback in containerd's log.
+    Modules are looked for on the path, not imported (that would cost the
+    start tens of ms); their directories are already listed in the import
+    system's cache: about 0.3 ms."""
+    # importlib.machinery's PathFinder, from the module the interpreter has
+    # loaded at start-up (importing importlib.machinery costs 0.5 ms more).
+    from _frozen_importlib_external import PathFinder
+
+    script = sys.argv[0] if sys.argv and "/" in sys.argv[0] else ""  # not `-c`
+    gaps = [p for p in (sys.executable, script) if p and not os.path.exists(p)]
+    for name in SHIM_MODULES:
+        top, _, sub = name.partition(".")
+        spec = PathFinder.find_spec(top)
+        if spec is not None and sub:
+            spec = PathFinder.find_spec(name, spec.submodule_search_locations)
+        if spec is None or (spec.has_location and not os.path.exists(spec.origin or "")):
+            gaps.append(name)
+    return gaps
+
+
 def action_start(flags: Flags) -> int:
     _log_to_bundle()
     log.fields = f" namespace={_quote(flags.namespace)} id={_quote(flags.id)} runtime={RUNTIME_NAME}"
@@ -3817,6 +3847,11 @@ def action_start(flags: Flags) -> int:
             if settings.log_level:
                 log.level = _LEVELS[settings.log_level]
             flags.settings = settings.to_json()
+        gaps = install_gaps()
+        if gaps:
+            raise FailedPrecondition(
+                f"refusing to start a shim from a half-removed install: {', '.join(gaps)} not found"
+                f" (by {sys.executable}, in {[d for d in sys.path if d]}); reinstall pyshim")
         pid = spawn_shim(flags, fd, settings is None or settings.template)
     except BaseException:
         os.unlink(path)
@@ -4291,17 +4326,14 @@ def _template_connect(path: str) -> int:
     and answered when the template has warmed up; a lock file makes
     concurrent starts launch one template.
     """
-    import fcntl
-
     try:
         return unix_connect(path)
     except OSError as e:
         if e.errno not in (2, 111):  # ENOENT, ECONNREFUSED
             raise
     _socket_dir()
-    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    lock = _lock_template(path)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             return unix_connect(path)
         except OSError:
@@ -4327,11 +4359,35 @@ def _template_connect(path: str) -> int:
         os.close(lock)
 
 
+def _lock_template(path: str) -> int:
+    """The lock file of the template at `path`, open and held (flock).
+
+    A leaving template unlinks the lock file while it holds it, so a lock
+    taken on a file that is no longer the one at that name is dropped and
+    taken again: two launchers never hold different files for one template.
+    """
+    import fcntl
+
+    while True:
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.fstat(lock).st_ino == os.stat(path + ".lock").st_ino:
+                return lock
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(lock)
+            raise
+        os.close(lock)
+
+
 def _remove_dead_templates(keep: str) -> None:
-    """Removes the sockets (and lock files) of templates nobody answers on
-    any more: killed ones, and those of pyshim builds since upgraded. Run
-    only when a template is launched, which is rare. A live template of
-    another build is left alone, and so is a lock someone holds."""
+    """Removes the sockets and lock files of templates nobody answers on
+    any more (killed ones, those of pyshim builds since upgraded), and lock
+    files whose socket is gone. Run only when a template is launched, which
+    is rare. A live template of another build is left alone, and so is a
+    lock someone holds."""
     import fcntl
 
     prefix = os.path.join(SOCKET_DIR, "pyshim-template-")
@@ -4341,20 +4397,25 @@ def _remove_dead_templates(keep: str) -> None:
         return
     for name in names:
         path = os.path.join(SOCKET_DIR, name)
-        if not path.startswith(prefix) or path.endswith(".lock") or path == keep:
+        sock = path.removesuffix(".lock")
+        if not path.startswith(prefix) or sock == keep:
             continue
-        if _can_connect(path):
+        if sock != path:  # a lock file: with its socket, it is seen as that socket
+            if os.path.lexists(sock):
+                continue
+        elif _can_connect(sock):
             continue
         try:
-            lock = os.open(path + ".lock", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            lock = os.open(sock + ".lock", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:
             lock = -1
         try:
             if lock >= 0:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(path)
-            if lock >= 0:
-                os.unlink(path + ".lock")
+            if sock == path:
+                os.unlink(sock)
+            if lock >= 0 and os.fstat(lock).st_ino == os.stat(sock + ".lock").st_ino:
+                os.unlink(sock + ".lock")
         except OSError:
             pass  # being launched right now, or already gone
         finally:
@@ -4614,6 +4675,7 @@ def serve_template() -> int:
     Single-threaded and loop-free, so fork() is safe. Its children (the
     shims) are reaped here; a shim never needs the template after the fork.
     """
+    import fcntl
     import gc
     import json  # noqa: F401  (for the shims: loaded once, shared)
     import select
@@ -4640,18 +4702,51 @@ def serve_template() -> int:
     except OSError:
         own_ino = -1
 
-    def remove_socket() -> None:
-        """Unlinks our socket file, unless a newer template has replaced it."""
+    def remove_files() -> None:
+        """Unlinks what the launch made for us, the socket and its lock file,
+        unless a newer template has taken that name since. Done holding the
+        lock (waiting for it at most a second): a launcher holding it may be
+        launching that newer template right now."""
+        lock = -1
         try:
-            if os.stat(path).st_ino == own_ino:
+            lock = os.open(path + ".lock", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            deadline = time.monotonic() + 1.0
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        os.close(lock)
+                        lock = -1
+                        break
+                    time.sleep(0.01)
+        except OSError:
+            if lock >= 0:
+                os.close(lock)
+            lock = -1
+        try:
+            ino = os.stat(path).st_ino
+        except OSError:
+            ino = None
+        try:
+            if ino == own_ino:
                 os.unlink(path)
+            # Held, and no other template's socket at our name: the lock is
+            # nobody's (a launcher that opened it finds it unlinked and retries).
+            if lock >= 0 and ino in (own_ino, None) and \
+                    os.fstat(lock).st_ino == os.stat(path + ".lock").st_ino:
+                os.unlink(path + ".lock")
         except OSError:
             pass
+        finally:
+            if lock >= 0:
+                os.close(lock)
 
     def leave(signo: int, frame: object) -> None:
-        # Stopped on purpose: the socket goes too, so the next start
-        # launches a new template at once instead of finding a dead socket.
-        remove_socket()
+        # Stopped on purpose: its files go too, so the next start launches
+        # a new template at once instead of finding a dead socket.
+        remove_files()
         os._exit(0)
 
     signal.signal(signal.SIGTERM, leave)
@@ -4682,7 +4777,7 @@ def serve_template() -> int:
         # that ask for nothing may keep arriving.
         if not children and time.monotonic() - last_used >= idle_limit:
             # Idle with no shim to reap: leave, unless a start already queued.
-            remove_socket()
+            remove_files()
             if not select.select([lsock], [], [], 0)[0]:
                 os._exit(0)  # no finalization: it would meet immortal objects
         elif not select.select([lsock], [], [], min(5.0, idle_limit))[0]:

@@ -3,11 +3,16 @@
 `pip wheel .` builds one abi3 wheel holding the compiled C core; installed into a
 fresh venv it gives a working `containerd-shim-pyshim-v1`, and `pip uninstall`
 takes back every file it put there. The sdist builds too, and a wheel made from
-it (no .git) says `Revision: unknown`.
+it (no .git) says `Revision: unknown`. Those build offline, with the setuptools and
+cffi of the Python running the tests (`--no-build-isolation --no-deps --no-index`;
+.ci/setup installs them), need no root and no containerd: about 20-40 s.
 
-Everything builds offline, with the setuptools and cffi of the Python running
-the tests (`--no-build-isolation --no-deps --no-index`; .ci/setup installs them).
-No root, no containerd. About 20-40 s.
+Then the install forms end to end, each binary symlinked onto the PATH of a private
+containerd that holds only system directories and the link: `pip install --user`
+(into a throwaway HOME), and the README's venv removed under running containers and
+put back. These run pip as the README does, so pip fetches pyshim's dependencies
+(and build requirements) from the package index pip is configured with, as .ci/setup
+does; they need root and containerd. About 1-2 min.
 """
 
 from __future__ import annotations
@@ -15,15 +20,19 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
 import tarfile
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 
+import harness
 import pytest
-from harness import require
+from harness import PYSHIM, require, require_e2e
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = "containerd-shim-pyshim-v1"
@@ -203,3 +212,174 @@ def test_sdist_builds_and_its_wheel_says_revision_unknown(tmp_path) -> None:
     with zipfile.ZipFile(wheel) as z:
         assert "_reaper.abi3.so" in z.namelist()
     assert built_revision(wheel) == "unknown"
+
+
+# -- install forms end to end ---------------------------------------------------------
+
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def system_python() -> str:
+    """The interpreter this test's venv was made from, by the name an operator types."""
+    base = os.path.realpath(sys.executable)
+    return "/usr/bin/python3" if os.path.realpath("/usr/bin/python3") == base else base
+
+
+def pip_env(tmp_path, **extra: str) -> dict[str, str]:
+    """pip's environment for an install as an operator runs it: this machine's pip
+    configuration (PIP_* variables) kept, nothing of this test's venv, a throwaway HOME."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in ENV.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(HOME=str(home), PATH=SYSTEM_PATH, **extra)
+    return env
+
+
+@contextmanager
+def daemon_on(links, tmp_path) -> Iterator[harness.Containerd]:
+    """A private containerd whose PATH holds only system directories and `links` (where
+    the install's symlink is), and whose HOME has no user site: containerd's own."""
+    require_e2e()
+    d = harness.Containerd()
+    d.env = {k: v for k, v in d.env.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "PIP_"))}
+    d.env.update(PATH=f"{SYSTEM_PATH}:{links}", HOME=str(tmp_path / "containerd-home"))
+    try:
+        d.start()
+        yield d
+    finally:
+        d.cleanup()
+
+
+def task_pids(d: harness.Containerd) -> dict[str, int]:
+    """{container id: pid} from `ctr task ls`."""
+    rows = [line.split() for line in d.ctr("task", "ls", check=True).stdout.splitlines()[1:]]
+    return {r[0]: int(r[1]) for r in rows if len(r) >= 3}
+
+
+def mapped_files(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+
+
+def sleeper(d: harness.Containerd, rootfs: str, cid: str) -> subprocess.CompletedProcess:
+    return d.ctr("run", "-d", "--runtime", PYSHIM, "--rootfs", rootfs, cid, "/bin/sleep", "1000")
+
+
+def test_pip_install_user_runs_containers_through_a_symlink(wheel: str, rootfs: str, tmp_path) -> None:
+    """`pip install --user` of the wheel, by the system's Python, into a throwaway
+    HOME: the launcher finds pyshim in that user site from its own place, though it
+    runs Python with -I (no user site) and containerd's HOME is another."""
+    require_e2e()
+    # The system Python may have no pip (Debian 13's has none): this venv's pip, run by
+    # the system Python with nothing else of the venv on its path.
+    import pip
+
+    only = tmp_path / "pip-only"
+    only.mkdir()
+    (only / "pip").symlink_to(os.path.dirname(pip.__file__))
+    # PEP 668: the system Python is externally managed; the override touches only the
+    # throwaway HOME, where --user installs.
+    env = pip_env(tmp_path, PYTHONPATH=str(only), PIP_BREAK_SYSTEM_PACKAGES="1")
+    python = system_python()
+    ok([python, "-m", "pip", "install", "--user", "--no-warn-script-location", wheel],
+       env=env, cwd=str(tmp_path))
+    user = tmp_path / "home" / ".local"
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    assert (user / "lib" / version / "site-packages" / "pyshim.py").is_file()
+    binary = user / "bin" / BINARY
+    assert (user / "bin" / "pyshim-python").read_text().split("\n", 1)[0] == f"#!{python}"
+
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / BINARY).symlink_to(binary)
+    res = run([BINARY, "-v"], env={"PATH": f"{SYSTEM_PATH}:{links}"}, cwd=str(tmp_path))
+    assert res.returncode == 0 and res.stdout.startswith(f"{BINARY}:\n  Version:  0.1.0\n"), res
+
+    with daemon_on(links, tmp_path) as d:
+        cid = harness.new_id("user")
+        r = d.ctr("run", "--rm", "--runtime", PYSHIM, "--rootfs", rootfs, cid, "/bin/echo", "hi")
+        assert (r.returncode, r.stdout) == (0, "hi\n"), r
+        cid = harness.new_id("user")
+        assert sleeper(d, rootfs, cid).returncode == 0
+        shim = harness.live_shim(d, PYSHIM, cid)
+        # The shim runs the user install's pyshim and C core, nothing of this test's venv.
+        assert harness.cmdline(shim)[:3] == [python, "-IS", str(binary)], harness.cmdline(shim)
+        core = [f for f in mapped_files(shim) if f.endswith("_reaper.abi3.so")]
+        assert core == [str(user / "lib" / version / "site-packages" / "_reaper.abi3.so")], core
+
+
+def test_a_removed_install_under_running_containers(rootfs: str, tmp_path) -> None:
+    """The README's install (a venv, its binary symlinked onto containerd's PATH)
+    removed under a running container, then half put back, then whole: each new run
+    fails with one line saying why; a shim that dies meanwhile leaves its container
+    running, unknown to `ctr task ls`; restarting containerd once the install is
+    back cleans it up."""
+    require_e2e()
+    venv = tmp_path / "opt-pyshim"
+    env = pip_env(tmp_path)
+
+    def install() -> None:  # the README's Install commands, as written there
+        ok(["python3", "-m", "venv", str(venv)], env=env, cwd=str(tmp_path))
+        ok([str(venv / "bin" / "pip"), "install", "-q", REPO], env=env, cwd=str(tmp_path))
+
+    install()
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / BINARY).symlink_to(venv / "bin" / BINARY)
+    with daemon_on(links, tmp_path) as d:
+        first = harness.new_id("rm")
+        assert sleeper(d, rootfs, first).returncode == 0
+        shim = harness.live_shim(d, PYSHIM, first)
+        init = task_pids(d)[first]
+
+        def refused(why: str) -> None:
+            """A new run fails, saying `why` in one line, and leaves no task."""
+            cid = harness.new_id("rm")
+            r = sleeper(d, rootfs, cid)
+            assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, r
+            assert r.stderr.count("\n") == 1, r.stderr
+            assert cid not in task_pids(d)
+            d.ctr("container", "rm", cid)
+
+        shutil.rmtree(venv)  # `rm -rf /opt/pyshim`: the link dangles, containerd says so
+        gone = f"fork/exec {links}/{BINARY}: no such file or directory"
+        refused(gone)
+
+        # The shim dies: containerd cannot run `shim delete`; the container runs on.
+        os.kill(shim, signal.SIGKILL)
+        harness.wait_for(lambda: d.log_text().count(gone) >= 2, 20, 0.1,
+                         message="containerd did not log the failed shim delete")
+        assert harness.cmdline(init), "the container's init died with its shim"
+        left = task_pids(d)
+        assert first not in left, left  # invisible to `ctr task ls`
+        assert first in d.containers()
+        bundle = os.path.join(d.state, harness.TASK_PLUGIN_DIR, d.namespace, first)
+        runc_state = os.path.join("/run/containerd/runc", d.namespace, first)
+        assert os.path.isdir(bundle) and os.path.isdir(runc_state)
+
+        # Half put back. The interpreter's pointer missing: the launcher's line.
+        install()
+        saved = (venv / "bin" / "pyshim-python").read_bytes()
+        (venv / "bin" / "pyshim-python").unlink()
+        refused(f"{BINARY}: no Python to run pyshim: {venv}/bin/pyshim-python is missing; reinstall pyshim")
+        (venv / "bin" / "pyshim-python").write_bytes(saved)
+        (venv / "bin" / "pyshim-python").chmod(0o755)
+        # A dependency of the shim missing: pyshim's start refuses.
+        site = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+        os.rename(site / "uvloop", tmp_path / "uvloop")
+        refused("pyshim start: refusing to start a shim from a half-removed install: uvloop not found "
+                f"(by {venv}/bin/python3, in [")
+
+        # Whole again, and containerd restarted: it runs `shim delete` for the dead
+        # shim's bundle, which kills and deletes the container's task.
+        os.rename(tmp_path / "uvloop", site / "uvloop")
+        d.restart()
+        harness.wait_for(lambda: not harness.cmdline(init), 30, 0.1,
+                         message="the left container still runs after containerd's restart")
+        assert first not in task_pids(d)
+        harness.wait_for(lambda: not os.path.exists(bundle), 10, 0.1, message=f"{bundle} is left")
+        assert not os.path.exists(runc_state)
+        assert d.ctr("container", "rm", first).returncode == 0
+        r = d.ctr("run", "--rm", "--runtime", PYSHIM, "--rootfs", rootfs, harness.new_id("rm"),
+                  "/bin/echo", "back")
+        assert (r.returncode, r.stdout) == (0, "back\n"), r

@@ -269,6 +269,9 @@ def test_dead_templates_are_cleared_and_sigterm_removes_the_socket(templated: ha
     s.bind(dead)
     s.close()
     open(dead + ".lock", "w").close()
+    # A lock file alone (what a SIGTERMed template left before it removed its lock).
+    orphan = os.path.join(os.path.dirname(path), "pyshim-template-0000deadbeef0001.lock")
+    open(orphan, "w").close()
     cid = harness.new_id("tg")
     _run_d(templated, rootfs, cid)
     template = _ppid(shim_of(templated, cid))
@@ -282,6 +285,68 @@ def test_dead_templates_are_cleared_and_sigterm_removes_the_socket(templated: ha
     _run_d(templated, rootfs, other)
     assert _is_template(_ppid(shim_of(templated, other)))
     assert not os.path.exists(dead) and not os.path.exists(dead + ".lock")
+    assert not os.path.exists(orphan)
+
+
+def _files_of(path: str) -> list[str]:
+    """What the socket dir holds under one template's name (its socket, its lock)."""
+    d, name = os.path.split(path)
+    return sorted(n for n in os.listdir(d) if n.startswith(name))
+
+
+def _gone(pid: int) -> bool:
+    return not harness.cmdline(pid)  # exited (a zombie has no command line)
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_template_leaves_none_of_its_files(templated: harness.Containerd, rootfs: str,
+                                                     signo: int) -> None:
+    path = _template_socket(templated)
+    cids = [harness.new_id("tf"), harness.new_id("tf")]
+    for cid in cids:
+        _run_d(templated, rootfs, cid)
+    shims = [shim_of(templated, cid) for cid in cids]
+    template = _ppid(shims[0])
+    assert _is_template(template) and _ppid(shims[1]) == template
+    name = os.path.basename(path)
+    assert _files_of(path) == [name, name + ".lock"]
+    os.kill(template, signo)
+    harness.wait_for(lambda: _gone(template), 10, 0.02)
+    assert _files_of(path) == []
+    # The shims it forked carry on, and serve their containers.
+    for cid, shim in zip(cids, shims):
+        assert harness.cmdline(shim) and templated.tasks()[cid] == "RUNNING"
+        r = templated.ctr("task", "exec", "--exec-id", "e1", cid, "/bin/sh", "-c", "echo alive")
+        assert (r.returncode, r.stdout) == (0, "alive\n"), r
+    # The next start launches a new template, with files of its own.
+    other = harness.new_id("tf")
+    _run_d(templated, rootfs, other)
+    assert _is_template(_ppid(shim_of(templated, other)))
+    assert _files_of(path) == [name, name + ".lock"]
+
+
+def test_a_replaced_template_leaves_the_newer_ones_files(templated: harness.Containerd,
+                                                         rootfs: str) -> None:
+    """A template whose socket name another template has taken since (its file
+    removed by hand, here) removes nothing of the newer one's when it leaves."""
+    path = _template_socket(templated)
+    first, second, third = (harness.new_id("tr") for _ in range(3))
+    _run_d(templated, rootfs, first)
+    old = _ppid(shim_of(templated, first))
+    assert _is_template(old)
+    os.unlink(path)  # the old template still runs, listening on a file no longer there
+    _run_d(templated, rootfs, second)
+    new = _ppid(shim_of(templated, second))
+    assert _is_template(new) and new != old
+    inodes = [os.stat(p).st_ino for p in (path, path + ".lock")]
+    os.kill(old, signal.SIGTERM)
+    harness.wait_for(lambda: _gone(old), 10, 0.02)
+    assert [os.stat(p).st_ino for p in (path, path + ".lock")] == inodes
+    _run_d(templated, rootfs, third)
+    assert _ppid(shim_of(templated, third)) == new
+    os.kill(new, signal.SIGTERM)
+    harness.wait_for(lambda: _gone(new), 10, 0.02)
+    assert _files_of(path) == []
 
 
 def test_idle_template_exits_and_removes_its_socket(rootfs: str) -> None:
@@ -306,7 +371,7 @@ def test_idle_template_exits_and_removes_its_socket(rootfs: str) -> None:
             return not harness.cmdline(template)
 
         harness.wait_for(probed_and_gone, 15, 0.2)
-        assert not os.path.exists(path)
+        assert _files_of(path) == []
 
 
 def test_each_containerd_has_its_own_template(templated: harness.Containerd, rootfs: str) -> None:

@@ -1072,6 +1072,19 @@ def test_start_reads_cri_settings_without_protobuf(tmp_path) -> None:
     assert pyshim._shim_cgroup(raw) == ""
 
 
+def test_install_gaps_names_what_a_new_shim_could_not_import(tmp_path, monkeypatch) -> None:
+    assert pyshim.install_gaps() == []
+    # Modules gone from a half-removed install: a package, a module of a package.
+    monkeypatch.setattr(pyshim, "SHIM_MODULES", (*pyshim.SHIM_MODULES, "gone_pkg", "json.gone"))
+    assert pyshim.install_gaps() == ["gone_pkg", "json.gone"]
+    # uvloop's directory off the path.
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not os.path.isdir(os.path.join(p, "uvloop"))])
+    assert "uvloop" in pyshim.install_gaps()
+    launcher = str(tmp_path / "gone" / "containerd-shim-pyshim-v1")
+    monkeypatch.setattr(sys, "argv", [launcher, "start"])
+    assert pyshim.install_gaps()[0] == launcher
+
+
 def test_settings_flag_reaches_the_shims_argv() -> None:
     f = pyshim.Flags(["-namespace", "n", "-id", "i", "-address", "/a", "-settings", '{"path":"/p"}', "start"])
     assert f.settings == '{"path":"/p"}'
