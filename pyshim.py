@@ -1116,7 +1116,7 @@ class Stdio:
         self.copiers: list[Copier] = []
         self.stdin_keep = -1
         self._fifo_fds: dict[str, tuple[int, int]] = {}
-        self._refs: dict[int, int] = {}
+        self._refs: dict[int, str] = {}  # a copy's write end -> the output it is a dup of
         self.master = -1  # the pty master, with a terminal
         self.console_sock = -1
         self.console_dir = ""
@@ -1266,24 +1266,26 @@ class Stdio:
             self.console_dir = ""
 
     def _fifo_writer(self, path: str) -> int:
-        # stdout and stderr may name one fifo: open it once, share the fd.
+        """A write end of output `path` for one copy. stdout and stderr may name
+        one fifo: it is opened once, and each copy gets a dup of its own, because
+        the loop keeps one writer callback per fd (two copies waiting on one fd
+        for room, the second replaced the first's, which then never copied again)."""
         if path not in self._fifo_fds:
             self._fifo_fds[path] = _open_output(path)
-        wr = self._fifo_fds[path][0]
-        self._refs[wr] = self._refs.get(wr, 0) + 1
+        wr = os.dup(self._fifo_fds[path][0])
+        self._refs[wr] = path
         return wr
 
     def _release(self, wr: int) -> None:
-        self._refs[wr] -= 1
-        if self._refs[wr]:
-            return
-        del self._refs[wr]
-        for path, (w, keep) in list(self._fifo_fds.items()):
-            if w == wr:
-                del self._fifo_fds[path]
-                os.close(w)
-                if keep >= 0:
-                    os.close(keep)
+        """A copy has ended: closes its write end, and the output's own once no
+        copy writes to it any more."""
+        path = self._refs.pop(wr)
+        os.close(wr)
+        if path not in self._refs.values():
+            w, keep = self._fifo_fds.pop(path)
+            os.close(w)
+            if keep >= 0:
+                os.close(keep)
 
     def close_after_start(self) -> None:
         """After runc succeeded: starts copying, and drops the shim's copies

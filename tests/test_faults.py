@@ -884,15 +884,18 @@ TTY_BYTES = 1_000_000
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
-@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "tty"])
+@pytest.mark.parametrize(("terminal", "shared"), [(False, False), (False, True), (True, False)],
+                         ids=["pipe", "pipe-one-fifo", "tty"])
 def test_delete_waits_for_a_slow_reader(shim_direct, rootfs: str, runtime: str,
-                                        terminal: bool) -> None:
+                                        terminal: bool, shared: bool) -> None:
     """A task writes a megabyte (to pipes, or to a terminal) and exits while its reader
     still has tens of kB to take, and then takes them slowly (16 kB/s): Delete, sent at
     once, must not cut the output off while it still flows. pyshim waits as long as
     bytes move (IO_DRAIN_SECONDS without one ends the wait: before that, 2 s in all cut
     the pipe case at 978,944 bytes); the Go shim's delivery is recorded, not asserted
-    (it waits 2 s for pipes; it does not cut a terminal's copy at Delete)."""
+    (it waits 2 s for pipes; it does not cut a terminal's copy at Delete). With stdout
+    and stderr on one fifo, both of pyshim's copies once waited for room on one fd and
+    the stdout copy stalled for good (937,984 bytes)."""
     import threading
 
     d, _mounts = shim_direct
@@ -928,12 +931,12 @@ def test_delete_waits_for_a_slow_reader(shim_direct, rootfs: str, runtime: str,
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    if not terminal:
+    if not terminal and not shared:
         threading.Thread(target=read_stderr, daemon=True).start()
     try:
         address = d.start(bundle, cid, binary=harness.shim_binary_path(runtime))
         call(address, "Create", pb.CreateTaskRequest(id=cid, bundle=bundle, terminal=terminal,
-                                                     stdout=fifo, stderr="" if terminal else errs,
+                                                     stdout=fifo, stderr="" if terminal else fifo if shared else errs,
                                                      rootfs=[pb_mount(rootfs)]))
         call(address, "Start", pb.StartRequest(id=cid))
         waited = call(address, "Wait", pb.WaitRequest(id=cid), pb.WaitResponse)
