@@ -161,6 +161,65 @@ def test_ksm_advise_marks_and_unmarks_this_process() -> None:
     assert _mergeable_mappings(os.getpid()) == 0
 
 
+# --- all-zero pages ---------------------------------------------------------
+
+ZERO_PAGES_CHILD = textwrap.dedent("""
+    import ctypes, mmap, struct, sys, threading
+    import pyshim
+
+    page = mmap.PAGESIZE
+    m = mmap.mmap(-1, 64 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+
+    def present() -> list[bool]:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(base // page * 8)
+            raw = f.read(64 * 8)
+        return [bool(e >> 63) for e in struct.unpack("64Q", raw)]
+
+    for i in range(64):  # every page written, then zeroed again: present, all zero
+        m[i * page] = 1
+        m[i * page] = 0
+    m[7 * page + 100] = 42  # one page that is not all zero
+    assert all(present())
+    if sys.argv[1] == "threads":
+        stop = threading.Event()
+        t = threading.Thread(target=stop.wait)
+        t.start()
+        print(pyshim.release_zero_pages(), sum(present()))
+        stop.set()
+        t.join()
+        sys.exit(0)
+    released = pyshim.release_zero_pages()
+    after = present()
+    assert after[7] and sum(after) == 1, after
+    assert m[7 * page + 100] == 42 and m[:7 * page] == bytes(7 * page)
+    m[3 * page] = 5  # still ours to write
+    assert m[3 * page] == 5
+    print(released, sum(after))
+""")
+
+
+def _zero_pages_child(mode: str) -> tuple[int, int]:
+    r = subprocess.run([sys.executable, "-c", ZERO_PAGES_CHILD, mode], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    released, present = r.stdout.split()
+    return int(released), int(present)
+
+
+@pytest.mark.unit
+def test_release_zero_pages_gives_back_only_all_zero_pages() -> None:
+    released, present = _zero_pages_child("single")
+    assert released >= 63  # this mapping's 63, and whatever else of the process was zero
+    assert present == 1
+
+
+@pytest.mark.unit
+def test_release_zero_pages_does_nothing_with_a_second_thread() -> None:
+    assert _zero_pages_child("threads") == (0, 64)
+
+
 @contextmanager
 def host_ksm(run: str) -> Iterator[None]:
     """/sys/kernel/mm/ksm/run set to `run`, and its previous value put back."""
