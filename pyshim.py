@@ -4640,6 +4640,71 @@ def immortalize_heap() -> int | str:
     return count
 
 
+_ballast: list = []  # in the template: what fill_pool_holes allocated, kept for good
+
+
+def pool_holes() -> list[tuple[int, int, int]]:
+    """(block size, blocks in use, free blocks) of each pymalloc size class with
+    a pool in use, from sys._debugmallocstats() (read from a memfd it writes to
+    in place of stderr); [] when this interpreter does not report them."""
+    stats = getattr(sys, "_debugmallocstats", None)
+    if stats is None:
+        return []
+    fd = os.memfd_create("pyshim-mallocstats", os.MFD_CLOEXEC)
+    saved = os.dup(2)
+    try:
+        os.dup2(fd, 2)
+        try:
+            stats()
+        finally:
+            os.dup2(saved, 2)
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = b""
+        while chunk := os.read(fd, 1 << 16):
+            text += chunk
+    finally:
+        os.close(saved)
+        os.close(fd)
+    out = []
+    for line in text.decode(errors="replace").splitlines():
+        fields = line.split()  # class, size, num pools, blocks in use, avail blocks
+        if len(fields) == 5 and all(f.isdigit() for f in fields):
+            out.append((int(fields[1]), int(fields[3]), int(fields[4])))
+        elif out:
+            break  # the table ended
+    return out
+
+
+def fill_pool_holes() -> int:
+    """Fills the free blocks of the template's pymalloc pools with small objects
+    that are never freed (template only, just before gc.freeze); returns how
+    many it allocated.
+
+    A shim's own allocations would otherwise land in those holes: each small
+    object it makes after the fork would copy one of the template's pages
+    (4 kB for a 48-byte object), scattering its private memory over pages it
+    shared. With the holes filled, pymalloc serves the shim from pools of its
+    own, packed. A block size no object here fits (16 bytes) stays as it is.
+    """
+    bytes_head = sys.getsizeof(b"")  # a bytes object's header and its trailing NUL
+    float_size = sys.getsizeof(0.0)
+    holes = pool_holes()
+    fill: list = [None] * sum(free for _, _, free in holes)
+    i = 0
+    for size, _, free in holes:
+        if size - 16 < float_size <= size:
+            for k in range(free):
+                fill[i] = k + 0.5  # a new float each
+                i += 1
+        elif size - bytes_head >= 2:  # bytes of length 0 and 1 are shared singletons
+            for _ in range(free):
+                fill[i] = bytes(size - bytes_head)
+                i += 1
+    del fill[i:]
+    _ballast.append(fill)
+    return i
+
+
 def serve_template() -> int:
     """The template process: accepts fork requests on fd 3 until killed.
 
@@ -4694,6 +4759,7 @@ def serve_template() -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     global template_heap, template_ksm
     template_heap = immortalize_heap()
+    fill_pool_holes()
     if ksm_mode(None) == "auto" and ksm_host_on():
         template_ksm = ksm_advise(True) > 0
     gc.freeze()
