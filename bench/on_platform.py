@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import harness
 
-PLATFORMS = ("host", "containerd2", "debian13")
+PLATFORMS = ("host", "containerd2", "debian13", "sid")
 OUT = os.path.join(HERE, "out")
 
 
