@@ -7,7 +7,8 @@
  * one of its objects immortal.
  *
  * Every function is flat: it returns a value >= 0 or -errno, and never
- * allocates. Buffers are owned by the caller.
+ * allocates (but reaper_malloc_keep, whose job that is). Buffers are owned by
+ * the caller.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -16,6 +17,8 @@
 #include <stdint.h>
 #include <signal.h>
 #include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
@@ -338,6 +341,42 @@ int reaper_umount(const char *target, int flags)
 int reaper_malloc_trim(size_t pad)
 {
 	return malloc_trim(pad);
+}
+
+/* malloc_info(3)'s XML written to `fd` (through a FILE of its own on a dup). */
+int reaper_malloc_info(int fd)
+{
+	int copy = dup(fd);
+	FILE *f;
+
+	if (copy < 0)
+		return -errno;
+	f = fdopen(copy, "w");
+	if (!f) {
+		close(copy);
+		return -errno;
+	}
+	if (malloc_info(0, f) < 0) {
+		fclose(f);
+		return -EIO;
+	}
+	return fclose(f) < 0 ? -errno : 0;
+}
+
+/*
+ * The one function here that allocates, on purpose: `count` blocks of `size`
+ * bytes from malloc that are never freed, so that free chunks of the warm
+ * template's heap hold something and a forked shim's malloc does not carve
+ * its blocks out of pages it shares. Returns how many it got.
+ */
+long reaper_malloc_keep(size_t size, long count)
+{
+	long i;
+
+	for (i = 0; i < count; i++)
+		if (!malloc(size))
+			break;
+	return i;
 }
 
 /* madvise(2) on [start, start + len): MADV_MERGEABLE & co. for KSM. */

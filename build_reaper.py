@@ -24,6 +24,8 @@ int reaper_mount(const char *source, const char *target, const char *fstype,
                  unsigned long flags, const char *data);
 int reaper_umount(const char *target, int flags);
 int reaper_malloc_trim(size_t pad);
+int reaper_malloc_info(int fd);
+long reaper_malloc_keep(size_t size, long count);
 int reaper_madvise(uintptr_t start, size_t len, int advice);
 long reaper_release_zero_pages(int pagemap_fd, uintptr_t start, size_t len);
 int reaper_fork(void);

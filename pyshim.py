@@ -4705,6 +4705,60 @@ def fill_pool_holes() -> int:
     return i
 
 
+MALLOC_HOLE_MAX = 64 << 10  # free chunks up to this size are filled; bigger ones hold whole free pages
+TCACHE_SIZES = range(32, 1041, 16)  # glibc's tcache chunk sizes (64 bins on 64-bit)
+TCACHE_COUNT = 7  # chunks a tcache bin holds by default
+
+
+def malloc_holes() -> list[tuple[int, int]]:
+    """(chunk size, count) of the free chunks of glibc's main arena up to
+    MALLOC_HOLE_MAX, from malloc_info(3) (its tcache is not listed)."""
+    import re
+
+    fd = os.memfd_create("pyshim-mallocinfo", os.MFD_CLOEXEC)
+    try:
+        if _lib.reaper_malloc_info(fd) < 0:
+            return []
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = b""
+        while chunk := os.read(fd, 1 << 16):
+            text += chunk
+    finally:
+        os.close(fd)
+    heap = text.split(b"</heap>", 1)[0] if b'<heap nr="0">' in text else b""
+    out = []
+    for m in re.finditer(rb'<(?:size|unsorted) from="(\d+)" to="(\d+)" total="(\d+)" count="(\d+)"', heap):
+        low, count = int(m[1]) & ~7, int(m[4])  # the low bits are glibc's flags
+        if 0 < low <= MALLOC_HOLE_MAX and count:
+            out.append((low, count))
+    return out
+
+
+def fill_malloc_holes(rounds: int = 8) -> int:
+    """Fills the small free chunks of the template's glibc heap with blocks it
+    never frees (template only, after fill_pool_holes): the tcache's seven per
+    size first, then what malloc_info lists, until it lists none (at most
+    `rounds` times: a bigger chunk split for a smaller request leaves a
+    remainder). Returns the blocks taken.
+
+    Like fill_pool_holes for pymalloc: a shim's malloc would otherwise take
+    those chunks and copy the template's page around each (dicts' tables,
+    lists' arrays, buffers of more than 512 bytes). Free chunks bigger than
+    MALLOC_HOLE_MAX are left: their inner pages are whole, and malloc_trim
+    gives them back."""
+    taken = 0
+    for size in TCACHE_SIZES:
+        taken += _lib.reaper_malloc_keep(size - 8, TCACHE_COUNT)
+    for _ in range(rounds):
+        holes = malloc_holes()
+        if not holes:
+            break
+        for size, count in holes:
+            taken += _lib.reaper_malloc_keep(size - 8, count)  # a chunk of `size` serves size - 8 bytes
+    malloc_trim()
+    return taken
+
+
 def serve_template() -> int:
     """The template process: accepts fork requests on fd 3 until killed.
 
@@ -4760,6 +4814,7 @@ def serve_template() -> int:
     global template_heap, template_ksm
     template_heap = immortalize_heap()
     fill_pool_holes()
+    fill_malloc_holes()
     if ksm_mode(None) == "auto" and ksm_host_on():
         template_ksm = ksm_advise(True) > 0
     gc.freeze()

@@ -244,6 +244,25 @@ def test_fill_pool_holes_fills_every_free_block_it_can() -> None:
     assert int(r.stdout) > 0
 
 
+MALLOC_HOLES_CHILD = textwrap.dedent("""
+    import pyshim
+
+    junk = [bytearray(n) for n in range(600, 3000, 7)]  # malloc'd, then freed every other one
+    del junk[::2]
+    before = pyshim.malloc_holes()
+    assert before, "no free chunk to fill"
+    print(pyshim.fill_malloc_holes(), len(pyshim.malloc_holes()))
+""")
+
+
+@pytest.mark.unit
+def test_fill_malloc_holes_leaves_no_small_free_chunk() -> None:
+    r = subprocess.run([sys.executable, "-c", MALLOC_HOLES_CHILD], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    taken, left = map(int, r.stdout.split())
+    assert taken > 0 and left == 0
+
+
 @contextmanager
 def host_ksm(run: str) -> Iterator[None]:
     """/sys/kernel/mm/ksm/run set to `run`, and its previous value put back."""
