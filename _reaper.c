@@ -379,6 +379,28 @@ long reaper_malloc_keep(size_t size, long count)
 	return i;
 }
 
+/*
+ * The same, until malloc hands out `chunk`-sized chunks one right after the
+ * other (four in a row: carved from fresh memory, not holes), or `max`
+ * blocks: drains the tcache and bins of one size whatever their capacity.
+ */
+long reaper_malloc_keep_until_packed(size_t size, size_t chunk, long max)
+{
+	char *prev = NULL, *p;
+	long i, run = 0;
+
+	for (i = 0; i < max; i++) {
+		p = malloc(size);
+		if (!p)
+			break;
+		run = prev && (size_t)(p - prev) == chunk ? run + 1 : 0;
+		prev = p;
+		if (run >= 3)
+			return i + 1;
+	}
+	return i;
+}
+
 /* madvise(2) on [start, start + len): MADV_MERGEABLE & co. for KSM. */
 int reaper_madvise(uintptr_t start, size_t len, int advice)
 {

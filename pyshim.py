@@ -4707,7 +4707,7 @@ def fill_pool_holes() -> int:
 
 MALLOC_HOLE_MAX = 64 << 10  # free chunks up to this size are filled; bigger ones hold whole free pages
 TCACHE_SIZES = range(32, 1041, 16)  # glibc's tcache chunk sizes (64 bins on 64-bit)
-TCACHE_COUNT = 7  # chunks a tcache bin holds by default
+TCACHE_DRAIN_MAX = 4096  # blocks of one size at most, draining its tcache bin and bins
 
 
 def malloc_holes() -> list[tuple[int, int]]:
@@ -4736,8 +4736,8 @@ def malloc_holes() -> list[tuple[int, int]]:
 
 def fill_malloc_holes(rounds: int = 8) -> int:
     """Fills the small free chunks of the template's glibc heap with blocks it
-    never frees (template only, after fill_pool_holes): the tcache's seven per
-    size first, then what malloc_info lists, until it lists none (at most
+    never frees (template only, after fill_pool_holes): each tcache size until
+    malloc hands out adjacent chunks first, then what malloc_info lists, until it lists none (at most
     `rounds` times: a bigger chunk split for a smaller request leaves a
     remainder). Returns the blocks taken.
 
@@ -4747,12 +4747,14 @@ def fill_malloc_holes(rounds: int = 8) -> int:
     MALLOC_HOLE_MAX are left: their inner pages are whole, and malloc_trim
     gives them back."""
     taken = 0
-    for size in TCACHE_SIZES:
-        taken += _lib.reaper_malloc_keep(size - 8, TCACHE_COUNT)
+    for size in TCACHE_SIZES:  # the tcache's capacity differs between glibc versions
+        taken += _lib.reaper_malloc_keep_until_packed(size - 8, size, TCACHE_DRAIN_MAX)
+    last: list[tuple[int, int]] = []
     for _ in range(rounds):
         holes = malloc_holes()
-        if not holes:
+        if not holes or holes == last:  # none left, or none malloc hands out (glibc 2.43 lists some)
             break
+        last = holes
         for size, count in holes:
             taken += _lib.reaper_malloc_keep(size - 8, count)  # a chunk of `size` serves size - 8 bytes
     malloc_trim()
