@@ -3,11 +3,12 @@
  * without allocating on a hot path): child-subreaper, the waitpid reap
  * loop, SIGCHLD delivery on a pipe the event loop can watch, SCM_RIGHTS fd
  * passing, unix sockets with path or abstract names, SO_PEERCRED, mount(2)
- * malloc_trim, madvise, a bare fork for the warm template and the write that makes
+ * malloc_trim, madvise, giving back all-zero pages, a bare fork for the warm template and the write that makes
  * one of its objects immortal.
  *
  * Every function is flat: it returns a value >= 0 or -errno, and never
- * allocates. Buffers are owned by the caller.
+ * allocates (but reaper_malloc_keep, whose job that is). Buffers are owned by
+ * the caller.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -16,6 +17,8 @@
 #include <stdint.h>
 #include <signal.h>
 #include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
@@ -340,12 +343,142 @@ int reaper_malloc_trim(size_t pad)
 	return malloc_trim(pad);
 }
 
+/* malloc_info(3)'s XML written to `fd` (through a FILE of its own on a dup). */
+int reaper_malloc_info(int fd)
+{
+	int copy = dup(fd);
+	FILE *f;
+
+	if (copy < 0)
+		return -errno;
+	f = fdopen(copy, "w");
+	if (!f) {
+		close(copy);
+		return -errno;
+	}
+	if (malloc_info(0, f) < 0) {
+		fclose(f);
+		return -EIO;
+	}
+	return fclose(f) < 0 ? -errno : 0;
+}
+
+/*
+ * The one function here that allocates, on purpose: `count` blocks of `size`
+ * bytes from malloc that are never freed, so that free chunks of the warm
+ * template's heap hold something and a forked shim's malloc does not carve
+ * its blocks out of pages it shares. Returns how many it got.
+ */
+long reaper_malloc_keep(size_t size, long count)
+{
+	long i;
+
+	for (i = 0; i < count; i++)
+		if (!malloc(size))
+			break;
+	return i;
+}
+
+/*
+ * The same, until malloc hands out `chunk`-sized chunks one right after the
+ * other (four in a row: carved from fresh memory, not holes), or `max`
+ * blocks: drains the tcache and bins of one size whatever their capacity.
+ */
+long reaper_malloc_keep_until_packed(size_t size, size_t chunk, long max)
+{
+	char *prev = NULL, *p;
+	long i, run = 0;
+
+	for (i = 0; i < max; i++) {
+		p = malloc(size);
+		if (!p)
+			break;
+		run = prev && (size_t)(p - prev) == chunk ? run + 1 : 0;
+		prev = p;
+		if (run >= 3)
+			return i + 1;
+	}
+	return i;
+}
+
 /* madvise(2) on [start, start + len): MADV_MERGEABLE & co. for KSM. */
 int reaper_madvise(uintptr_t start, size_t len, int advice)
 {
 	if (madvise((void *)start, len, advice) < 0)
 		return -errno;
 	return 0;
+}
+
+/*
+ * Gives back the all-zero pages of [start, start + len), an anonymous private
+ * mapping of this process, that are present and mapped by this process alone
+ * (read from /proc/self/pagemap on `pagemap_fd`): madvise(MADV_DONTNEED) on
+ * each run of them. The memory then reads as zeros, as it did, and costs no
+ * page until it is written again. Returns the number of pages given back, or
+ * -errno.
+ *
+ * Only for a single-threaded caller: a write from another thread between the
+ * check and the madvise would be lost. Never for a file mapping, whose pages
+ * would read back as the file's content.
+ */
+#define PAGEMAP_PRESENT (1ULL << 63)
+#define PAGEMAP_EXCLUSIVE (1ULL << 56)
+#define PAGEMAP_BATCH 512
+
+static int page_is_zero(const uint64_t *p, size_t words)
+{
+	uint64_t acc = 0;
+	size_t i;
+
+	for (i = 0; i < words; i++)
+		acc |= p[i];
+	return acc == 0;
+}
+
+long reaper_release_zero_pages(int pagemap_fd, uintptr_t start, size_t len)
+{
+	uint64_t entries[PAGEMAP_BATCH];
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+	size_t pages = len / page, i = 0, j, got;
+	uintptr_t run = 0;	/* start of the current run of zero pages, 0: none */
+	long released = 0;
+	ssize_t n;
+
+	while (i < pages) {
+		size_t want = pages - i < PAGEMAP_BATCH ? pages - i : PAGEMAP_BATCH;
+
+		n = pread(pagemap_fd, entries, want * sizeof(entries[0]),
+			  (off_t)((start / page + i) * sizeof(entries[0])));
+		if (n < 0)
+			return -errno;
+		got = (size_t)n / sizeof(entries[0]);
+		if (got == 0)
+			return -EIO;
+		for (j = 0; j < got; j++) {
+			uintptr_t addr = start + (i + j) * page;
+			int zero = (entries[j] & (PAGEMAP_PRESENT | PAGEMAP_EXCLUSIVE))
+					== (PAGEMAP_PRESENT | PAGEMAP_EXCLUSIVE)
+				&& page_is_zero((const uint64_t *)addr, page / sizeof(uint64_t));
+
+			if (zero && !run)
+				run = addr;
+			if (!zero && run) {
+				if (madvise((void *)run, addr - run, MADV_DONTNEED) < 0)
+					return -errno;
+				released += (long)((addr - run) / page);
+				run = 0;
+			}
+		}
+		i += got;
+	}
+	if (run) {
+		uintptr_t end = start + pages * page;
+
+		if (madvise((void *)run, end - run, MADV_DONTNEED) < 0)
+			return -errno;
+		released += (long)((end - run) / page);
+	}
+	return released;
 }
 
 /* --- immortal objects ---------------------------------------------------- */

@@ -207,6 +207,44 @@ def malloc_trim() -> None:
     _lib.reaper_malloc_trim(0)
 
 
+_ZERO_SKIP = (b"[stack]", b"[vdso]", b"[vvar]", b"[vvar_vclock]", b"[vsyscall]")
+
+
+def release_zero_pages() -> int:
+    """Gives back the pages of this process's anonymous private mappings that
+    hold nothing but zeros and are its alone (see reaper_release_zero_pages):
+    memory that was touched but never written (uvloop's 256 kB read buffer,
+    zeroed allocations, malloc growth) costs a private page each until then.
+    Returns the number of pages given back; 0, doing nothing, when this
+    process has more than one thread (the check and the madvise must not race
+    a writer) or no pagemap to read."""
+    try:
+        if len(os.listdir("/proc/self/task")) != 1:
+            return 0
+        with open("/proc/self/maps", "rb") as f:
+            maps = f.read()
+        pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    released = 0
+    try:
+        for line in maps.splitlines():
+            fields = line.split(None, 5)
+            if len(fields) < 5 or fields[1] != b"rw-p" or fields[4] != b"0":
+                continue
+            name = fields[5].strip() if len(fields) == 6 else b""
+            if name in _ZERO_SKIP or name.startswith(b"/"):
+                continue
+            lo, _, hi = fields[0].partition(b"-")
+            start = int(lo, 16)
+            n = _lib.reaper_release_zero_pages(pagemap, start, int(hi, 16) - start)
+            if n > 0:
+                released += n
+    finally:
+        os.close(pagemap)
+    return released
+
+
 # KSM (kernel samepage merging): pages of mappings marked MADV_MERGEABLE that are
 # identical to other marked pages are merged by the host's ksmd, if it runs.
 KSM_ENV = "PYSHIM_KSM"  # "auto" or "off": overrides the settings file's `ksm`
@@ -4243,6 +4281,7 @@ def serve(flags: Flags) -> int:
 
     def release_memory() -> None:
         malloc_trim()
+        release_zero_pages()
         loop.call_later(interval, release_memory)
 
     if interval > 0:
@@ -4259,7 +4298,10 @@ def serve(flags: Flags) -> int:
     elif ksm == "off" and template_ksm:  # undo what the template's mappings carry
         ksm_advise(False)
     gc.freeze()
-    log("debug", "serving api on socket", socket=sock_path)
+    # The loop's read buffer and the rest zeroed since the fork: given back now,
+    # not 30 s later (after that release_memory does it with malloc_trim).
+    zero_pages = release_zero_pages()
+    log("debug", "serving api on socket", socket=sock_path, zero_pages_released=zero_pages)
     log("info", "shim started", socket=sock_path, version=VERSION)
     if isinstance(template_heap, str):  # forked from a template that could not do it
         log("info", "template heap left mortal", reason=template_heap)
@@ -4671,6 +4713,127 @@ def immortalize_heap() -> int | str:
     return count
 
 
+_ballast: list = []  # in the template: what fill_pool_holes allocated, kept for good
+
+
+def pool_holes() -> list[tuple[int, int, int]]:
+    """(block size, blocks in use, free blocks) of each pymalloc size class with
+    a pool in use, from sys._debugmallocstats() (read from a memfd it writes to
+    in place of stderr); [] when this interpreter does not report them."""
+    stats = getattr(sys, "_debugmallocstats", None)
+    if stats is None:
+        return []
+    fd = os.memfd_create("pyshim-mallocstats", os.MFD_CLOEXEC)
+    saved = os.dup(2)
+    try:
+        os.dup2(fd, 2)
+        try:
+            stats()
+        finally:
+            os.dup2(saved, 2)
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = b""
+        while chunk := os.read(fd, 1 << 16):
+            text += chunk
+    finally:
+        os.close(saved)
+        os.close(fd)
+    out = []
+    for line in text.decode(errors="replace").splitlines():
+        fields = line.split()  # class, size, num pools, blocks in use, avail blocks
+        if len(fields) == 5 and all(f.isdigit() for f in fields):
+            out.append((int(fields[1]), int(fields[3]), int(fields[4])))
+        elif out:
+            break  # the table ended
+    return out
+
+
+def fill_pool_holes() -> int:
+    """Fills the free blocks of the template's pymalloc pools with small objects
+    that are never freed (template only, just before gc.freeze); returns how
+    many it allocated.
+
+    A shim's own allocations would otherwise land in those holes: each small
+    object it makes after the fork would copy one of the template's pages
+    (4 kB for a 48-byte object), scattering its private memory over pages it
+    shared. With the holes filled, pymalloc serves the shim from pools of its
+    own, packed. A block size no object here fits (16 bytes) stays as it is.
+    """
+    bytes_head = sys.getsizeof(b"")  # a bytes object's header and its trailing NUL
+    float_size = sys.getsizeof(0.0)
+    holes = pool_holes()
+    fill: list = [None] * sum(free for _, _, free in holes)
+    i = 0
+    for size, _, free in holes:
+        if size - 16 < float_size <= size:
+            for k in range(free):
+                fill[i] = k + 0.5  # a new float each
+                i += 1
+        elif size - bytes_head >= 2:  # bytes of length 0 and 1 are shared singletons
+            for _ in range(free):
+                fill[i] = bytes(size - bytes_head)
+                i += 1
+    del fill[i:]
+    _ballast.append(fill)
+    return i
+
+
+MALLOC_HOLE_MAX = 64 << 10  # free chunks up to this size are filled; bigger ones hold whole free pages
+TCACHE_SIZES = range(32, 1041, 16)  # glibc's tcache chunk sizes (64 bins on 64-bit)
+TCACHE_DRAIN_MAX = 4096  # blocks of one size at most, draining its tcache bin and bins
+
+
+def malloc_holes() -> list[tuple[int, int]]:
+    """(chunk size, count) of the free chunks of glibc's main arena up to
+    MALLOC_HOLE_MAX, from malloc_info(3) (its tcache is not listed)."""
+    import re
+
+    fd = os.memfd_create("pyshim-mallocinfo", os.MFD_CLOEXEC)
+    try:
+        if _lib.reaper_malloc_info(fd) < 0:
+            return []
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = b""
+        while chunk := os.read(fd, 1 << 16):
+            text += chunk
+    finally:
+        os.close(fd)
+    heap = text.split(b"</heap>", 1)[0] if b'<heap nr="0">' in text else b""
+    out = []
+    for m in re.finditer(rb'<(?:size|unsorted) from="(\d+)" to="(\d+)" total="(\d+)" count="(\d+)"', heap):
+        low, count = int(m[1]) & ~7, int(m[4])  # the low bits are glibc's flags
+        if 0 < low <= MALLOC_HOLE_MAX and count:
+            out.append((low, count))
+    return out
+
+
+def fill_malloc_holes(rounds: int = 8) -> int:
+    """Fills the small free chunks of the template's glibc heap with blocks it
+    never frees (template only, after fill_pool_holes): each tcache size until
+    malloc hands out adjacent chunks first, then what malloc_info lists, until it lists none (at most
+    `rounds` times: a bigger chunk split for a smaller request leaves a
+    remainder). Returns the blocks taken.
+
+    Like fill_pool_holes for pymalloc: a shim's malloc would otherwise take
+    those chunks and copy the template's page around each (dicts' tables,
+    lists' arrays, buffers of more than 512 bytes). Free chunks bigger than
+    MALLOC_HOLE_MAX are left: their inner pages are whole, and malloc_trim
+    gives them back."""
+    taken = 0
+    for size in TCACHE_SIZES:  # the tcache's capacity differs between glibc versions
+        taken += _lib.reaper_malloc_keep_until_packed(size - 8, size, TCACHE_DRAIN_MAX)
+    last: list[tuple[int, int]] = []
+    for _ in range(rounds):
+        holes = malloc_holes()
+        if not holes or holes == last:  # none left, or none malloc hands out (glibc 2.43 lists some)
+            break
+        last = holes
+        for size, count in holes:
+            taken += _lib.reaper_malloc_keep(size - 8, count)  # a chunk of `size` serves size - 8 bytes
+    malloc_trim()
+    return taken
+
+
 def serve_template() -> int:
     """The template process: accepts fork requests on fd 3 until killed.
 
@@ -4759,6 +4922,8 @@ def serve_template() -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     global template_heap, template_ksm
     template_heap = immortalize_heap()
+    fill_pool_holes()
+    fill_malloc_holes()
     if ksm_mode(None) == "auto" and ksm_host_on():
         template_ksm = ksm_advise(True) > 0
     gc.freeze()

@@ -18,8 +18,6 @@ import subprocess
 import sys
 import sysconfig
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import on_platform
 
 PROBE = """

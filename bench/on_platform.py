@@ -29,7 +29,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-PLATFORMS = ("host", "containerd2", "debian13")
+PLATFORMS = ("host", "containerd2", "debian13", "sid")
 OUT = os.path.join(HERE, "out")
 
 

@@ -120,6 +120,7 @@ def main() -> int:
         ("MemAvailable drop/pod kB", "memavailable_drop_per_pod_kb"),
         ("run pods s", "run_pods_s")]))
     path = args.json or os.path.join(on_platform.out_dir(), "pod.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"rows": rows, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "measured_on": on_platform.info()}, f, indent=2)

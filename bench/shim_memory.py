@@ -2,7 +2,8 @@
 """Runs idle containers through pyshim and through containerd-shim-runc-v2 under
 one private containerd, and prints each shim's memory side by side.
 
-    python3 bench/shim_memory.py [-n N] [--json FILE] [--platform host|containerd2|debian13]
+    python3 bench/shim_memory.py [-n N] [--host-ksm] [--json FILE]
+                                 [--platform host|containerd2|debian13]
 
 For each runtime, N detached busybox containers (`sleep`) are started with
 `ctr run -d --rootfs`; then every long-lived shim process of that runtime is
@@ -11,17 +12,26 @@ read from /proc/PID/smaps_rollup (RSS, PSS, USS = private clean + dirty) and
 (the interpreter, libraries) are divided among them, so sum(PSS)/N is the
 memory one more container costs. pyshim's warm template (the process its shims
 are forked from) is counted in pyshim's sum.
+
+--host-ksm runs the host's ksmd (/sys/kernel/mm/ksm/run = 1) for the run, at the
+host's own scan settings, and puts the previous value back afterwards, also when the
+run fails. pyshim itself never writes these settings; with ksmd on, its shims offer
+their memory for merging (`ksm = "auto"`). The figures are then taken once ksmd has
+made two more full scans after the last container started (it merges a page on the
+second scan that finds it unchanged), or after BENCH_KSM_WAIT_SECONDS (default 300).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import on_platform
 
@@ -32,7 +42,51 @@ import harness
 from bench import long_lived_shims, smaps_rollup, templates_of
 
 
-def measure(daemon: harness.Containerd, rootfs: str, runtime: str, n: int) -> dict:
+KSM = "/sys/kernel/mm/ksm"
+
+
+def ksm_read(name: str) -> str:
+    with open(os.path.join(KSM, name)) as f:
+        return f.read().strip()
+
+
+@contextlib.contextmanager
+def host_ksm_on() -> Iterator[None]:
+    """The host's ksmd running for the block; its previous `run` value put back after."""
+    before = ksm_read("run")
+    with open(os.path.join(KSM, "run"), "w") as f:
+        f.write("1")
+    try:
+        yield
+    finally:
+        with open(os.path.join(KSM, "run"), "w") as f:
+            f.write(before)
+
+
+def ksm_settle() -> dict:
+    """Waits until ksmd has merged what it will: at least two full scans, and then
+    until a full scan adds less than 2% to the pages it shares. Returns how it went."""
+    deadline = time.monotonic() + float(os.environ.get("BENCH_KSM_WAIT_SECONDS", "300"))
+    t0 = time.monotonic()
+    first = scans = int(ksm_read("full_scans"))
+    sharing = int(ksm_read("pages_sharing"))
+
+    def next_scan(after: int) -> int:
+        n = int(ksm_read("full_scans"))
+        return n if n > after else 0
+
+    while time.monotonic() < deadline:
+        scans = harness.wait_for(lambda: next_scan(scans), max(deadline - time.monotonic(), 0.1),
+                                 interval=0.5, message="ksmd made no full scan")
+        now = int(ksm_read("pages_sharing"))
+        grown, sharing = now - sharing, now
+        if scans - first >= 2 and grown <= 0.02 * now:
+            break
+    return {"ksm_full_scans": scans - first, "ksm_pages_sharing": sharing,
+            "ksm_settle_s": round(time.monotonic() - t0, 1)}
+
+
+def measure(daemon: harness.Containerd, rootfs: str, runtime: str, n: int, ksm: bool = False) -> dict:
     ids = []
     latencies = []
     for _ in range(n):
@@ -46,6 +100,7 @@ def measure(daemon: harness.Containerd, rootfs: str, runtime: str, n: int) -> di
     # Pacing, not a wait: let start-up garbage settle as it would on a node; with host
     # KSM on, give ksmd time to scan (BENCH_SETTLE_SECONDS, default 1).
     time.sleep(float(os.environ.get("BENCH_SETTLE_SECONDS", "1")))
+    settled = ksm_settle() if ksm else {}
     pids = long_lived_shims(daemon, runtime)
     figures = [f for f in map(smaps_rollup, pids) if f]
     # The template is part of what pyshim costs: its PSS counts in the sum.
@@ -54,6 +109,7 @@ def measure(daemon: harness.Containerd, rootfs: str, runtime: str, n: int) -> di
     pss = sum(f["pss"] for f in figures + extra)
     return {
         "runtime": runtime,
+        "host_ksm": ksm,
         "containers": n,
         "shims": len(pids),
         "template_pss_kb": sum(f["pss"] for f in extra),
@@ -62,6 +118,7 @@ def measure(daemon: harness.Containerd, rootfs: str, runtime: str, n: int) -> di
         "uss_per_shim_kb": round(statistics.mean(f["uss"] for f in figures)),
         "threads_per_shim": round(statistics.mean(f["threads"] for f in figures), 1),
         "ctr_run_d_median_ms": round(statistics.median(latencies) * 1000, 1),
+        **settled,
     }
 
 
@@ -115,6 +172,8 @@ def write_plot(rows: list[dict], path: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=5, help="containers per runtime (default 5)")
+    ap.add_argument("--host-ksm", action="store_true",
+                    help="run the host's ksmd for the run (its previous setting is put back)")
     ap.add_argument("--json", help="write the results to this file "
                                    "(default bench/out/PLATFORM/shim_memory.json)")
     on_platform.add_argument(ap)
@@ -123,12 +182,15 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("needs root (it runs containerd and runc)")
     rows = []
-    with tempfile.TemporaryDirectory(prefix="pysh-bench-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.host_ksm:
+            stack.enter_context(host_ksm_on())
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="pysh-bench-"))
         rootfs = harness.make_busybox_rootfs(os.path.join(tmp, "rootfs"))
-        with harness.Containerd(log_level="info") as daemon:
-            for runtime in (harness.PYSHIM, harness.RUNC):
-                rows.append(measure(daemon, rootfs, runtime, args.n))
-    cols = ["runtime", "containers", "shims", "template_pss_kb", "pss_per_container_kb", "rss_per_shim_kb",
+        daemon = stack.enter_context(harness.Containerd(log_level="info"))
+        for runtime in (harness.PYSHIM, harness.RUNC):
+            rows.append(measure(daemon, rootfs, runtime, args.n, args.host_ksm))
+    cols = ["runtime", "host_ksm", "containers", "shims", "template_pss_kb", "pss_per_container_kb", "rss_per_shim_kb",
             "uss_per_shim_kb", "threads_per_shim", "ctr_run_d_median_ms"]
     print(on_platform.caption())
     print("| " + " | ".join(cols) + " |")
@@ -136,6 +198,7 @@ def main() -> int:
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
     path = args.json or os.path.join(on_platform.out_dir(), "shim_memory.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"rows": rows, "measured_on": on_platform.info()}, f, indent=2)
     plot = os.path.join(on_platform.out_dir(), "shim_memory.svg")

@@ -158,6 +158,126 @@ def test_ksm_advise_marks_and_unmarks_this_process() -> None:
     assert _mergeable_mappings(os.getpid()) == 0
 
 
+# --- all-zero pages ---------------------------------------------------------
+
+ZERO_PAGES_CHILD = textwrap.dedent("""
+    import ctypes, mmap, struct, sys, threading
+    import pyshim
+
+    page = mmap.PAGESIZE
+    m = mmap.mmap(-1, 64 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+
+    def present() -> list[bool]:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(base // page * 8)
+            raw = f.read(64 * 8)
+        return [bool(e >> 63) for e in struct.unpack("64Q", raw)]
+
+    for i in range(64):  # every page written, then zeroed again: present, all zero
+        m[i * page] = 1
+        m[i * page] = 0
+    m[7 * page + 100] = 42  # one page that is not all zero
+    assert all(present())
+    if sys.argv[1] == "threads":
+        stop = threading.Event()
+        t = threading.Thread(target=stop.wait)
+        t.start()
+        print(pyshim.release_zero_pages(), sum(present()))
+        stop.set()
+        t.join()
+        sys.exit(0)
+    released = pyshim.release_zero_pages()
+    after = present()
+    assert after[7] and sum(after) == 1, after
+    assert m[7 * page + 100] == 42 and m[:7 * page] == bytes(7 * page)
+    m[3 * page] = 5  # still ours to write
+    assert m[3 * page] == 5
+    print(released, sum(after))
+""")
+
+
+def _zero_pages_child(mode: str) -> tuple[int, int]:
+    r = subprocess.run([sys.executable, "-c", ZERO_PAGES_CHILD, mode], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    released, present = r.stdout.split()
+    return int(released), int(present)
+
+
+@pytest.mark.unit
+def test_release_zero_pages_gives_back_only_all_zero_pages() -> None:
+    released, present = _zero_pages_child("single")
+    assert released >= 63  # this mapping's 63, and whatever else of the process was zero
+    assert present == 1
+
+
+@pytest.mark.unit
+def test_release_zero_pages_does_nothing_with_a_second_thread() -> None:
+    assert _zero_pages_child("threads") == (0, 64)
+
+
+POOL_HOLES_CHILD = textwrap.dedent("""
+    import sys
+    import pyshim
+
+    size = sys.getsizeof(b"") + 15  # a bytes(15) takes one block of this size class
+
+    def strides() -> list[int]:
+        probe = [bytes(15) for _ in range(64)]
+        return [id(b) - id(a) for a, b in zip(probe, probe[1:])]
+
+    junk = [bytes(15) for _ in range(4000)]
+    del junk[::2]  # 2000 holes in that class's pools
+    before = strides()  # new objects go into the holes, not one after the other
+    assert before.count(size) < 32, before
+    filled = pyshim.fill_pool_holes()
+    after = strides()  # a pool of their own: packed
+    assert after.count(size) >= 56, after
+    print(filled)
+""")
+
+
+@pytest.mark.unit
+def test_fill_pool_holes_sends_new_objects_to_pools_of_their_own() -> None:
+    r = subprocess.run([sys.executable, "-c", POOL_HOLES_CHILD], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) > 0
+
+
+MALLOC_HOLES_CHILD = textwrap.dedent("""
+    import ctypes
+    import pyshim
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    n = 520  # a 528-byte chunk
+
+    def strides() -> list[int]:
+        probe = [libc.malloc(n) for _ in range(32)]
+        return [b - a for a, b in zip(probe, probe[1:])]
+
+    blocks = [libc.malloc(n) for _ in range(400)]
+    for p in blocks[::2]:  # 200 free chunks between blocks in use
+        libc.free(p)
+    before = strides()  # malloc hands out the free chunks first
+    assert before.count(528) < 16, before
+    taken = pyshim.fill_malloc_holes()
+    after = strides()  # from memory of their own: one after the other
+    assert after.count(528) >= 24, after  # a few may still find a chunk split off earlier
+    print(taken)
+""")
+
+
+@pytest.mark.unit
+def test_fill_malloc_holes_sends_new_blocks_past_the_holes() -> None:
+    r = subprocess.run([sys.executable, "-c", MALLOC_HOLES_CHILD], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) > 0
+
+
 @contextmanager
 def host_ksm(run: str) -> Iterator[None]:
     """/sys/kernel/mm/ksm/run set to `run`, and its previous value put back."""

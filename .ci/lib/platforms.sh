@@ -62,6 +62,33 @@ provision_debian13() {
     printf '%s\n' "$root"
 }
 
+SID_PACKAGES=containerd,runc,busybox-static,criu,iptables,python3,python3-venv,python3-dev,gcc,libc6-dev,libffi-dev,git,ca-certificates,procps,iproute2,debootstrap
+
+# Debian unstable (Python 3.14, containerd 2.1.9, runc 1.3) as a root made by
+# debootstrap from the host's own mirror, for the immortal template heap's layout on
+# 3.14. Its python3.14 needs a newer glibc than Debian 12's, so it cannot be unpacked
+# beside the host's as containerd 2.x is. The archive's unstable Release may be past
+# its Valid-Until: debootstrap does not check that, and apt in the root is told not
+# to (Acquire::Check-Valid-Until=false, written into the root's apt.conf.d). Prints
+# the root's path.
+provision_sid() {
+    local root=$CACHE/sid mirror
+    local stamp="$root/.complete-$SID_PACKAGES"
+    if [ ! -e "$stamp" ]; then
+        mirror=$(host_mirror)
+        log "sid: debootstrap sid from $mirror (a few minutes)"
+        rm -rf "$root"
+        debootstrap --variant=minbase --include="$SID_PACKAGES" sid "$root" "$mirror" \
+            > "$CACHE/sid-debootstrap.log" 2>&1 \
+            || { tail -n 30 "$CACHE/sid-debootstrap.log" >&2; return 1; }
+        echo 'Acquire::Check-Valid-Until "false";' > "$root/etc/apt/apt.conf.d/99pyshim-no-valid-until"
+        touch "$stamp"
+    fi
+    cp /etc/resolv.conf "$root/etc/resolv.conf"
+    cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    printf '%s\n' "$root"
+}
+
 # Runs a command as root inside a provisioned root, in a private mount namespace: the
 # root bound onto itself, /proc, /sys, /dev from the host, fresh tmpfs on /run and /tmp;
 # everything is gone when the command ends. The root becomes the namespace's root by
