@@ -1839,10 +1839,17 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 }
 
 STATUS_CODES = {CREATED: 1, RUNNING: 2, STOPPED: 3, PAUSED: 4}
+STATUS_PAUSING = 5  # an init while `runc pause` runs (not a state: nothing else changes)
 
-# The Go shim's words (code Unknown) for a pause, resume, update or
-# checkpoint that the init's state forbids; ctr prints them as they are.
+# The Go shim's words (code Unknown) for a start, delete, pause, resume,
+# update or checkpoint that the process's state forbids (its init_state.go
+# and exec_state.go); ctr prints them as they are.
 REFUSALS: dict[tuple[str, str], str] = {
+    (RUNNING, "start"): "cannot start a running process",
+    (PAUSED, "start"): "cannot start a paused process",
+    (STOPPED, "start"): "cannot start a stopped process",
+    (RUNNING, "delete"): "cannot delete a running process",
+    (PAUSED, "delete"): "cannot delete a paused process",
     (CREATED, "pause"): "cannot pause task in created state",
     (CREATED, "resume"): "cannot resume task in created state",
     (RUNNING, "resume"): "cannot resume a running process",
@@ -1882,8 +1889,8 @@ class Process:
     after that could reach another process that reuses the pid.
     """
 
-    __slots__ = ("container", "exit_status", "exited_at", "id", "pid", "reaped", "starting", "state",
-                 "stdio", "wait")
+    __slots__ = ("container", "exit_status", "exited_at", "id", "pausing", "pid", "reaped", "starting",
+                 "state", "stdio", "wait")
 
     def __init__(self, pid_id: str, container: Container, stdio: Stdio, loop) -> None:
         self.id = pid_id
@@ -1895,11 +1902,12 @@ class Process:
         self.wait = loop.create_future()
         self.stdio = stdio
         self.starting = False
+        self.pausing = False
         self.reaped = False
 
     def check(self, event: str) -> str:
         """The state `event` leads to; FailedPrecondition if it is illegal now
-        (or the Go shim's own refusal, for pause, resume and update)."""
+        (or the Go shim's own refusal, code Unknown: REFUSALS)."""
         new = TRANSITIONS.get((self.state, event))
         if new is None:
             if (self.state, event) in REFUSALS:
@@ -1928,7 +1936,12 @@ class Process:
 
     @property
     def status(self) -> int:
-        """The containerd task Status of the state (UNKNOWN 0 once deleted)."""
+        """The containerd task Status of the state (UNKNOWN 0 once deleted);
+        PAUSING while a pause runs. An exec reads as its container while that
+        is paused or pausing (the Go shim's execProcess.Status)."""
+        init = self.container.init
+        if init is not None and (init.pausing or init.state == PAUSED):
+            return STATUS_PAUSING if init.pausing else STATUS_CODES[PAUSED]
         return STATUS_CODES.get(self.state, 0)
 
     def check_gone(self) -> None:
@@ -1942,9 +1955,10 @@ class Process:
             raise ShimError("cannot resize a stopped container")  # the Go shim's words
         self.stdio.resize(width, height)
 
-    def close_io(self, stdin: bool) -> None:
-        if stdin:
-            self.stdio.close_stdin()
+    def close_io(self) -> None:
+        """Closes the stdin fifo's write end, as the Go shim's CloseIO does
+        whatever the request's `stdin` says (containerd always sends true)."""
+        self.stdio.close_stdin()
 
     async def _close_stdio(self) -> None:
         if self.stdio.logging_binary is not None:
@@ -1952,8 +1966,6 @@ class Process:
         self.stdio.close()
 
     def check_delete(self) -> None:
-        if self.state in (RUNNING, PAUSED):
-            raise FailedPrecondition(f"cannot delete a running process ({self.id})")
         self.check("delete")
 
 
@@ -2006,6 +2018,11 @@ class InitProcess(Process):
         if self.container.shares_pidns:
             await self.kill_all()
 
+    def resize(self, width: int, height: int) -> None:
+        """Whatever the init's state, as the Go shim's Init.Resize (a stopped
+        init's terminal, if any, is resized; without one nothing happens)."""
+        self.stdio.resize(width, height)
+
     async def _restore(self) -> None:
         c = self.container
         image, parent, work, fds = c.restore
@@ -2024,7 +2041,11 @@ class InitProcess(Process):
 
     async def pause(self) -> None:
         self.check("pause")
-        await self.container.runc.pause(self.container.id)
+        self.pausing = True  # State says PAUSING meanwhile, as the Go shim's
+        try:
+            await self.container.runc.pause(self.container.id)
+        finally:
+            self.pausing = False
         self.transition("pause")
 
     async def resume(self) -> None:
@@ -2160,8 +2181,8 @@ class ExecProcess(Process):
 
     async def _start(self, namespace: str) -> None:
         c = self.container
-        if not c.init_alive():
-            raise FailedPrecondition(f"container {c.id} is not running: cannot start exec {self.id}")
+        if c.init_exited():
+            raise FailedPrecondition(f"container {c.id} init process is not running")
         spec_path = os.path.join(c.bundle, f".exec-{self.id}.json")
         pid_file = os.path.join(c.bundle, f"{self.id}.pid")
         self.starting = True
@@ -2175,8 +2196,15 @@ class ExecProcess(Process):
                 os.write(fd, self._spec_json())
             finally:
                 os.close(fd)
-            await c.runc.exec(c.id, spec_path, pid_file, fds,
-                              self.stdio.console_path if self.stdio.terminal else "")
+            try:
+                await c.runc.exec(c.id, spec_path, pid_file, fds,
+                                  self.stdio.console_path if self.stdio.terminal else "")
+            except ShimError:
+                # As the Go shim: Wait returns (status 0) once runc exec has
+                # failed, while the exec itself stays created.
+                if not self.wait.done():
+                    self.wait.set_result(self.exit_status)
+                raise
             if self.stdio.terminal:
                 self.stdio.receive_console()
             self.pid = _read_pid(pid_file)
@@ -2241,9 +2269,11 @@ class Container:
             raise NotFound(f"process {exec_id} does not exist in container {self.id}")
         return p
 
-    def init_alive(self) -> bool:
-        """The init has started, has not exited, and no exit of it is held."""
-        return self.init.state in (RUNNING, PAUSED) and self.held_init_exit is None
+    def init_exited(self) -> bool:
+        """The init has exited: reaped, stopped, or its exit held. An exec may
+        start in a created, running or paused container (runc judges the
+        last two), as with the Go shim, which refuses only an exited init."""
+        return self.init.state in (STOPPED, DELETED) or self.init.reaped or self.held_init_exit is not None
 
     def check_exec(self, eid: str) -> None:
         """Why a new exec `eid` may not be added now (the Go shim's words)."""
@@ -3104,12 +3134,18 @@ class TaskService:
         import json
 
         try:
+            if req.rootfs:
+                try:
+                    os.mkdir(c.rootfs, 0o711)  # as the Go shim: a bundle may come without one
+                except FileExistsError:
+                    pass
             for m in req.rootfs:
                 mount(m.type, m.source, c.rootfs, list(m.options))
                 c.mounted = True
             # Cleanup after a shim death (`shim delete`) needs the same runc.
             _atomic_write(c.bundle, "options.json",
-                          json.dumps({"binary_name": c.runc.binary, "root": opts.root or RUNC_ROOT}).encode())
+                          json.dumps({"binary_name": c.runc.binary, "root": opts.root or RUNC_ROOT}).encode(),
+                          mode=0o600)  # as the Go shim's: it names the runc root
             fds = p.stdio.open(opts.io_uid, opts.io_gid)
             if p.stdio.logging_binary is not None:
                 await p.stdio.logging_binary.start(self.loop, self.runner.reaper, c.id, ns)
@@ -3216,9 +3252,10 @@ class TaskService:
         c = self.container(req.id)
         p = c.process(req.exec_id)
         s = p.stdio
+        # exec_id is left empty, as the Go shim leaves it (containerd reads `id`).
         resp = pb.StateResponse(id=p.id, bundle=c.bundle, pid=p.pid, status=p.status,
                                 stdin=s.stdin, stdout=s.stdout, stderr=s.stderr, terminal=s.terminal,
-                                exit_status=p.exit_status, exec_id=req.exec_id)
+                                exit_status=p.exit_status)
         _ts(resp.exited_at, p.exited_at)
         return resp
 
@@ -3318,7 +3355,7 @@ class TaskService:
         return _empty()
 
     async def close_io(self, req, meta):
-        self.container(req.id).process(req.exec_id).close_io(req.stdin)
+        self.container(req.id).process(req.exec_id).close_io()
         return _empty()
 
     async def connect(self, req, meta):

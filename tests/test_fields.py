@@ -1,0 +1,201 @@
+"""Task API fields and states that pyshim once answered differently from the Go shim
+(the field-by-field survey of issue 13: docs/go-shim-parity.md).
+
+Each scenario runs once per runtime through a real containerd, calling the shim's task
+service as containerd does (``task_call``) where ctr has no command for the field, and
+pyshim's outcome must equal the Go shim's (``same_as_runc``).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Iterator
+
+import pytest
+from harness import Containerd, new_id, wait_for
+from test_e2e import RUNTIMES, _checked, bundle_of, ctr, ok, same_as_runc, wait_status
+from test_exits import exec_request, exec_state, stop_and_remove
+from test_parity import _pb, task_call, tasks_call
+
+import pyshim_pb2 as pb
+
+
+@pytest.fixture
+def daemon(containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[Containerd]:
+    with _checked(containerd, request) as d:
+        yield d
+
+
+def answer(raw: bytes | tuple[int, str]) -> str | tuple[int, str]:
+    """A task_call's outcome: "ok", or the (code, message) of a refusal."""
+    return "ok" if isinstance(raw, bytes) else raw
+
+
+def run_sleeper(d: Containerd, runtime: str, rootfs: str, cid: str) -> int:
+    assert ctr(d, "run", "-d", "--runtime", runtime, "--rootfs", rootfs, cid,
+               "/bin/sleep", "1000") == (0, "", "")
+    return wait_status(d, cid, "RUNNING")
+
+
+def start_exec(d: Containerd, cid: str, eid: str, args: list[str], **fields: str) -> None:
+    req = exec_request(d, cid, eid, args, False)
+    for name, value in fields.items():
+        setattr(req, name, value)
+    assert task_call(d, cid, "Exec", req) == b""
+    assert answer(task_call(d, cid, "Start", pb.StartRequest(id=cid, exec_id=eid))) == "ok"
+
+
+def state(d: Containerd, cid: str, eid: str = "") -> pb.StateResponse:
+    raw = task_call(d, cid, "State", pb.StateRequest(id=cid, exec_id=eid))
+    assert isinstance(raw, bytes), raw
+    return pb.StateResponse.FromString(raw)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_illegal_start_and_delete_are_the_go_shims_refusals(daemon: Containerd, rootfs: str,
+                                                            runtime: str) -> None:
+    """Start or Delete in a state that forbids it: code Unknown and the words of the Go
+    shim's init_state.go / exec_state.go, for the init and for an exec."""
+    def scenario(r: str) -> dict:
+        cid = new_id("refuse")
+        run_sleeper(daemon, r, rootfs, cid)
+        init = pb.StartRequest(id=cid)
+        res = {"start running": answer(task_call(daemon, cid, "Start", init)),
+               "delete running": answer(task_call(daemon, cid, "Delete", pb.DeleteRequest(id=cid)))}
+        ok(daemon, "task", "pause", cid)
+        res["start paused"] = answer(task_call(daemon, cid, "Start", init))
+        res["delete paused"] = answer(task_call(daemon, cid, "Delete", pb.DeleteRequest(id=cid)))
+        ok(daemon, "task", "resume", cid)
+        start_exec(daemon, cid, "x", ["/bin/sleep", "1000"])
+        again = pb.StartRequest(id=cid, exec_id="x")
+        res["exec start running"] = answer(task_call(daemon, cid, "Start", again))
+        res["exec delete running"] = answer(task_call(daemon, cid, "Delete",
+                                                      pb.DeleteRequest(id=cid, exec_id="x")))
+        assert answer(task_call(daemon, cid, "Kill", pb.KillRequest(id=cid, exec_id="x", signal=9))) == "ok"
+        wait_for(lambda: exec_state(daemon, cid, "x") == 3, 10, message="the exec never stopped")
+        res["exec start stopped"] = answer(task_call(daemon, cid, "Start", again))
+        assert res["start running"] == (2, "cannot start a running process"), res
+        stop_and_remove(daemon, cid)
+        return res
+
+    same_as_runc("illegal-start-delete", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_state_of_an_exec_in_a_paused_container(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    """An exec of a paused container reads PAUSED (its own state again after Resume);
+    StateResponse.exec_id stays empty; the bundle's options.json is the shim's alone (0600)."""
+    def scenario(r: str) -> dict:
+        cid = new_id("pstate")
+        run_sleeper(daemon, r, rootfs, cid)
+        start_exec(daemon, cid, "x", ["/bin/sleep", "1000"])
+        start_exec(daemon, cid, "gone", ["/bin/true"])
+        wait_for(lambda: exec_state(daemon, cid, "gone") == 3, 10, message="/bin/true never stopped")
+        ok(daemon, "task", "pause", cid)
+        s = state(daemon, cid, "x")
+        res = {"paused": (state(daemon, cid).status, s.status, exec_state(daemon, cid, "gone")),
+               "fields": (s.id, s.exec_id, s.pid > 0, s.bundle == bundle_of(daemon, cid))}
+        ok(daemon, "task", "resume", cid)
+        res["resumed"] = (state(daemon, cid).status, exec_state(daemon, cid, "x"),
+                          exec_state(daemon, cid, "gone"))
+        res["options.json mode"] = oct(stat.S_IMODE(os.stat(os.path.join(bundle_of(daemon, cid),
+                                                                          "options.json")).st_mode))
+        assert res["paused"] == (4, 4, 4) and res["resumed"] == (2, 2, 3), res
+        stop_and_remove(daemon, cid)
+        return res
+
+    same_as_runc("exec-state-paused", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_resize_and_close_io(daemon: Containerd, rootfs: str, runtime: str, tmp_path) -> None:
+    """ResizePty of a stopped init (without a terminal) is accepted, of a stopped exec
+    refused; CloseIO closes stdin whatever its `stdin` field says."""
+    def scenario(r: str) -> dict:
+        cid = new_id("rsz")
+        run_sleeper(daemon, r, rootfs, cid)
+        fifo, out = (os.path.join(str(tmp_path), f"{cid}.{n}") for n in ("in", "out"))
+        os.mkfifo(fifo)
+        os.mkfifo(out)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(open(out, "rb").read()), daemon=True)
+        reader.start()
+        keep = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # a writer until the shim has its own
+        try:
+            # The Go shim needs stdout and stderr beside stdin ("opening file \"\"" otherwise).
+            start_exec(daemon, cid, "cat", ["/bin/cat"], stdin=fifo, stdout=out, stderr=out)
+            os.write(keep, b"hello\n")
+        finally:
+            os.close(keep)
+        assert exec_state(daemon, cid, "cat") == 2
+        res = {"close io": answer(task_call(daemon, cid, "CloseIO",
+                                            pb.CloseIORequest(id=cid, exec_id="cat", stdin=False)))}
+        wait_for(lambda: exec_state(daemon, cid, "cat") == 3, 10,
+                 message=f"{r}: cat never saw EOF after CloseIO(stdin=false)")
+        reader.join(10)
+        res["cat's output"] = got
+        size = {"width": 80, "height": 24}
+        res["resize stopped exec"] = answer(task_call(daemon, cid, "ResizePty",
+                                                      pb.ResizePtyRequest(id=cid, exec_id="cat", **size)))
+        ok(daemon, "task", "kill", "-s", "KILL", cid)
+        wait_status(daemon, cid, "STOPPED")
+        res["resize stopped init"] = answer(task_call(daemon, cid, "ResizePty",
+                                                      pb.ResizePtyRequest(id=cid, **size)))
+        assert res["resize stopped init"] == "ok", res
+        task_call(daemon, cid, "Delete", pb.DeleteRequest(id=cid, exec_id="cat"))
+        ok(daemon, "task", "rm", cid)
+        ok(daemon, "containers", "rm", cid)
+        return res
+
+    same_as_runc("resize-close-io", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_wait_returns_after_a_failed_exec_start(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    """Once runc exec has failed, Wait on the exec returns at once (status 0, no exit
+    time) though the exec stays created."""
+    def scenario(r: str) -> dict:
+        cid = new_id("waitfail")
+        run_sleeper(daemon, r, rootfs, cid)
+        assert task_call(daemon, cid, "Exec", exec_request(daemon, cid, "bad", ["/bin/nope"], False)) == b""
+        start = task_call(daemon, cid, "Start", pb.StartRequest(id=cid, exec_id="bad"))
+        assert isinstance(start, tuple), start
+        raw = task_call(daemon, cid, "Wait", pb.WaitRequest(id=cid, exec_id="bad"))
+        assert isinstance(raw, bytes), f"{r}: Wait did not return: {raw}"
+        w = pb.WaitResponse.FromString(raw)
+        res = {"wait": (w.exit_status, w.HasField("exited_at") and w.exited_at.seconds > 0),
+               "state": exec_state(daemon, cid, "bad")}
+        task_call(daemon, cid, "Delete", pb.DeleteRequest(id=cid, exec_id="bad"))
+        stop_and_remove(daemon, cid)
+        return res
+
+    same_as_runc("wait-failed-exec", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_exec_in_a_created_container(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    """A task created and not started takes an exec, and its Start runs runc exec."""
+    def scenario(r: str) -> dict:
+        cid = new_id("crexec")
+        ok(daemon, "container", "create", "--runtime", r, "--rootfs", rootfs, cid, "/bin/sleep", "1000")
+        tasks_call(daemon, "Create", _pb((1, cid)))
+        assert state(daemon, cid).status == 1
+        res = {"exec": answer(task_call(daemon, cid, "Exec",
+                                        exec_request(daemon, cid, "x", ["/bin/sh", "-c", "exit 7"], False)))}
+        res["start"] = answer(task_call(daemon, cid, "Start", pb.StartRequest(id=cid, exec_id="x")))
+        if res["start"] == "ok":
+            wait_for(lambda: exec_state(daemon, cid, "x") == 3, 10, message=f"{r}: the exec never stopped")
+            res["exit"] = state(daemon, cid, "x").exit_status
+        else:
+            res["start"] = res["start"][0]  # runc's words include a pid
+        res["init"] = state(daemon, cid).status
+        task_call(daemon, cid, "Delete", pb.DeleteRequest(id=cid, exec_id="x"))
+        ctr(daemon, "task", "kill", "-s", "KILL", cid)
+        wait_status(daemon, cid, "STOPPED")
+        ok(daemon, "task", "rm", cid)
+        ok(daemon, "containers", "rm", cid)
+        return res
+
+    same_as_runc("exec-in-created", runtime, scenario)
