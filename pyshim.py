@@ -1173,7 +1173,8 @@ class Stdio:
             fds.append(w)
         if (uid or gid) and self.logging_binary is None:  # the Go shim leaves a logger's pipes as they are
             for fd in fds:
-                os.fchown(fd, uid, gid)
+                if fd != null:  # a pipe; never the host's /dev/null
+                    os.fchown(fd, uid, gid)
         return fds[0], fds[1], fds[2]
 
     def _open_log_pipes(self) -> None:
@@ -1936,12 +1937,16 @@ class Process:
 
     @property
     def status(self) -> int:
-        """The containerd task Status of the state (UNKNOWN 0 once deleted);
-        PAUSING while a pause runs. An exec reads as its container while that
-        is paused or pausing (the Go shim's execProcess.Status)."""
+        """The containerd task Status of the state (UNKNOWN 0 once deleted).
+        An init reads PAUSING while its pause runs; an exec reads PAUSED while
+        its container is paused or pausing, as with the Go shims 1.6.20,
+        1.7.24 and 2.1.9 (tests/test_fields.py: their sources read as if an
+        exec said PAUSING there, but they answer PAUSED)."""
         init = self.container.init
+        if init is self:
+            return STATUS_PAUSING if self.pausing else STATUS_CODES.get(self.state, 0)
         if init is not None and (init.pausing or init.state == PAUSED):
-            return STATUS_PAUSING if init.pausing else STATUS_CODES[PAUSED]
+            return STATUS_CODES[PAUSED]
         return STATUS_CODES.get(self.state, 0)
 
     def check_gone(self) -> None:
@@ -2187,7 +2192,7 @@ class ExecProcess(Process):
         pid_file = os.path.join(c.bundle, f"{self.id}.pid")
         self.starting = True
         try:
-            fds = self.stdio.open(0, 0)
+            fds = self.stdio.open(*c.io_owner)  # as the Go shim: the init's IoUid/IoGid
             if self.stdio.logging_binary is not None:
                 runner = c.runc.runner
                 await self.stdio.logging_binary.start(runner.loop, runner.reaper, self.id, namespace)
@@ -2245,8 +2250,8 @@ class Container:
     running: the init's exit is published after theirs (ExitRouter).
     """
 
-    __slots__ = ("bundle", "execs", "held_init_exit", "id", "init", "live_execs", "mounted", "restore",
-                 "rootfs", "runc", "shares_pidns")
+    __slots__ = ("bundle", "execs", "held_init_exit", "id", "init", "io_owner", "live_execs", "mounted",
+                 "restore", "rootfs", "runc", "shares_pidns")
 
     def __init__(self, cid: str, bundle: str, runc: Runc) -> None:
         self.id = cid
@@ -2259,6 +2264,7 @@ class Container:
         self.live_execs = 0
         self.held_init_exit: tuple[int, int] | None = None
         self.shares_pidns = False
+        self.io_owner = (0, 0)  # the options' IoUid/IoGid: the init's and every exec's pipes
         self.restore: tuple[str, str, str, tuple[int, int, int]] | None = None
 
     def process(self, exec_id: str) -> Process:
@@ -2280,7 +2286,7 @@ class Container:
         if eid in self.execs:
             raise AlreadyExists(f"id {eid}: already exists")
         if self.init.state in (STOPPED, DELETED):
-            raise FailedPrecondition(f"container {self.id} is stopped: cannot exec")
+            raise ShimError(f"cannot exec in a {self.init.state} state")  # Unknown, as the Go shim
         if self.init.state == PAUSED:
             raise ShimError("cannot exec in a paused state")  # Unknown, as the Go shim
         if self.restore is not None:
@@ -2995,9 +3001,17 @@ def decode_checkpoint_options(any_msg):
     return opts
 
 
+# Go's zero time.Time as a Timestamp (0001-01-01): what the Go shim sends as
+# the exit time of a process that has not exited (it never leaves it unset).
+GO_ZERO_TIME_SECONDS = -62135596800
+
+
 def _ts(msg_field, ns: int) -> None:
+    """An exit time into `msg_field`; 0 (not exited) as the Go shim writes it."""
     if ns:
         msg_field.FromNanoseconds(ns)
+    else:
+        msg_field.seconds = GO_ZERO_TIME_SECONDS
 
 
 def _empty():
@@ -3146,7 +3160,8 @@ class TaskService:
             _atomic_write(c.bundle, "options.json",
                           json.dumps({"binary_name": c.runc.binary, "root": opts.root or RUNC_ROOT}).encode(),
                           mode=0o600)  # as the Go shim's: it names the runc root
-            fds = p.stdio.open(opts.io_uid, opts.io_gid)
+            c.io_owner = (opts.io_uid, opts.io_gid)
+            fds = p.stdio.open(*c.io_owner)
             if p.stdio.logging_binary is not None:
                 await p.stdio.logging_binary.start(self.loop, self.runner.reaper, c.id, ns)
             if req.checkpoint:
@@ -3186,11 +3201,17 @@ class TaskService:
         return pb.StartResponse(pid=p.pid)
 
     async def exec_(self, req, meta):
+        import json
+
         import pyshim_pb2 as pb
 
         c = self.container(req.id)
         eid = _valid_id("exec id", req.exec_id)
         c.check_exec(eid)
+        try:
+            json.loads(req.spec.value)  # as the Go shim: a spec that is no JSON is refused here
+        except ValueError as e:
+            raise ShimError(f"process spec of exec {eid}: {e}") from None
         stdio = Stdio(self.loop, req.stdin, req.stdout, req.stderr, req.terminal)
         c.execs[eid] = ExecProcess(eid, c, stdio, self.loop, spec=req.spec.value)
         self._publish("/tasks/exec-added", pb.TaskExecAdded(container_id=c.id, exec_id=eid))

@@ -13,7 +13,9 @@ import stat
 import threading
 from collections.abc import Iterator
 
+import harness
 import pytest
+from conftest import require_e2e
 from harness import Containerd, new_id, wait_for
 from test_e2e import RUNTIMES, _checked, bundle_of, ctr, ok, same_as_runc, wait_status
 from test_exits import exec_request, exec_state, stop_and_remove
@@ -69,13 +71,12 @@ def test_illegal_start_and_delete_are_the_go_shims_refusals(daemon: Containerd, 
         res["delete paused"] = answer(task_call(daemon, cid, "Delete", pb.DeleteRequest(id=cid)))
         ok(daemon, "task", "resume", cid)
         start_exec(daemon, cid, "x", ["/bin/sleep", "1000"])
-        again = pb.StartRequest(id=cid, exec_id="x")
-        res["exec start running"] = answer(task_call(daemon, cid, "Start", again))
+        # Not a second Start of the exec: the Go shims 1.7.24 and 2.1.9 then count
+        # it twice and never publish the init's exit (docs/go-shim-parity.md).
         res["exec delete running"] = answer(task_call(daemon, cid, "Delete",
                                                       pb.DeleteRequest(id=cid, exec_id="x")))
         assert answer(task_call(daemon, cid, "Kill", pb.KillRequest(id=cid, exec_id="x", signal=9))) == "ok"
         wait_for(lambda: exec_state(daemon, cid, "x") == 3, 10, message="the exec never stopped")
-        res["exec start stopped"] = answer(task_call(daemon, cid, "Start", again))
         assert res["start running"] == (2, "cannot start a running process"), res
         stop_and_remove(daemon, cid)
         return res
@@ -96,7 +97,9 @@ def test_state_of_an_exec_in_a_paused_container(daemon: Containerd, rootfs: str,
         ok(daemon, "task", "pause", cid)
         s = state(daemon, cid, "x")
         res = {"paused": (state(daemon, cid).status, s.status, exec_state(daemon, cid, "gone")),
-               "fields": (s.id, s.exec_id, s.pid > 0, s.bundle == bundle_of(daemon, cid))}
+               "fields": (s.id, s.exec_id, s.pid > 0, s.bundle == bundle_of(daemon, cid)),
+               # not exited: Go's zero time (0001-01-01), never an unset field
+               "exited_at": (s.HasField("exited_at"), s.exited_at.seconds)}
         ok(daemon, "task", "resume", cid)
         res["resumed"] = (state(daemon, cid).status, exec_state(daemon, cid, "x"),
                           exec_state(daemon, cid, "gone"))
@@ -154,8 +157,8 @@ def test_resize_and_close_io(daemon: Containerd, rootfs: str, runtime: str, tmp_
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_wait_returns_after_a_failed_exec_start(daemon: Containerd, rootfs: str, runtime: str) -> None:
-    """Once runc exec has failed, Wait on the exec returns at once (status 0, no exit
-    time) though the exec stays created."""
+    """Once runc exec has failed, Wait on the exec returns at once (status 0, Go's zero
+    time) though the exec stays created; its Delete answers the same."""
     def scenario(r: str) -> dict:
         cid = new_id("waitfail")
         run_sleeper(daemon, r, rootfs, cid)
@@ -165,9 +168,12 @@ def test_wait_returns_after_a_failed_exec_start(daemon: Containerd, rootfs: str,
         raw = task_call(daemon, cid, "Wait", pb.WaitRequest(id=cid, exec_id="bad"))
         assert isinstance(raw, bytes), f"{r}: Wait did not return: {raw}"
         w = pb.WaitResponse.FromString(raw)
-        res = {"wait": (w.exit_status, w.HasField("exited_at") and w.exited_at.seconds > 0),
+        res = {"wait": (w.exit_status, w.HasField("exited_at"), w.exited_at.seconds),
                "state": exec_state(daemon, cid, "bad")}
-        task_call(daemon, cid, "Delete", pb.DeleteRequest(id=cid, exec_id="bad"))
+        raw = task_call(daemon, cid, "Delete", pb.DeleteRequest(id=cid, exec_id="bad"))
+        assert isinstance(raw, bytes), raw
+        gone = pb.DeleteResponse.FromString(raw)
+        res["delete"] = (gone.pid, gone.exit_status, gone.HasField("exited_at"), gone.exited_at.seconds)
         stop_and_remove(daemon, cid)
         return res
 
@@ -199,3 +205,105 @@ def test_exec_in_a_created_container(daemon: Containerd, rootfs: str, runtime: s
         return res
 
     same_as_runc("exec-in-created", runtime, scenario)
+
+
+@pytest.fixture(scope="module")
+def slow_pause_daemon(tmp_path_factory) -> Iterator[Containerd]:
+    """A private containerd whose PATH finds a `runc` that takes a second longer over
+    `pause` (both shims look runc up on containerd's PATH)."""
+    require_e2e()
+    bin_dir = str(tmp_path_factory.mktemp("slowrunc"))
+    with open(os.path.join(bin_dir, "runc"), "w") as f:
+        f.write(f'#!/bin/sh\nfor a; do [ "$a" = pause ] && sleep 1; done\nexec {harness.RUNC_BINARY} "$@"\n')
+    os.chmod(os.path.join(bin_dir, "runc"), 0o755)
+    d = Containerd(extra_path=[bin_dir])
+    try:
+        d.start()
+        yield d
+    finally:
+        d.cleanup()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_state_reads_pausing_while_runc_pauses(slow_pause_daemon: Containerd, rootfs: str,
+                                               runtime: str) -> None:
+    """While `runc pause` runs, State says PAUSING (5) for the init, PAUSED (4) for an exec."""
+    d = slow_pause_daemon
+
+    def scenario(r: str) -> dict:
+        cid = new_id("pausing")
+        run_sleeper(d, r, rootfs, cid)
+        start_exec(d, cid, "x", ["/bin/sleep", "1000"])
+        pausing = threading.Thread(target=ok, args=(d, "task", "pause", cid))
+        pausing.start()
+        init = wait_for(lambda: (s := state(d, cid).status) != 2 and s, 10, interval=0.02,
+                        message=f"{r}: the task never left RUNNING")
+        seen = (init, exec_state(d, cid, "x"))  # runc pause sleeps a second before it starts
+        pausing.join(10)
+        res = {"while pausing": seen, "after": (state(d, cid).status, exec_state(d, cid, "x"))}
+        ok(d, "task", "resume", cid)
+        # The init reads PAUSING, its exec PAUSED (observed on every line's Go shim).
+        assert res == {"while pausing": (5, 4), "after": (4, 4)}, res
+        stop_and_remove(d, cid)
+        return res
+
+    same_as_runc("pausing", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_exec_refusals_at_exec_time(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    """Exec of a stopped task: code Unknown, the Go shim's words; an exec whose process
+    spec is no JSON is refused at Exec (code Unknown; the parser's words differ)."""
+    def scenario(r: str) -> dict:
+        cid = new_id("exref")
+        run_sleeper(daemon, r, rootfs, cid)
+        bad = exec_request(daemon, cid, "bad", ["/bin/true"], False)
+        bad.spec.value = b'{"args": ["/bin/true"'
+        res = {"no json": answer(task_call(daemon, cid, "Exec", bad))}
+        res["no json"] = res["no json"] if res["no json"] == "ok" else res["no json"][0]
+        ok(daemon, "task", "kill", "-s", "KILL", cid)
+        wait_status(daemon, cid, "STOPPED")
+        res["stopped"] = answer(task_call(daemon, cid, "Exec",
+                                          exec_request(daemon, cid, "late", ["/bin/true"], False)))
+        assert res == {"no json": 2, "stopped": (2, "cannot exec in a stopped state")}, res
+        ok(daemon, "task", "rm", cid)
+        ok(daemon, "containers", "rm", cid)
+        return res
+
+    same_as_runc("exec-refusals", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_io_uid_and_gid_own_the_exec_pipes_too(daemon: Containerd, rootfs: str, runtime: str,
+                                               tmp_path) -> None:
+    """Runtime options IoUid/IoGid (containerd.runc.v1.Options through Tasks.Create): the
+    pipes of the init and of every exec are theirs; /dev/null is nobody's business."""
+    def scenario(r: str) -> dict:
+        cid = new_id("iouid")
+        ok(daemon, "container", "create", "--runtime", r, "--rootfs", rootfs, cid, "/bin/sleep", "1000")
+        opts = pb.RuncOptions(io_uid=1234, io_gid=2345).SerializeToString()
+        any_opts = _pb((1, "containerd.runc.v1.Options"), (2, opts))
+        null_before = os.stat("/dev/null")
+        tasks_call(daemon, "Create", _pb((1, cid), (9, any_opts)))
+        tasks_call(daemon, "Start", _pb((1, cid)))
+        wait_status(daemon, cid, "RUNNING")
+        out = os.path.join(str(tmp_path), f"{cid}.out")
+        os.mkfifo(out)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(open(out, "rb").read()), daemon=True)
+        reader.start()
+        start_exec(daemon, cid, "own", ["/bin/stat", "-L", "-c", "%u:%g", "/proc/self/fd/1"],
+                   stdout=out, stderr=out)
+        wait_for(lambda: exec_state(daemon, cid, "own") == 3, 10, message=f"{r}: stat never exited")
+        reader.join(10)
+        null_after = os.stat("/dev/null")
+        res = {"exec stdout owner": got, "/dev/null kept":
+               (null_after.st_uid, null_after.st_gid) == (null_before.st_uid, null_before.st_gid)}
+        # runc hands the uid of a stdio pipe to the process's user (root here) and keeps
+        # its gid: the gid shows the shim's chown.
+        assert res == {"exec stdout owner": [b"0:2345\n"], "/dev/null kept": True}, res
+        task_call(daemon, cid, "Delete", pb.DeleteRequest(id=cid, exec_id="own"))
+        stop_and_remove(daemon, cid)
+        return res
+
+    same_as_runc("io-uid-gid", runtime, scenario)

@@ -507,7 +507,7 @@ def test_oom_watcher_v1_eventfd(tmp_path) -> None:
 
 
 def test_pause_resume_update_transitions() -> None:
-    """The TRANSITIONS table and the Go shim's refusals for pause/resume/update."""
+    """The TRANSITIONS table and the Go shim's refusals for pause/resume/update/start."""
     T = pyshim.TRANSITIONS
     assert T[pyshim.RUNNING, "pause"] == pyshim.PAUSED
     assert T[pyshim.PAUSED, "resume"] == pyshim.RUNNING
@@ -524,6 +524,7 @@ def test_pause_resume_update_transitions() -> None:
             (pyshim.PAUSED, "pause", "cannot pause a paused container"),
             (pyshim.STOPPED, "resume", "cannot resume a stopped container"),
             (pyshim.STOPPED, "update", "cannot update a stopped container"),
+            (pyshim.STOPPED, "start", "cannot start a stopped process"),
         ]:
             p.state = state
             with pytest.raises(pyshim.ShimError) as e:
@@ -531,7 +532,7 @@ def test_pause_resume_update_transitions() -> None:
             assert (e.value.code, str(e.value)) == (pyshim.UNKNOWN, words)
         p.state = pyshim.STOPPED
         with pytest.raises(pyshim.FailedPrecondition):
-            p.check("start")
+            p.check("exit")  # a second exit: no Go shim words, an internal precondition
     finally:
         loop.close()
 
