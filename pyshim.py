@@ -2110,12 +2110,25 @@ class InitProcess(Process):
         except ShimError as e:
             log("warning", "killing the container's remaining processes", id=self.container.id, error=str(e))
 
-    def cgroup_pid(self) -> int:
-        """The init's pid while its cgroup can be read through it: once reaped,
-        the pid may be another process's."""
-        if not self.pid or self.reaped:
-            raise NotFound(f"cgroup of {self.container.id} does not exist")
-        return self.pid
+    def metrics(self) -> tuple[str, bytes]:
+        """The container's cgroup metrics: through the init's pid while it is
+        not reaped (once reaped, the pid may be another process's), else
+        through the cgroup it was in."""
+        c = self.container
+        if not c.cgroup:
+            if not self.pid or self.reaped:
+                raise NotFound(f"cgroup of {c.id} does not exist")
+            c.cgroup = proc_cgroup(self.pid)
+        return container_metrics(self.pid, c.cgroup)
+
+    def remember_cgroup(self) -> None:
+        """Reads the init's cgroup once it has a pid (Create or Start)."""
+        c = self.container
+        if not c.cgroup and self.pid and not self.reaped:
+            try:
+                c.cgroup = proc_cgroup(self.pid)
+            except NotFound:
+                pass  # exited already: Stats will say so
 
     async def delete(self, oom: OomWatcher | None) -> None:
         """`runc delete` of a created or stopped container, then its stdio and
@@ -2250,8 +2263,8 @@ class Container:
     running: the init's exit is published after theirs (ExitRouter).
     """
 
-    __slots__ = ("bundle", "execs", "held_init_exit", "id", "init", "io_owner", "live_execs", "mounted",
-                 "restore", "rootfs", "runc", "shares_pidns")
+    __slots__ = ("bundle", "cgroup", "execs", "held_init_exit", "id", "init", "io_owner", "live_execs",
+                 "mounted", "restore", "rootfs", "runc", "shares_pidns")
 
     def __init__(self, cid: str, bundle: str, runc: Runc) -> None:
         self.id = cid
@@ -2265,6 +2278,10 @@ class Container:
         self.held_init_exit: tuple[int, int] | None = None
         self.shares_pidns = False
         self.io_owner = (0, 0)  # the options' IoUid/IoGid: the init's and every exec's pipes
+        # The init's /proc/PID/cgroup, read once it has a pid: Stats answers
+        # from it after the init is reaped, until Delete (as the Go shim,
+        # which loads the cgroup at Create).
+        self.cgroup = ""
         self.restore: tuple[str, str, str, tuple[int, int, int]] | None = None
 
     def process(self, exec_id: str) -> Process:
@@ -2476,17 +2493,23 @@ def _pure_v2(root: str = CGROUP_ROOT) -> bool:
     return os.path.exists(os.path.join(root, "cgroup.controllers"))
 
 
-def cgroup_paths(pid: int, root: str = CGROUP_ROOT) -> tuple[dict[str, str], str]:
-    """({v1 controller: dir}, v2 dir or "") of a process, from /proc/PID/cgroup.
+def proc_cgroup(pid: int) -> str:
+    """The text of /proc/PID/cgroup; NotFound once the process is gone."""
+    try:
+        return _read_small(f"/proc/{pid}/cgroup").decode()
+    except OSError:
+        raise NotFound(f"cgroup of pid {pid} does not exist") from None
+
+
+def cgroup_paths(pid: int, root: str = CGROUP_ROOT, text: str = "") -> tuple[dict[str, str], str]:
+    """({v1 controller: dir}, v2 dir or "") of a process, from /proc/PID/cgroup
+    (or from `text`, that file as read earlier).
 
     A v1 controller's dir is that of its hierarchy (`cpu,cpuacct` or `cpu`),
     as mounted under `root`. The v2 dir is under `root` on a pure v2 host and
     under `root`/unified on a hybrid one.
     """
-    try:
-        text = _read_small(f"/proc/{pid}/cgroup").decode()
-    except OSError:
-        raise NotFound(f"cgroup of pid {pid} does not exist") from None
+    text = text or proc_cgroup(pid)
     v1: dict[str, str] = {}
     v2 = ""
     for line in text.splitlines():
@@ -2678,10 +2701,11 @@ def v2_metrics(d: str):
     return m
 
 
-def container_metrics(pid: int) -> tuple[str, bytes]:
-    """(type url, serialized metrics) of the cgroup that `pid` is in: v1 when
-    its memory or cpu controllers are in v1 hierarchies, else v2."""
-    v1, v2 = cgroup_paths(pid)
+def container_metrics(pid: int, text: str = "") -> tuple[str, bytes]:
+    """(type url, serialized metrics) of the cgroup that `pid` is in (or that
+    `text`, its /proc/PID/cgroup read earlier, names): v1 when its memory or
+    cpu controllers are in v1 hierarchies, else v2."""
+    v1, v2 = cgroup_paths(pid, text=text)
     if any(k in v1 for k in ("memory", "cpuacct", "pids")):
         return URL_CGROUPS_V1_METRICS, v1_metrics(v1).SerializeToString()
     if not v2:
@@ -3107,6 +3131,7 @@ class TaskService:
             await self._bring_up(c, p, req, opts, ns)
             if p.pid:
                 self.exits.claim(sub, p)
+                p.remember_cgroup()
             self.containers[cid] = c
             ev = pb.TaskCreate(container_id=cid, bundle=req.bundle, checkpoint=req.checkpoint, pid=p.pid)
             ev.rootfs.extend(req.rootfs)
@@ -3193,6 +3218,7 @@ class TaskService:
             self.exits.claim(sub, p)
             self._publish(*p.started_event())
             if p is c.init:
+                p.remember_cgroup()  # a restored init has its pid only now
                 self._watch_oom(c)
         finally:
             # An exit held while starting is published now: after the start
@@ -3328,7 +3354,7 @@ class TaskService:
     async def stats(self, req, meta):
         import pyshim_pb2 as pb
 
-        url, value = container_metrics(self.container(req.id).init.cgroup_pid())
+        url, value = self.container(req.id).init.metrics()
         resp = pb.StatsResponse()
         resp.stats.type_url = url
         resp.stats.value = value

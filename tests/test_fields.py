@@ -307,3 +307,22 @@ def test_io_uid_and_gid_own_the_exec_pipes_too(daemon: Containerd, rootfs: str, 
         return res
 
     same_as_runc("io-uid-gid", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_stats_of_a_task_that_has_exited(daemon: Containerd, rootfs: str, runtime: str) -> None:
+    """Stats (`ctr task metrics`) of a task whose init has exited, before Delete: the
+    cgroup it was in still answers."""
+    def scenario(r: str) -> dict:
+        cid = new_id("stopstat")
+        run_sleeper(daemon, r, rootfs, cid)
+        ok(daemon, "task", "kill", "-s", "KILL", cid)
+        wait_status(daemon, cid, "STOPPED")
+        code, out, err = ctr(daemon, "task", "metrics", cid)
+        res = {"metrics": (code, out.split()[:2], err)}
+        assert res["metrics"] == (0, ["ID", "TIMESTAMP"], ""), res
+        ok(daemon, "task", "rm", cid)
+        ok(daemon, "containers", "rm", cid)
+        return res
+
+    same_as_runc("stats-after-exit", runtime, scenario)
