@@ -40,9 +40,11 @@ def daemon(containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[C
 
 
 def run_without_pidns(d: Containerd, runtime: str, rootfs: str, tmp_path, cid: str,
-                      script: str) -> int:
+                      script: str, annotations: dict[str, str] | None = None) -> int:
     """`ctr run -d --config` of `/bin/sh -c script` in the host's pid namespace; the pid."""
     spec = json.loads(ok(d, "oci", "spec"))
+    if annotations:
+        spec.setdefault("annotations", {}).update(annotations)
     spec["root"] = {"path": os.path.abspath(rootfs), "readonly": True}
     spec["process"]["args"] = ["/bin/sh", "-c", script]
     spec["process"]["terminal"] = False

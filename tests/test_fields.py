@@ -18,8 +18,8 @@ import pytest
 from conftest import require_e2e
 from harness import Containerd, new_id, wait_for
 from test_e2e import RUNTIMES, _checked, bundle_of, ctr, ok, same_as_runc, wait_status
-from test_exits import exec_request, exec_state, stop_and_remove
-from test_parity import _pb, task_call, tasks_call
+from test_exits import exec_request, exec_state, run_without_pidns, stop_and_remove
+from test_parity import _pb, run_sleeper_id, task_call, tasks_call
 
 import pyshim_pb2 as pb
 
@@ -326,3 +326,30 @@ def test_stats_of_a_task_that_has_exited(daemon: Containerd, rootfs: str, runtim
         return res
 
     same_as_runc("stats-after-exit", runtime, scenario)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_deleting_the_groups_first_container(daemon: Containerd, rootfs: str, runtime: str,
+                                             tmp_path) -> None:
+    """A group of A (the shim's own id) and B (no pid namespace of its own): deleting A
+    ends in a Shutdown naming A, and B runs on, with the Go shims 1.6.20, 1.7.24 and
+    2.1.9 alike (a newer 2.x source kills and force-deletes B there first:
+    docs/go-shim-parity.md)."""
+    def scenario(r: str) -> dict:
+        group = new_id("sgrp")
+        a, b = new_id("first"), new_id("nopid")
+        run_sleeper_id(daemon, r, rootfs, a, "--annotation", f"io.containerd.runc.v2.group={group}")
+        marker = str(300000 + os.getpid() % 1000)
+        b_pid = run_without_pidns(daemon, r, rootfs, tmp_path, b, f"exec /bin/sleep {marker}",
+                                  annotations={"io.containerd.runc.v2.group": group})
+        assert harness.bundle_address(bundle_of(daemon, b)) == harness.bundle_address(bundle_of(daemon, a))
+        ok(daemon, "task", "kill", "-s", "KILL", a)
+        wait_status(daemon, a, "STOPPED")
+        ok(daemon, "task", "rm", a)  # Delete, then Shutdown(A), before ctr returns
+        res = {"B alive after rm A": harness._alive(b_pid), "B's task": daemon.tasks().get(b)}
+        assert res == {"B alive after rm A": True, "B's task": "RUNNING"}, res
+        stop_and_remove(daemon, b)
+        ok(daemon, "containers", "rm", a)
+        return res
+
+    same_as_runc("group-shutdown", runtime, scenario)
