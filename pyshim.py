@@ -1218,7 +1218,8 @@ class Stdio:
             fds.append(w)
         if (uid or gid) and self.logging_binary is None:  # the Go shim leaves a logger's pipes as they are
             for fd in fds:
-                os.fchown(fd, uid, gid)
+                if fd != null:  # a pipe; never the host's /dev/null
+                    os.fchown(fd, uid, gid)
         return fds[0], fds[1], fds[2]
 
     def _open_log_pipes(self) -> None:
@@ -1889,10 +1890,17 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 }
 
 STATUS_CODES = {CREATED: 1, RUNNING: 2, STOPPED: 3, PAUSED: 4}
+STATUS_PAUSING = 5  # an init while `runc pause` runs (not a state: nothing else changes)
 
-# The Go shim's words (code Unknown) for a pause, resume, update or
-# checkpoint that the init's state forbids; ctr prints them as they are.
+# The Go shim's words (code Unknown) for a start, delete, pause, resume,
+# update or checkpoint that the process's state forbids (its init_state.go
+# and exec_state.go); ctr prints them as they are.
 REFUSALS: dict[tuple[str, str], str] = {
+    (RUNNING, "start"): "cannot start a running process",
+    (PAUSED, "start"): "cannot start a paused process",
+    (STOPPED, "start"): "cannot start a stopped process",
+    (RUNNING, "delete"): "cannot delete a running process",
+    (PAUSED, "delete"): "cannot delete a paused process",
     (CREATED, "pause"): "cannot pause task in created state",
     (CREATED, "resume"): "cannot resume task in created state",
     (RUNNING, "resume"): "cannot resume a running process",
@@ -1932,8 +1940,8 @@ class Process:
     after that could reach another process that reuses the pid.
     """
 
-    __slots__ = ("container", "exit_status", "exited_at", "id", "pid", "reaped", "starting", "state",
-                 "stdio", "wait")
+    __slots__ = ("container", "exit_status", "exited_at", "id", "pausing", "pid", "reaped", "starting",
+                 "state", "stdio", "wait")
 
     def __init__(self, pid_id: str, container: Container, stdio: Stdio, loop) -> None:
         self.id = pid_id
@@ -1945,11 +1953,12 @@ class Process:
         self.wait = loop.create_future()
         self.stdio = stdio
         self.starting = False
+        self.pausing = False
         self.reaped = False
 
     def check(self, event: str) -> str:
         """The state `event` leads to; FailedPrecondition if it is illegal now
-        (or the Go shim's own refusal, for pause, resume and update)."""
+        (or the Go shim's own refusal, code Unknown: REFUSALS)."""
         new = TRANSITIONS.get((self.state, event))
         if new is None:
             if (self.state, event) in REFUSALS:
@@ -1978,7 +1987,16 @@ class Process:
 
     @property
     def status(self) -> int:
-        """The containerd task Status of the state (UNKNOWN 0 once deleted)."""
+        """The containerd task Status of the state (UNKNOWN 0 once deleted).
+        An init reads PAUSING while its pause runs; an exec reads PAUSED while
+        its container is paused or pausing, as with the Go shims 1.6.20,
+        1.7.24 and 2.1.9 (tests/test_fields.py: their sources read as if an
+        exec said PAUSING there, but they answer PAUSED)."""
+        init = self.container.init
+        if init is self:
+            return STATUS_PAUSING if self.pausing else STATUS_CODES.get(self.state, 0)
+        if init is not None and (init.pausing or init.state == PAUSED):
+            return STATUS_CODES[PAUSED]
         return STATUS_CODES.get(self.state, 0)
 
     def check_gone(self) -> None:
@@ -1992,9 +2010,10 @@ class Process:
             raise ShimError("cannot resize a stopped container")  # the Go shim's words
         self.stdio.resize(width, height)
 
-    def close_io(self, stdin: bool) -> None:
-        if stdin:
-            self.stdio.close_stdin()
+    def close_io(self) -> None:
+        """Closes the stdin fifo's write end, as the Go shim's CloseIO does
+        whatever the request's `stdin` says (containerd always sends true)."""
+        self.stdio.close_stdin()
 
     async def _close_stdio(self) -> None:
         if self.stdio.logging_binary is not None:
@@ -2002,8 +2021,6 @@ class Process:
         self.stdio.close()
 
     def check_delete(self) -> None:
-        if self.state in (RUNNING, PAUSED):
-            raise FailedPrecondition(f"cannot delete a running process ({self.id})")
         self.check("delete")
 
 
@@ -2056,6 +2073,11 @@ class InitProcess(Process):
         if self.container.shares_pidns:
             await self.kill_all()
 
+    def resize(self, width: int, height: int) -> None:
+        """Whatever the init's state, as the Go shim's Init.Resize (a stopped
+        init's terminal, if any, is resized; without one nothing happens)."""
+        self.stdio.resize(width, height)
+
     async def _restore(self) -> None:
         c = self.container
         image, parent, work, fds = c.restore
@@ -2074,7 +2096,11 @@ class InitProcess(Process):
 
     async def pause(self) -> None:
         self.check("pause")
-        await self.container.runc.pause(self.container.id)
+        self.pausing = True  # State says PAUSING meanwhile, as the Go shim's
+        try:
+            await self.container.runc.pause(self.container.id)
+        finally:
+            self.pausing = False
         self.transition("pause")
 
     async def resume(self) -> None:
@@ -2134,12 +2160,25 @@ class InitProcess(Process):
         except ShimError as e:
             log("warning", "killing the container's remaining processes", id=self.container.id, error=str(e))
 
-    def cgroup_pid(self) -> int:
-        """The init's pid while its cgroup can be read through it: once reaped,
-        the pid may be another process's."""
-        if not self.pid or self.reaped:
-            raise NotFound(f"cgroup of {self.container.id} does not exist")
-        return self.pid
+    def metrics(self) -> tuple[str, bytes]:
+        """The container's cgroup metrics: through the init's pid while it is
+        not reaped (once reaped, the pid may be another process's), else
+        through the cgroup it was in."""
+        c = self.container
+        if not c.cgroup:
+            if not self.pid or self.reaped:
+                raise NotFound(f"cgroup of {c.id} does not exist")
+            c.cgroup = proc_cgroup(self.pid)
+        return container_metrics(self.pid, c.cgroup)
+
+    def remember_cgroup(self) -> None:
+        """Reads the init's cgroup once it has a pid (Create or Start)."""
+        c = self.container
+        if not c.cgroup and self.pid and not self.reaped:
+            try:
+                c.cgroup = proc_cgroup(self.pid)
+            except NotFound:
+                pass  # exited already: Stats will say so
 
     async def delete(self, oom: OomWatcher | None) -> None:
         """`runc delete` of a created or stopped container, then its stdio and
@@ -2210,13 +2249,13 @@ class ExecProcess(Process):
 
     async def _start(self, namespace: str) -> None:
         c = self.container
-        if not c.init_alive():
-            raise FailedPrecondition(f"container {c.id} is not running: cannot start exec {self.id}")
+        if c.init_exited():
+            raise FailedPrecondition(f"container {c.id} init process is not running")
         spec_path = os.path.join(c.bundle, f".exec-{self.id}.json")
         pid_file = os.path.join(c.bundle, f"{self.id}.pid")
         self.starting = True
         try:
-            fds = self.stdio.open(0, 0)
+            fds = self.stdio.open(*c.io_owner)  # as the Go shim: the init's IoUid/IoGid
             if self.stdio.logging_binary is not None:
                 runner = c.runc.runner
                 await self.stdio.logging_binary.start(runner.loop, runner.reaper, self.id, namespace)
@@ -2225,8 +2264,15 @@ class ExecProcess(Process):
                 os.write(fd, self._spec_json())
             finally:
                 os.close(fd)
-            await c.runc.exec(c.id, spec_path, pid_file, fds,
-                              self.stdio.console_path if self.stdio.terminal else "")
+            try:
+                await c.runc.exec(c.id, spec_path, pid_file, fds,
+                                  self.stdio.console_path if self.stdio.terminal else "")
+            except ShimError:
+                # As the Go shim: Wait returns (status 0) once runc exec has
+                # failed, while the exec itself stays created.
+                if not self.wait.done():
+                    self.wait.set_result(self.exit_status)
+                raise
             if self.stdio.terminal:
                 self.stdio.receive_console()
             self.pid = _read_pid(pid_file)
@@ -2267,8 +2313,8 @@ class Container:
     running: the init's exit is published after theirs (ExitRouter).
     """
 
-    __slots__ = ("bundle", "execs", "held_init_exit", "id", "init", "live_execs", "mounted", "restore",
-                 "rootfs", "runc", "shares_pidns")
+    __slots__ = ("bundle", "cgroup", "execs", "held_init_exit", "id", "init", "io_owner", "live_execs",
+                 "mounted", "restore", "rootfs", "runc", "shares_pidns")
 
     def __init__(self, cid: str, bundle: str, runc: Runc) -> None:
         self.id = cid
@@ -2281,6 +2327,11 @@ class Container:
         self.live_execs = 0
         self.held_init_exit: tuple[int, int] | None = None
         self.shares_pidns = False
+        self.io_owner = (0, 0)  # the options' IoUid/IoGid: the init's and every exec's pipes
+        # The init's /proc/PID/cgroup, read once it has a pid: Stats answers
+        # from it after the init is reaped, until Delete (as the Go shim,
+        # which loads the cgroup at Create).
+        self.cgroup = ""
         self.restore: tuple[str, str, str, tuple[int, int, int]] | None = None
 
     def process(self, exec_id: str) -> Process:
@@ -2291,16 +2342,18 @@ class Container:
             raise NotFound(f"process {exec_id} does not exist in container {self.id}")
         return p
 
-    def init_alive(self) -> bool:
-        """The init has started, has not exited, and no exit of it is held."""
-        return self.init.state in (RUNNING, PAUSED) and self.held_init_exit is None
+    def init_exited(self) -> bool:
+        """The init has exited: reaped, stopped, or its exit held. An exec may
+        start in a created, running or paused container (runc judges the
+        last two), as with the Go shim, which refuses only an exited init."""
+        return self.init.state in (STOPPED, DELETED) or self.init.reaped or self.held_init_exit is not None
 
     def check_exec(self, eid: str) -> None:
         """Why a new exec `eid` may not be added now (the Go shim's words)."""
         if eid in self.execs:
             raise AlreadyExists(f"id {eid}: already exists")
         if self.init.state in (STOPPED, DELETED):
-            raise FailedPrecondition(f"container {self.id} is stopped: cannot exec")
+            raise ShimError(f"cannot exec in a {self.init.state} state")  # Unknown, as the Go shim
         if self.init.state == PAUSED:
             raise ShimError("cannot exec in a paused state")  # Unknown, as the Go shim
         if self.restore is not None:
@@ -2490,17 +2543,23 @@ def _pure_v2(root: str = CGROUP_ROOT) -> bool:
     return os.path.exists(os.path.join(root, "cgroup.controllers"))
 
 
-def cgroup_paths(pid: int, root: str = CGROUP_ROOT) -> tuple[dict[str, str], str]:
-    """({v1 controller: dir}, v2 dir or "") of a process, from /proc/PID/cgroup.
+def proc_cgroup(pid: int) -> str:
+    """The text of /proc/PID/cgroup; NotFound once the process is gone."""
+    try:
+        return _read_small(f"/proc/{pid}/cgroup").decode()
+    except OSError:
+        raise NotFound(f"cgroup of pid {pid} does not exist") from None
+
+
+def cgroup_paths(pid: int, root: str = CGROUP_ROOT, text: str = "") -> tuple[dict[str, str], str]:
+    """({v1 controller: dir}, v2 dir or "") of a process, from /proc/PID/cgroup
+    (or from `text`, that file as read earlier).
 
     A v1 controller's dir is that of its hierarchy (`cpu,cpuacct` or `cpu`),
     as mounted under `root`. The v2 dir is under `root` on a pure v2 host and
     under `root`/unified on a hybrid one.
     """
-    try:
-        text = _read_small(f"/proc/{pid}/cgroup").decode()
-    except OSError:
-        raise NotFound(f"cgroup of pid {pid} does not exist") from None
+    text = text or proc_cgroup(pid)
     v1: dict[str, str] = {}
     v2 = ""
     for line in text.splitlines():
@@ -2692,10 +2751,11 @@ def v2_metrics(d: str):
     return m
 
 
-def container_metrics(pid: int) -> tuple[str, bytes]:
-    """(type url, serialized metrics) of the cgroup that `pid` is in: v1 when
-    its memory or cpu controllers are in v1 hierarchies, else v2."""
-    v1, v2 = cgroup_paths(pid)
+def container_metrics(pid: int, text: str = "") -> tuple[str, bytes]:
+    """(type url, serialized metrics) of the cgroup that `pid` is in (or that
+    `text`, its /proc/PID/cgroup read earlier, names): v1 when its memory or
+    cpu controllers are in v1 hierarchies, else v2."""
+    v1, v2 = cgroup_paths(pid, text=text)
     if any(k in v1 for k in ("memory", "cpuacct", "pids")):
         return URL_CGROUPS_V1_METRICS, v1_metrics(v1).SerializeToString()
     if not v2:
@@ -3015,9 +3075,17 @@ def decode_checkpoint_options(any_msg):
     return opts
 
 
+# Go's zero time.Time as a Timestamp (0001-01-01): what the Go shim sends as
+# the exit time of a process that has not exited (it never leaves it unset).
+GO_ZERO_TIME_SECONDS = -62135596800
+
+
 def _ts(msg_field, ns: int) -> None:
+    """An exit time into `msg_field`; 0 (not exited) as the Go shim writes it."""
     if ns:
         msg_field.FromNanoseconds(ns)
+    else:
+        msg_field.seconds = GO_ZERO_TIME_SECONDS
 
 
 def _empty():
@@ -3113,6 +3181,7 @@ class TaskService:
             await self._bring_up(c, p, req, opts, ns)
             if p.pid:
                 self.exits.claim(sub, p)
+                p.remember_cgroup()
             self.containers[cid] = c
             ev = pb.TaskCreate(container_id=cid, bundle=req.bundle, checkpoint=req.checkpoint, pid=p.pid)
             ev.rootfs.extend(req.rootfs)
@@ -3154,13 +3223,20 @@ class TaskService:
         import json
 
         try:
+            if req.rootfs:
+                try:
+                    os.mkdir(c.rootfs, 0o711)  # as the Go shim: a bundle may come without one
+                except FileExistsError:
+                    pass
             for m in req.rootfs:
                 mount(m.type, m.source, c.rootfs, list(m.options))
                 c.mounted = True
             # Cleanup after a shim death (`shim delete`) needs the same runc.
             _atomic_write(c.bundle, "options.json",
-                          json.dumps({"binary_name": c.runc.binary, "root": opts.root or RUNC_ROOT}).encode())
-            fds = p.stdio.open(opts.io_uid, opts.io_gid)
+                          json.dumps({"binary_name": c.runc.binary, "root": opts.root or RUNC_ROOT}).encode(),
+                          mode=0o600)  # as the Go shim's: it names the runc root
+            c.io_owner = (opts.io_uid, opts.io_gid)
+            fds = p.stdio.open(*c.io_owner)
             if p.stdio.logging_binary is not None:
                 await p.stdio.logging_binary.start(self.loop, self.runner.reaper, c.id, ns)
             if req.checkpoint:
@@ -3192,6 +3268,7 @@ class TaskService:
             self.exits.claim(sub, p)
             self._publish(*p.started_event())
             if p is c.init:
+                p.remember_cgroup()  # a restored init has its pid only now
                 self._watch_oom(c)
         finally:
             # An exit held while starting is published now: after the start
@@ -3200,11 +3277,17 @@ class TaskService:
         return pb.StartResponse(pid=p.pid)
 
     async def exec_(self, req, meta):
+        import json
+
         import pyshim_pb2 as pb
 
         c = self.container(req.id)
         eid = _valid_id("exec id", req.exec_id)
         c.check_exec(eid)
+        try:
+            json.loads(req.spec.value)  # as the Go shim: a spec that is no JSON is refused here
+        except ValueError as e:
+            raise ShimError(f"process spec of exec {eid}: {e}") from None
         stdio = Stdio(self.loop, req.stdin, req.stdout, req.stderr, req.terminal)
         c.execs[eid] = ExecProcess(eid, c, stdio, self.loop, spec=req.spec.value)
         self._publish("/tasks/exec-added", pb.TaskExecAdded(container_id=c.id, exec_id=eid))
@@ -3266,9 +3349,10 @@ class TaskService:
         c = self.container(req.id)
         p = c.process(req.exec_id)
         s = p.stdio
+        # exec_id is left empty, as the Go shim leaves it (containerd reads `id`).
         resp = pb.StateResponse(id=p.id, bundle=c.bundle, pid=p.pid, status=p.status,
                                 stdin=s.stdin, stdout=s.stdout, stderr=s.stderr, terminal=s.terminal,
-                                exit_status=p.exit_status, exec_id=req.exec_id)
+                                exit_status=p.exit_status)
         _ts(resp.exited_at, p.exited_at)
         return resp
 
@@ -3320,7 +3404,7 @@ class TaskService:
     async def stats(self, req, meta):
         import pyshim_pb2 as pb
 
-        url, value = container_metrics(self.container(req.id).init.cgroup_pid())
+        url, value = self.container(req.id).init.metrics()
         resp = pb.StatsResponse()
         resp.stats.type_url = url
         resp.stats.value = value
@@ -3368,7 +3452,7 @@ class TaskService:
         return _empty()
 
     async def close_io(self, req, meta):
-        self.container(req.id).process(req.exec_id).close_io(req.stdin)
+        self.container(req.id).process(req.exec_id).close_io()
         return _empty()
 
     async def connect(self, req, meta):

@@ -12,7 +12,6 @@ makes. Prints the median and the 90th percentile in ms. Needs no containerd.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys

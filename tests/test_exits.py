@@ -17,23 +17,23 @@ Containers without a pid namespace are made with ``ctr run --config`` from the s
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import threading
-from collections.abc import Iterator
 
 import harness
 import pytest
 from harness import (
     RUNTIMES,
     Containerd,
-    bundle_of,
-    checked,
     ctr,
+    exec_request,
+    exec_state,
     new_id,
     ok,
+    run_without_pidns,
     same_as_runc,
+    stop_and_remove,
     task_call,
     wait_for,
     wait_status,
@@ -41,29 +41,6 @@ from harness import (
 
 import pyshim
 import pyshim_pb2 as pb
-
-
-@pytest.fixture
-def daemon(containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[Containerd]:
-    with checked(containerd, request) as d:
-        yield d
-
-
-def run_without_pidns(d: Containerd, runtime: str, rootfs: str, tmp_path, cid: str,
-                      script: str) -> int:
-    """`ctr run -d --config` of `/bin/sh -c script` in the host's pid namespace; the pid."""
-    spec = json.loads(ok(d, "oci", "spec"))
-    spec["root"] = {"path": os.path.abspath(rootfs), "readonly": True}
-    spec["process"]["args"] = ["/bin/sh", "-c", script]
-    spec["process"]["terminal"] = False
-    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "pid"]
-    spec["linux"]["cgroupsPath"] = f"/{d.namespace}/{cid}"  # `ctr oci spec` names no container
-    path = os.path.join(str(tmp_path), f"{cid}.json")
-    with open(path, "w") as f:
-        json.dump(spec, f)
-    step = ctr(d, "run", "-d", "--runtime", runtime, "--config", path, cid)
-    assert step == (0, "", ""), step
-    return wait_status(d, cid, "RUNNING")
 
 
 def children_named(parent: int, argv: list[str]) -> list[int]:
@@ -79,13 +56,6 @@ def children_named(parent: int, argv: list[str]) -> list[int]:
 def alive_named(argv: list[str]) -> list[int]:
     return [p for p in harness._pids()
             if harness.cmdline(p) == argv and (s := harness._stat(p)) is not None and s[0] not in "ZX"]
-
-
-def stop_and_remove(d: Containerd, cid: str) -> None:
-    ctr(d, "task", "kill", "-s", "KILL", cid)
-    wait_status(d, cid, "STOPPED")
-    ok(d, "task", "rm", cid)
-    ok(d, "containers", "rm", cid)
 
 
 # ----------------------------------------------------- bug 1: an orphan's exit is dropped
@@ -157,26 +127,6 @@ def test_init_exit_kills_the_container_without_a_pid_namespace(daemon: Container
 
 
 
-
-
-def exec_request(d: Containerd, cid: str, eid: str, args: list[str], terminal: bool,
-                 stdout: str = "") -> pb.ExecProcessRequest:
-    """An ExecProcessRequest whose process spec (the container's, with `args`) says
-    terminal:false, asking for a terminal or not in its own `terminal` field."""
-    with open(os.path.join(bundle_of(d, cid), "config.json")) as f:
-        process = json.load(f)["process"]
-    process["args"] = args
-    process["terminal"] = False
-    req = pb.ExecProcessRequest(id=cid, exec_id=eid, terminal=terminal, stdout=stdout)
-    req.spec.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Process"
-    req.spec.value = json.dumps(process).encode()
-    return req
-
-
-def exec_state(d: Containerd, cid: str, eid: str) -> int:
-    raw = task_call(d, cid, "State", pb.StateRequest(id=cid, exec_id=eid))
-    assert isinstance(raw, bytes), raw
-    return pb.StateResponse.FromString(raw).status
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

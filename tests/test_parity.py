@@ -30,6 +30,7 @@ from harness import (
     ctr,
     events,
     exit_warning,
+    grpc_module,
     kill_and_remove,
     logger_record,
     new_id,
@@ -38,10 +39,11 @@ from harness import (
     pb_fields,
     pb_message,
     remove,
-    require,
     run_sleeper,
+    run_sleeper_id,
     same_as_runc,
     task_call,
+    tasks_call,
     task_row,
     wait_for,
     wait_status,
@@ -420,7 +422,7 @@ def test_oom_watcher_v1_eventfd(tmp_path) -> None:
 
 
 def test_pause_resume_update_transitions() -> None:
-    """The TRANSITIONS table and the Go shim's refusals for pause/resume/update."""
+    """The TRANSITIONS table and the Go shim's refusals for pause/resume/update/start."""
     T = pyshim.TRANSITIONS
     assert T[pyshim.RUNNING, "pause"] == pyshim.PAUSED
     assert T[pyshim.PAUSED, "resume"] == pyshim.RUNNING
@@ -437,6 +439,7 @@ def test_pause_resume_update_transitions() -> None:
             (pyshim.PAUSED, "pause", "cannot pause a paused container"),
             (pyshim.STOPPED, "resume", "cannot resume a stopped container"),
             (pyshim.STOPPED, "update", "cannot update a stopped container"),
+            (pyshim.STOPPED, "start", "cannot start a stopped process"),
         ]:
             p.state = state
             with pytest.raises(pyshim.ShimError) as e:
@@ -444,7 +447,7 @@ def test_pause_resume_update_transitions() -> None:
             assert (e.value.code, str(e.value)) == (pyshim.UNKNOWN, words)
         p.state = pyshim.STOPPED
         with pytest.raises(pyshim.FailedPrecondition):
-            p.check("start")
+            p.check("exit")  # a second exit: no Go shim words, an internal precondition
     finally:
         loop.close()
 
@@ -525,24 +528,6 @@ def test_a_megabyte_through_a_terminal_loses_no_byte(daemon, rootfs: str, runtim
 # A terminal with a logging binary. ctr 1.6 drops --log-uri when -t is given (its tty
 # io wins), so these requests go to containerd's own Tasks API over gRPC, as a client
 # such as nerdctl sends them: terminal set, stdout and stderr naming the logger.
-
-
-def _grpc():
-    """The grpc module (grpcio); a test without it skips, or fails under CI=true."""
-    try:
-        import grpc
-    except ImportError:
-        require(False, "grpcio is not installed (.ci/setup installs it)")
-    return grpc
-
-
-def tasks_call(d: Containerd, method: str, payload: bytes) -> bytes:
-    """One call of containerd's containerd.services.tasks.v1.Tasks service."""
-    grpc = _grpc()
-    with grpc.insecure_channel(f"unix://{d.address}") as channel:
-        rpc = channel.unary_unary(f"/containerd.services.tasks.v1.Tasks/{method}",
-                                  request_serializer=None, response_deserializer=None)
-        return rpc(payload, metadata=[("containerd-namespace", d.namespace)], timeout=30)
 
 
 def _exit_status(d: Containerd, cid: str, exec_id: str = "") -> int:
@@ -645,7 +630,7 @@ def test_terminal_with_a_logging_binary_that_cannot_start(daemon, rootfs: str, r
     """A missing logging binary with a terminal: Create fails with the binary's path
     and why, and no task is left. (The Go shim starts this logger after runc create,
     pyshim before it, as without a terminal; containerd cleans up either way.)"""
-    grpc = _grpc()
+    grpc = grpc_module()
     path = os.path.join(str(tmp_path), "missing")
 
     def scenario(r: str) -> tuple:
@@ -671,12 +656,6 @@ GROUP_ANNOTATION = "io.containerd.runc.v2.group"
 def serving_shims(d: Containerd, runtime: str) -> list[int]:
     """The long-lived shims of ``runtime`` (not a `start`/`delete` invocation)."""
     return [p for p in harness.shim_pids(d, runtime) if harness.cmdline(p)[-1:] not in (["start"], ["delete"])]
-
-
-def run_sleeper_id(d: Containerd, runtime: str, rootfs: str, cid: str, *flags: str) -> int:
-    assert ctr(d, "run", "-d", "--runtime", runtime, *flags, "--rootfs", rootfs, cid,
-               "/bin/sleep", "1000") == (0, "", "")
-    return wait_status(d, cid, "RUNNING")
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

@@ -157,7 +157,8 @@ def test_lifecycle_with_publish_binary_fallback(direct: Direct) -> None:
 
     waited, again = uvloop.run(start_and_wait())
     assert waited.exit_status == 7
-    assert again is not None and again.code == pyshim.FAILED_PRECONDITION
+    # The Go shim's refusal: code Unknown, "cannot start a running/stopped process".
+    assert again is not None and again.code == pyshim.UNKNOWN and "cannot start a" in str(again), again
     st = call(address, "State", pb.StateRequest(id=cid), pb.StateResponse)
     assert st.status == pb.TASK_STATUS_STOPPED and st.exit_status == 7
     deleted = call(address, "Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
@@ -329,3 +330,21 @@ def test_settings_file_named_by_cri_options(direct: Direct) -> None:
     assert f"pyshim settings {bad_file}: key 'runc_root' must be a string" in direct.log()
     assert not os.path.exists(pyshim.socket_path(direct.address, NS, bad))
     assert not [p for p in harness.shim_pids(direct.address) if bad in harness.cmdline(p)]
+
+
+def test_create_makes_a_missing_rootfs_dir(direct: Direct) -> None:
+    """A bundle without `rootfs/` and a Create with rootfs mounts: the shim makes the
+    dir 0711 and mounts on it, as the Go shim's NewContainer does (containerd always
+    makes the dir, so only a direct client can tell)."""
+    cid = harness.new_id("nordir")
+    bundle = direct.bundle(cid, ["/bin/true"])
+    os.rmdir(os.path.join(bundle, "rootfs"))
+    address = direct.start(bundle, cid)
+    req = pb.CreateTaskRequest(id=cid, bundle=bundle)
+    req.rootfs.add(type="bind", source=direct.rootfs, options=["rbind", "ro"])
+    call(address, "Create", req, pb.CreateTaskResponse)
+    assert os.path.realpath(os.path.join(bundle, "rootfs")) in harness.mounts_under(bundle)
+    call(address, "Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
+    assert harness.mounts_under(bundle) == []
+    made = os.stat(os.path.join(bundle, "rootfs"))  # the dir itself, now that nothing covers it
+    assert stat.S_ISDIR(made.st_mode) and stat.S_IMODE(made.st_mode) == 0o711

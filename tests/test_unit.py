@@ -483,8 +483,14 @@ LEGAL = {
     # So does Checkpoint (its `exit` comes later, as an ordinary exit).
     (R, "checkpoint"): R, (P, "checkpoint"): P,
 }
-# Illegal pause/resume/update/checkpoint calls answer as the Go shim does: code Unknown, its words.
+# Illegal start/delete/pause/resume/update/checkpoint calls answer as the Go shim does
+# (init_state.go, exec_state.go): code Unknown, its words.
 GO_REFUSALS = {
+    (R, "start"): "cannot start a running process",
+    (P, "start"): "cannot start a paused process",
+    (S, "start"): "cannot start a stopped process",
+    (R, "delete"): "cannot delete a running process",
+    (P, "delete"): "cannot delete a paused process",
     (C, "pause"): "cannot pause task in created state",
     (C, "resume"): "cannot resume task in created state",
     (R, "resume"): "cannot resume a running process",
@@ -540,10 +546,12 @@ def test_every_transition(loop, state: str, event: str) -> None:
 def test_clear_messages_for_common_mistakes(loop) -> None:
     p = _container(loop).init
     p.transition("start")
-    with pytest.raises(pyshim.FailedPrecondition, match="cannot start a running process"):
+    with pytest.raises(pyshim.ShimError, match="^cannot start a running process$") as ei:
         p.transition("start")
-    with pytest.raises(pyshim.FailedPrecondition, match="cannot delete a running process"):
+    assert ei.value.code == pyshim.UNKNOWN
+    with pytest.raises(pyshim.ShimError, match="^cannot delete a running process$") as ei:
         p.transition("delete")
+    assert ei.value.code == pyshim.UNKNOWN
 
 
 def test_wait_resolves_once_with_the_exit_status(loop) -> None:
@@ -617,7 +625,7 @@ def test_service_second_start_is_refused_without_running_runc(loop) -> None:
     loop.run_until_complete(svc.start(pb.StartRequest(id="c1"), {}))
     assert runner.calls == [("start", "c1")]
     assert c.init.state == R and pub.topics() == ["/tasks/start"]
-    with pytest.raises(pyshim.FailedPrecondition, match="cannot start a running process"):
+    with pytest.raises(pyshim.ShimError, match="cannot start a running process"):
         loop.run_until_complete(svc.start(pb.StartRequest(id="c1"), {}))
     assert runner.calls == [("start", "c1")]
 
@@ -626,7 +634,7 @@ def test_service_delete_of_a_running_process_is_refused(loop) -> None:
     runner = FakeRunner()
     svc, pub, c = _service(loop, runner)
     c.init.state = R
-    with pytest.raises(pyshim.FailedPrecondition, match="running"):
+    with pytest.raises(pyshim.ShimError, match="^cannot delete a running process$"):
         loop.run_until_complete(svc.delete(pb.DeleteRequest(id="c1"), {}))
     assert runner.calls == [] and "c1" in svc.containers and pub.events == []
 
@@ -805,14 +813,16 @@ def test_exec_start_takes_its_terminal_from_the_request(loop, tmp_path) -> None:
 
 def test_failed_exec_start_leaves_the_exec_created(loop, tmp_path) -> None:
     """Issue 13 bug 4: runc exec fails -> the error, the exec still created, no
-    exit published, and a held init exit is released."""
+    exit published, a held init exit is released, and Wait returns status 0 (the Go
+    shim closes the exec's wait channel when runc exec fails)."""
     svc, pub, c = _service(loop, FakeRunner(code=1))
     c.bundle = str(tmp_path)
     c.init.state = R
     e = _exec(loop, c, "e1")
     with pytest.raises(pyshim.RuntimeFailure, match="OCI runtime exec failed: exit status 1"):
         loop.run_until_complete(svc.start(pb.StartRequest(id="c1", exec_id="e1"), {}))
-    assert e.state == C and not e.wait.done() and pub.events == [] and c.live_execs == 0
+    assert e.state == C and pub.events == [] and c.live_execs == 0
+    assert e.wait.done() and e.wait.result() == 0
     loop.run_until_complete(svc.delete(pb.DeleteRequest(id="c1", exec_id="e1"), {}))
     assert "e1" not in c.execs
 

@@ -24,6 +24,10 @@ Public surface:
     LOGGER, write_logger, logger_record    a ``binary://`` logging binary and what it recorded
     daemon_with, shim_of                   a daemon with extra environment; a task's shim pid
     require, require_e2e                   skip for want of a prerequisite (fail under CI=true)
+    run_without_pidns, run_sleeper_id      a task in the host's pid namespace; a sleeper by id
+    stop_and_remove                        SIGKILL, wait for STOPPED, remove task and container
+    exec_request, exec_state               an ExecProcessRequest from the container's spec; an exec's status
+    tasks_call                             one call of containerd's own Tasks API (gRPC)
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ import pytest
 import harness
 from harness import CTR, PYSHIM, RUNC, Containerd, _stat, new_id, shim_pids, wait_for
 
+import pyshim_pb2 as pb
+
 RUNTIMES = [pytest.param(RUNC, id="runc"), pytest.param(PYSHIM, id="pyshim")]
 CTR_TIMEOUT = 30.0
 
@@ -54,7 +60,8 @@ __all__ = [
     "exec_info", "exit_warning", "exited_while_down", "finish", "kill_and_remove",
     "logger_record", "norm", "ok", "pid_gone", "remove", "require", "require_e2e",
     "run_sleeper", "same_as_runc", "shim_of", "task_call", "task_ps", "task_row",
-    "wait_status", "write_logger",
+    "wait_status", "write_logger", "run_without_pidns", "run_sleeper_id", "stop_and_remove",
+    "exec_request", "exec_state", "tasks_call", "grpc_module",
 ]
 
 
@@ -485,3 +492,76 @@ def shim_of(daemon: Containerd, cid: str, runtime: str = PYSHIM) -> int:
         if "-id" in argv and argv[argv.index("-id") + 1] == cid and argv[-1] not in ("start", "delete"):
             return pid
     raise AssertionError(f"no shim for {cid}")
+
+
+# ------------------------------------------------- specs, exec requests, containerd's Tasks API
+
+
+def run_without_pidns(d: Containerd, runtime: str, rootfs: str, tmp_path, cid: str,
+                      script: str, annotations: dict[str, str] | None = None) -> int:
+    """`ctr run -d --config` of `/bin/sh -c script` in the host's pid namespace; the pid."""
+    spec = json.loads(ok(d, "oci", "spec"))
+    if annotations:
+        spec.setdefault("annotations", {}).update(annotations)
+    spec["root"] = {"path": os.path.abspath(rootfs), "readonly": True}
+    spec["process"]["args"] = ["/bin/sh", "-c", script]
+    spec["process"]["terminal"] = False
+    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "pid"]
+    spec["linux"]["cgroupsPath"] = f"/{d.namespace}/{cid}"  # `ctr oci spec` names no container
+    path = os.path.join(str(tmp_path), f"{cid}.json")
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    step = ctr(d, "run", "-d", "--runtime", runtime, "--config", path, cid)
+    assert step == (0, "", ""), step
+    return wait_status(d, cid, "RUNNING")
+
+
+def stop_and_remove(d: Containerd, cid: str) -> None:
+    ctr(d, "task", "kill", "-s", "KILL", cid)
+    wait_status(d, cid, "STOPPED")
+    ok(d, "task", "rm", cid)
+    ok(d, "containers", "rm", cid)
+
+
+def exec_request(d: Containerd, cid: str, eid: str, args: list[str], terminal: bool,
+                 stdout: str = "") -> pb.ExecProcessRequest:
+    """An ExecProcessRequest whose process spec (the container's, with `args`) says
+    terminal:false, asking for a terminal or not in its own `terminal` field."""
+    with open(os.path.join(bundle_of(d, cid), "config.json")) as f:
+        process = json.load(f)["process"]
+    process["args"] = args
+    process["terminal"] = False
+    req = pb.ExecProcessRequest(id=cid, exec_id=eid, terminal=terminal, stdout=stdout)
+    req.spec.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+    req.spec.value = json.dumps(process).encode()
+    return req
+
+
+def exec_state(d: Containerd, cid: str, eid: str) -> int:
+    raw = task_call(d, cid, "State", pb.StateRequest(id=cid, exec_id=eid))
+    assert isinstance(raw, bytes), raw
+    return pb.StateResponse.FromString(raw).status
+
+
+def grpc_module():
+    """The grpc module (grpcio); a test without it skips, or fails under CI=true."""
+    try:
+        import grpc
+    except ImportError:
+        require(False, "grpcio is not installed (.ci/setup installs it)")
+    return grpc
+
+
+def tasks_call(d: Containerd, method: str, payload: bytes) -> bytes:
+    """One call of containerd's containerd.services.tasks.v1.Tasks service."""
+    grpc = grpc_module()
+    with grpc.insecure_channel(f"unix://{d.address}") as channel:
+        rpc = channel.unary_unary(f"/containerd.services.tasks.v1.Tasks/{method}",
+                                  request_serializer=None, response_deserializer=None)
+        return rpc(payload, metadata=[("containerd-namespace", d.namespace)], timeout=30)
+
+
+def run_sleeper_id(d: Containerd, runtime: str, rootfs: str, cid: str, *flags: str) -> int:
+    assert ctr(d, "run", "-d", "--runtime", runtime, *flags, "--rootfs", rootfs, cid,
+               "/bin/sleep", "1000") == (0, "", "")
+    return wait_status(d, cid, "RUNNING")
