@@ -316,8 +316,10 @@ def test_a_stopped_template_leaves_none_of_its_files(templated: harness.Containe
     # The shims it forked carry on, and serve their containers.
     for cid, shim in zip(cids, shims):
         assert harness.cmdline(shim) and templated.tasks()[cid] == "RUNNING"
-        r = templated.ctr("task", "exec", "--exec-id", "e1", cid, "/bin/sh", "-c", "echo alive")
-        assert (r.returncode, r.stdout) == (0, "alive\n"), r
+        # The exit code proves the shim ran the exec; not its output, which ctr itself
+        # sometimes drops under load (its stdout fifo race, bench/exec_output_race.py).
+        r = templated.ctr("task", "exec", "--exec-id", "e1", cid, "/bin/sh", "-c", "exit 7")
+        assert (r.returncode, r.stderr) == (7, ""), r
     # The next start launches a new template, with files of its own.
     other = harness.new_id("tf")
     _run_d(templated, rootfs, other)
