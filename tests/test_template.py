@@ -16,6 +16,7 @@ import stat
 import struct
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,9 +39,15 @@ def _installed(expr: str) -> str:
     return out.stdout.strip()
 
 
+def _launcher() -> str:
+    """The installed native launcher (containerd runs it): the template's name
+    is made from its identity."""
+    return os.path.join(sysconfig.get_path("scripts"), harness.shim_binary(PYSHIM))
+
+
 def _template_socket(daemon: harness.Containerd) -> str:
     """The warm template socket that this daemon's shims use."""
-    return _installed(f"pyshim.template_path({daemon.address!r})")
+    return _installed(f"pyshim.template_path({daemon.address!r}, {_launcher()!r})")
 
 
 def _ppid(pid: int) -> int:
