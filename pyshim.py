@@ -4445,6 +4445,10 @@ def template_fork(argv: list[str], sock_fd: int, containerd_address: str, timeou
 
     fd = _template_connect(template_path(containerd_address))
     try:
+        # The shim's socket goes only to a template of our own user (as the
+        # native launcher checks too): the credentials of whoever listens there.
+        if peer_cred(fd)[1:] != (os.geteuid(), os.getegid()):
+            raise OSError(13, "refused: the template there belongs to another user")  # EACCES
         msg = _pack_request("fork", argv, dict(os.environ), os.getcwd())
         sent = send_fd(fd, sock_fd, msg)
         while sent < len(msg):
