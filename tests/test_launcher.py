@@ -57,11 +57,16 @@ def ppid(pid: int) -> int:
 
 
 def shim_of(daemon: harness.Containerd, cid: str) -> int:
-    for pid in harness.shim_pids(daemon, PYSHIM):
-        argv = harness.cmdline(pid)
-        if "-id" in argv and argv[argv.index("-id") + 1] == cid and argv[-1] not in ("start", "delete"):
-            return pid
-    raise AssertionError(f"no shim for {cid}")
+    """The shim serving `cid`. A shim just forked by the template still has the
+    template's command line until it has set its own title: waited for."""
+    def find() -> int:
+        for pid in harness.shim_pids(daemon, PYSHIM):
+            argv = harness.cmdline(pid)
+            if "-id" in argv and argv[argv.index("-id") + 1] == cid and argv[-1] not in ("start", "delete"):
+                return pid
+        return 0
+
+    return harness.wait_for(find, 10, message=f"no shim for {cid}")
 
 
 def is_template(pid: int) -> bool:
