@@ -260,7 +260,10 @@ class FakeTemplate:
                 return
             self.requests.append(self._read(conn))
             if self.mode == "short":
-                conn.sendall(b"exit 0 64\nunix:///run/containerd/s/cut")
+                try:
+                    conn.sendall(b"exit 0 64\nunix:///run/containerd/s/cut")
+                except OSError:
+                    pass  # a sweep's connection, gone already
             elif self.mode == "stall":
                 time.sleep(5)
             conn.close()
@@ -314,7 +317,7 @@ def test_a_template_that_fails_mid_request_leaves_start_to_python(daemon: harnes
             done.set()
             watcher.join()
         assert fake.requests, "the launcher sent the fake template nothing"
-        req = fake.requests[0]
+        req = next(r for r in fake.requests if r)
         import pyshim
 
         got = pyshim._unpack_request(req)
@@ -326,7 +329,10 @@ def test_a_template_that_fails_mid_request_leaves_start_to_python(daemon: harnes
         assert WARNING in log and error in log, log[-3000:]
         # The stalled case tells Python not to wait a second time; the others let it
         # try (and it meets the same fake, which answers its fork request no better).
-        assert len(fake.requests) == (1 if mode == "stall" else 2), len(fake.requests)
+        # Empty connections are other pyshims' sweeps of dead templates (the socket
+        # directory is the machine's).
+        kinds = [pyshim._unpack_request(r)["kind"] for r in fake.requests if r]
+        assert kinds == (["start"] if mode == "stall" else ["start", "fork"]), kinds
         assert not is_template(ppid(shim_of(daemon, cid)))
         if mode == "stall":
             assert seen and all("pyshim" in " ".join(argv) for argv in seen), seen
