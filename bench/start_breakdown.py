@@ -80,7 +80,7 @@ class Trace:
                 else:
                     fields = dict(kv.split("=", 1) for kv in rest.split() if "=" in kv)
                 out.append((float(ts), int(pid), int(tgid) if tgid.isdigit() else -1, name, fields))
-        return sorted(out)
+        return sorted(out, key=lambda e: e[0])  # stable: same-time events keep their order
 
     def close(self) -> None:
         for ev in EVENTS:

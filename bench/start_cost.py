@@ -18,6 +18,9 @@ Three figures, the two runtimes alternating run by run under one private contain
                 pyshim, the warm template's CPU during that `ctr run` (it does start's work).
                 The long-lived shim each start leaves is not counted, for either runtime.
 
+Beside them, from the same traces: the CPU of that long-lived shim during the run and of
+what it ran (runc create/start, runc init), which is where the rest of `ctr run -d` goes.
+
 Each figure is printed with the ratio pyshim / Go shim. Needs root and tracefs at
 /sys/kernel/tracing (mount -t tracefs nodev /sys/kernel/tracing).
 """
@@ -51,21 +54,26 @@ class CpuTrace(start_breakdown.Trace):
         super().__init__()
 
 
-def start_cpu_ms(events, t0: float, runtime: str, containerd: int, template: int | None) -> float | None:
-    """CPU ms of the one `start` in a traced run (see the module docstring); None if
-    the trace holds no `start` of `runtime`."""
+def cpu_ms(events, t0: float, runtime: str, containerd: int, template: int | None) -> dict[str, float] | None:
+    """CPU ms of one traced run: "start" (see the module docstring), "shim" (the
+    long-lived shim it left, during the run) and "runc" (everything the shim ran:
+    runc create/start, runc init, the container's first moments); None if the
+    trace holds no `start` of `runtime`."""
     shim_name = harness.shim_binary(runtime)
     ours = {containerd} | ({template} if template else set())
     start = None
     counted: set[int] = set()  # tgids whose CPU is start's
     daemon: set[int] = set()  # the long-lived shim: not start's
-    cpu_ns = {"start": 0, "template": 0}
+    below: set[int] = set()  # what the shim forked
+    cpu_ns = {"start": 0, "template": 0, "shim": 0, "runc": 0}
     for t, pid, tgid, name, f in events:
         if name == "sched_process_fork":
             child = int(f["child_pid"])
             if pid in ours or tgid in ours:
                 ours.add(child)
-            if tgid in counted:
+            if tgid in daemon or tgid in below:
+                below.add(child)
+            elif tgid in counted:
                 counted.add(child)  # start's own helpers; the daemon is taken out at its exec
             elif template is not None and tgid == template and start is not None:
                 daemon.add(child)  # the shim the template forked for this start
@@ -81,13 +89,18 @@ def start_cpu_ms(events, t0: float, runtime: str, containerd: int, template: int
                 counted.discard(p)  # start's child became the long-lived shim (the Go shim)
                 daemon.add(p)
         elif name == "sched_stat_runtime" and int(f.get("pid", -1)) == pid:
-            if tgid in counted and tgid not in daemon:
+            if tgid in daemon:
+                cpu_ns["shim"] += int(f["runtime"])
+            elif tgid in below:
+                cpu_ns["runc"] += int(f["runtime"])
+            elif tgid in counted:
                 cpu_ns["start"] += int(f["runtime"])
             elif template is not None and tgid == template:
                 cpu_ns["template"] += int(f["runtime"])
     if start is None:
         return None
-    return (cpu_ns["start"] + cpu_ns["template"]) / 1e6
+    return {"start": (cpu_ns["start"] + cpu_ns["template"]) / 1e6, "shim": cpu_ns["shim"] / 1e6,
+            "runc": cpu_ns["runc"] / 1e6}
 
 
 def run_d(daemon: harness.Containerd, rootfs: str, runtime: str) -> tuple[float, float]:
@@ -133,6 +146,8 @@ def main() -> int:
     wall: dict[str, list[float]] = {r: [] for r in RUNTIMES}
     conc: dict[str, list[float]] = {r: [] for r in RUNTIMES}
     cpu: dict[str, list[float]] = {r: [] for r in RUNTIMES}
+    shim_cpu: dict[str, list[float]] = {r: [] for r in RUNTIMES}
+    runc_cpu: dict[str, list[float]] = {r: [] for r in RUNTIMES}
     with tempfile.TemporaryDirectory(prefix="pysh-cost-") as tmp:
         rootfs = harness.make_busybox_rootfs(os.path.join(tmp, "rootfs"))
         with harness.Containerd(log_level="warn") as daemon:
@@ -159,9 +174,11 @@ def main() -> int:
                         for runtime in RUNTIMES:
                             trace.clear()
                             t0, _ = run_d(daemon, rootfs, runtime)
-                            ms = start_cpu_ms(trace.events(), t0, runtime, daemon.pid, template)
+                            ms = cpu_ms(trace.events(), t0, runtime, daemon.pid, template)
                             if ms is not None:
-                                cpu[runtime].append(ms)
+                                cpu[runtime].append(ms["start"])
+                                shim_cpu[runtime].append(ms["shim"])
+                                runc_cpu[runtime].append(ms["runc"])
                         if i % 10 == 9:
                             daemon.remove_all()
                 finally:
@@ -177,7 +194,8 @@ def main() -> int:
         return f"{statistics.median(a) / statistics.median(b):.2f}" if a and b else "-"
 
     if args.dump:
-        for name, d in (("ctr run -d ms", wall), ("concurrent s", conc), ("start CPU ms", cpu)):
+        for name, d in (("ctr run -d ms", wall), ("concurrent s", conc), ("start CPU ms", cpu),
+                        ("shim CPU ms", shim_cpu), ("runc CPU ms", runc_cpu)):
             for runtime in RUNTIMES:
                 print(name, SHORT[runtime], " ".join(f"{x:.1f}" for x in d[runtime]))
     print(on_platform.caption())
@@ -189,6 +207,10 @@ def main() -> int:
           f"{med(conc[harness.PYSHIM], '.2f')} | {med(conc[harness.RUNC], '.2f')} | {ratio(conc)} |")
     print(f"| CPU of one `start`, ms ({len(cpu[harness.PYSHIM])}/{len(cpu[harness.RUNC])} runs) | "
           f"{med(cpu[harness.PYSHIM], '.2f')} | {med(cpu[harness.RUNC], '.2f')} | {ratio(cpu)} |")
+    print(f"| (beside) CPU of the shim during that `ctr run -d`, ms | {med(shim_cpu[harness.PYSHIM], '.2f')} | "
+          f"{med(shim_cpu[harness.RUNC], '.2f')} | {ratio(shim_cpu)} |")
+    print(f"| (beside) CPU of what the shim ran (runc, runc init), ms | {med(runc_cpu[harness.PYSHIM], '.2f')} | "
+          f"{med(runc_cpu[harness.RUNC], '.2f')} | {ratio(runc_cpu)} |")
     return 0
 
 
