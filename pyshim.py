@@ -4781,9 +4781,8 @@ def serve_template() -> int:
                 # build must fork nothing more. The requester starts cold, and
                 # launches a template of the new code.
                 stale = True
-                conn.sendall(b"cold stale template\n" if req["kind"] == "start" else b"error stale template\n")
-                continue
-            if req["kind"] == "start":
+                reply = b"cold stale template\n" if req["kind"] == "start" else b"error stale template\n"
+            elif req["kind"] == "start":
                 reply = _template_start(lsock, conn, req, peer[0], children)
             elif req["kind"] == "fork" and fd >= 0:
                 reply = f"ok {_fork_shim(lsock, conn, fd, req, children)}\n".encode()
@@ -4803,7 +4802,7 @@ def serve_template() -> int:
             if fd >= 0:
                 os.close(fd)
             conn.close()
-        if stale:
+        if stale:  # (after the reply and the close: `continue` above skips this)
             remove_socket()
             os._exit(0)  # its shims carry on without it
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -436,3 +437,37 @@ def test_every_pyshim_process_is_named_pyshim(daemon: harness.Containerd, rootfs
     for pid in (shim, ppid(shim)):
         argv = harness.cmdline(pid)
         assert "pyshim" in " ".join(argv) and argv[2] == os.path.realpath(LAUNCHER), argv
+
+
+def test_an_upgrade_never_uses_the_old_template(daemon: harness.Containerd, rootfs: str, tmp_path) -> None:
+    """A reinstall writes the launcher anew: its next start finds no template under
+    the new name and goes through Python, which launches a template of the new build;
+    the old one is left to idle out. pyshim.py rewritten in place (same launcher): the
+    template declines, leaves, and the start after it gets a new one."""
+    first = harness.new_id("lu")
+    run_d(daemon, rootfs, first)
+    old = ppid(shim_of(daemon, first))
+    old_path = template_socket(daemon)
+    copy = tmp_path / "launcher"
+    shutil.copy2(LAUNCHER, copy)
+    os.replace(copy, LAUNCHER)  # as pip writes it: another file at the same path
+    assert template_socket(daemon) != old_path
+    upgraded = harness.new_id("lu")
+    run_d(daemon, rootfs, upgraded)
+    new = ppid(shim_of(daemon, upgraded))
+    assert is_template(new) and new != old and is_template(old)
+    # pyshim.py itself rewritten under the running template.
+    module = _installed("pyshim.__file__")
+    st = os.stat(module)
+    os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    after = harness.new_id("lu")
+    run_d(daemon, rootfs, after)
+    harness.wait_for(lambda: not harness.cmdline(new), 10, message="the stale template is still there")
+    # That start went through Python (the template declined), which launched a
+    # template of the code on disk; the next start is that template's.
+    newest = ppid(shim_of(daemon, after))
+    assert is_template(newest) and newest not in (old, new)
+    warm = harness.new_id("lu")
+    with no_python():
+        run_d(daemon, rootfs, warm)
+    assert ppid(shim_of(daemon, warm)) == newest
