@@ -448,7 +448,7 @@ def test_an_upgrade_never_uses_the_old_template(daemon: harness.Containerd, root
     run_d(daemon, rootfs, first)
     old = ppid(shim_of(daemon, first))
     old_path = template_socket(daemon)
-    copy = tmp_path / "launcher"
+    copy = LAUNCHER + ".new"  # beside it: a rename across filesystems fails
     shutil.copy2(LAUNCHER, copy)
     os.replace(copy, LAUNCHER)  # as pip writes it: another file at the same path
     assert template_socket(daemon) != old_path
