@@ -42,6 +42,9 @@ VERSION = "0.1.0"
 # The git commit this copy was built from: setup.py's build rewrites this line
 # (the Go shim's Revision). A source tree or a build without git says "unknown".
 REVISION = "unknown"
+# A hash of the sources this copy was built from, which setup.py's build also
+# compiles into the native launcher: both name the warm template with it.
+BUILD_ID = ""
 RUNTIME_NAME = "io.containerd.pyshim.v1"
 
 SOCKET_DIR = "/run/containerd/s"
@@ -3791,22 +3794,23 @@ def spawn_shim(flags: Flags, sock_fd: int, template: bool = True) -> int:
         os.close(null)
 
 
-def _adjust_oom_score(pid: int) -> None:
-    """The shim is a little more killable than containerd, as the Go shim is."""
+def _adjust_oom_score(pid: int, parent: int) -> None:
+    """The shim is a little more killable than containerd (`parent`, the
+    process that ran `start`), as the Go shim is."""
     try:
-        score = int(_read_small(f"/proc/{os.getppid()}/oom_score_adj"))
+        score = int(_read_small(f"/proc/{parent}/oom_score_adj"))
         with open(f"/proc/{pid}/oom_score_adj", "w") as f:
             f.write(str(min(score + 1, 1000)))
     except (OSError, ValueError) as e:
         log("warning", "could not adjust the shim's oom score", error=str(e))
 
 
-def _log_to_bundle() -> None:
+def _log_to_bundle(bundle: str) -> None:
     """Points `log` at the bundle's log fifo when containerd reads it, else
     nowhere: containerd takes everything `start` writes to stdout *and*
     stderr as the shim address, so `start` never writes to stderr."""
     try:
-        log.fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        log.fd = os.open(os.path.join(bundle, "log"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         log.fd = -1
 
@@ -3935,14 +3939,26 @@ def install_gaps() -> list[str]:
 
 
 def action_start(flags: Flags) -> int:
-    _log_to_bundle()
-    log.fields = f" namespace={_quote(flags.namespace)} id={_quote(flags.id)} runtime={RUNTIME_NAME}"
+    """`start` run as its own process (cold): the Python path of the launcher."""
+    _log_to_bundle(os.getcwd())
     try:
         options = sys.stdin.buffer.read()  # an Any of the runtime options, or nothing
     except (OSError, ValueError, AttributeError):
         options = b""
+    answer = start_work(flags, options, os.getcwd(), os.getppid(), spawn_shim)
+    sys.stdout.write(answer)
+    return 0
+
+
+def start_work(flags: Flags, options: bytes, bundle: str, parent: int, spawner) -> str:
+    """All of `start`'s work for the container in `bundle`, run by containerd's
+    process `parent`, with runtime options `options`; returns what `start`
+    prints. `spawner(flags, sock_fd, template_ok)` launches the long-lived
+    shim and returns its pid: spawn_shim in a cold `start`, the template's own
+    fork when the native launcher hands `start` to the warm template. The
+    caller points `log` at the bundle first (_log_to_bundle)."""
+    log.fields = f" namespace={_quote(flags.namespace)} id={_quote(flags.id)} runtime={RUNTIME_NAME}"
     shim_cgroup = _shim_cgroup(options)
-    bundle = os.getcwd()
     path = socket_path(flags.address, flags.namespace, group_id(bundle, flags.id))
     address = "unix://" + path
     _socket_dir()
@@ -3954,8 +3970,7 @@ def action_start(flags: Flags) -> int:
         if _can_connect(path):
             # The group's shim is alive: this container joins it.
             _atomic_write(bundle, "address", address.encode())
-            sys.stdout.write(bootstrap_answer(address, _containerd_binary(flags)))
-            return 0
+            return bootstrap_answer(address, _containerd_binary(flags, parent))
         os.unlink(path)
         fd = unix_listen(path)
     try:
@@ -3976,13 +3991,13 @@ def action_start(flags: Flags) -> int:
             raise FailedPrecondition(
                 f"refusing to start a shim from a half-removed install: {', '.join(gaps)} not found"
                 f" (by {sys.executable}, in {[d for d in sys.path if d]}); reinstall pyshim")
-        pid = spawn_shim(flags, fd, settings is None or settings.template)
+        pid = spawner(flags, fd, settings is None or settings.template)
     except BaseException:
         os.unlink(path)
         raise
     finally:
         os.close(fd)
-    _adjust_oom_score(pid)
+    _adjust_oom_score(pid, parent)
     if shim_cgroup:
         try:
             _join_cgroup(pid, shim_cgroup)
@@ -3995,8 +4010,7 @@ def action_start(flags: Flags) -> int:
                 pass
             raise
     _atomic_write(bundle, "address", address.encode())
-    sys.stdout.write(bootstrap_answer(address, _containerd_binary(flags)))
-    return 0
+    return bootstrap_answer(address, _containerd_binary(flags, parent))
 
 
 def containerd_major(binary: str) -> int:
@@ -4061,10 +4075,10 @@ def bootstrap_answer(address: str, containerd: str) -> str:
     return f'{{"version":{SHIM_VERSION},"address":"{address}","protocol":"ttrpc"}}'
 
 
-def _containerd_binary(flags: Flags) -> str:
-    """containerd's executable: -publish-binary, else `start`'s parent (containerd
-    runs `start` itself, also when the warm template forks the shim)."""
-    return flags.publish_binary or f"/proc/{os.getppid()}/exe"
+def _containerd_binary(flags: Flags, parent: int) -> str:
+    """containerd's executable: -publish-binary, else `parent`, the process that
+    ran `start` (containerd runs `start` itself)."""
+    return flags.publish_binary or f"/proc/{parent}/exe"
 
 
 def _pb_field(number: int, value: bytes) -> bytes:
@@ -4436,15 +4450,48 @@ template_ksm = False  # in the template: its mappings were made mergeable (its s
 template_heap: int | str | None = None  # in the template: immortalize_heap's answer, for its shims' log
 
 
-def template_path(containerd_address: str) -> str:
-    """The template socket of one containerd, this interpreter and this
-    pyshim build: an upgrade never forks shims from old code, and a shim is
-    always a descendant of its own containerd's `start` (process tree and
-    cgroup), never of another containerd's."""
-    st = os.stat(__file__)
-    key = (f"{os.path.realpath(sys.executable)}\0{os.path.realpath(__file__)}\0{VERSION}\0"
-           f"{st.st_mtime_ns}\0{st.st_size}\0{containerd_address}")
+def launcher_identity(launcher: str | None = None) -> str:
+    """The identity of the file this program was started from (the native
+    launcher, whose `start` computes the same string in C: see
+    bin/launcher.c): its real path, device, inode, mtime and ctime in ns and
+    size, NUL-separated. "" when started otherwise (`python -m pyshim`)."""
+    if launcher is None:
+        launcher = sys.argv[0] if sys.argv and os.path.isfile(sys.argv[0]) else ""
+    if not launcher:
+        return ""
+    real = os.path.realpath(launcher)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return ""
+    return f"{real}\0{st.st_dev}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_size}"
+
+
+def template_path(containerd_address: str, launcher: str | None = None) -> str:
+    """The template socket of one containerd and this pyshim build: an
+    upgrade never forks shims from old code, and a shim is always a
+    descendant of its own containerd's `start` (process tree and cgroup),
+    never of another containerd's.
+
+    The build is the launcher file (`launcher`, default the one this program
+    was started from: pip writes it anew at every install) and BUILD_ID
+    (compiled into the launcher too), so that the native launcher finds the
+    socket without Python; started without a launcher, the interpreter and
+    pyshim.py. The template itself also steps aside when
+    pyshim.py changes under it (_template_fresh)."""
+    ident = launcher_identity(launcher)
+    if not ident:
+        st = os.stat(__file__)
+        ident = (f"{os.path.realpath(sys.executable)}\0{os.path.realpath(__file__)}\0{VERSION}\0"
+                 f"{st.st_mtime_ns}\0{st.st_size}")
+    key = f"{ident}\0{BUILD_ID}\0{containerd_address}"
     return os.path.join(SOCKET_DIR, "pyshim-template-" + _sha256_hex(key.encode())[:16])
+
+
+def _module_stamp() -> tuple[int, int, int, int]:
+    """What changes when pyshim.py is rewritten: inode, size, mtime, ctime."""
+    st = os.stat(__file__)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _template_connect(path: str) -> int:
@@ -4551,44 +4598,57 @@ def _remove_dead_templates(keep: str) -> None:
                 os.close(lock)
 
 
-def _pack_request(argv: list[str], env: dict[str, str], cwd: str) -> bytes:
-    """A fork request's body: cwd, argc, argv, then KEY=VALUE env entries,
-    NUL-separated (none of them can hold a NUL). No json on the `start` path:
-    importing it costs ~10 ms."""
-    fields = [cwd, str(len(argv)), *argv, *(f"{k}={v}" for k, v in env.items())]
-    return b"\0".join(os.fsencode(f) for f in fields)
+_REQUEST = struct.Struct(">II")  # a request's header: bytes of fields, bytes of data
+
+
+def _pack_request(kind: str, argv: list[str], env: dict[str, str], cwd: str, data: bytes = b"") -> bytes:
+    """A template request: the _REQUEST header, then the fields NUL-separated
+    (kind, cwd, argc, argv, then KEY=VALUE env entries; none of them can hold a
+    NUL), then `data` as is (a `start`'s stdin). No json on the `start` path:
+    importing it costs ~10 ms. bin/launcher.c writes the same layout."""
+    fields = b"\0".join(os.fsencode(f) for f in
+                        [kind, cwd, str(len(argv)), *argv, *(f"{k}={v}" for k, v in env.items())])
+    return _REQUEST.pack(len(fields), len(data)) + fields + data
 
 
 def _unpack_request(body: bytes) -> dict:
-    """{"cwd", "argv", "env"} from _pack_request's bytes; ValueError if malformed."""
-    fields = [os.fsdecode(f) for f in body.split(b"\0")]
-    if len(fields) < 2:
+    """{"kind", "cwd", "argv", "env", "data"} from the bytes after _REQUEST's
+    header, given as (fields length, data length) + body; ValueError if malformed."""
+    flen, dlen = _REQUEST.unpack_from(body)
+    if len(body) != _REQUEST.size + flen + dlen:
         raise ValueError("malformed request")
-    argc = int(fields[1])
-    if not 0 < argc <= len(fields) - 2:
+    fields = [os.fsdecode(f) for f in body[_REQUEST.size:_REQUEST.size + flen].split(b"\0")]
+    if len(fields) < 3:
+        raise ValueError("malformed request")
+    argc = int(fields[2])
+    if not 0 < argc <= len(fields) - 3:
         raise ValueError("malformed request")
     env = {}
-    for entry in fields[2 + argc:]:
+    for entry in fields[3 + argc:]:
         k, eq, v = entry.partition("=")
         if not eq or not k:
             raise ValueError(f"malformed environment entry {entry!r}")
         env[k] = v
-    return {"cwd": fields[0], "argv": fields[2:2 + argc], "env": env}
+    return {"kind": fields[0], "cwd": fields[1], "argv": fields[3:3 + argc], "env": env,
+            "data": body[_REQUEST.size + flen:]}
 
 
 def template_fork(argv: list[str], sock_fd: int, containerd_address: str, timeout: float = 3.0) -> int:
     """Asks the warm template to fork a shim running `argv` on `sock_fd`.
 
-    One request per connection: a length-prefixed body (_pack_request: cwd,
-    argv, env) with the socket attached (SCM_RIGHTS); the answer is "ok PID"
-    or "error TEXT".
+    One request per connection: a "fork" request (_pack_request: cwd, argv,
+    env) with the socket attached (SCM_RIGHTS); the answer is "ok PID" or
+    "error TEXT".
     """
     import select
 
     fd = _template_connect(template_path(containerd_address))
     try:
-        body = _pack_request(argv, dict(os.environ), os.getcwd())
-        msg = _LEN.pack(len(body)) + body
+        # The shim's socket goes only to a template of our own user (as the
+        # native launcher checks too): the credentials of whoever listens there.
+        if peer_cred(fd)[1:] != (os.geteuid(), os.getegid()):
+            raise OSError(13, "refused: the template there belongs to another user")  # EACCES
+        msg = _pack_request("fork", argv, dict(os.environ), os.getcwd())
         sent = send_fd(fd, sock_fd, msg)
         while sent < len(msg):
             sent += os.write(fd, msg[sent:])
@@ -5012,6 +5072,7 @@ def serve_template() -> int:
         template_ksm = ksm_advise(True) > 0
     gc.freeze()
     uid, gid = os.geteuid(), os.getegid()
+    stamp = _module_stamp()
     children: set[int] = set()
     last_used = time.monotonic()
     while True:
@@ -5038,19 +5099,21 @@ def serve_template() -> int:
         except OSError:
             continue
         fd = -1
+        stale = False
         try:
             # Blocking with kernel timeouts: recv_fd works on the raw fd.
             tv = struct.pack("ll", 5, 0)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-            if peer_cred(conn.fileno())[1:] != (uid, gid):
+            peer = peer_cred(conn.fileno())
+            if peer[1:] != (uid, gid):
                 conn.sendall(b"error refused: another user\n")
                 continue
             data, fd = recv_fd(conn.fileno(), 65536)
-            if len(data) < 4 or fd < 0:
+            if len(data) < _REQUEST.size:
                 conn.sendall(b"error malformed request\n")
                 continue
-            want = _LEN.unpack_from(data)[0] + 4
+            want = _REQUEST.size + sum(_REQUEST.unpack_from(data))
             if want > 4 << 20:
                 conn.sendall(b"error request too large\n")
                 continue
@@ -5059,7 +5122,7 @@ def serve_template() -> int:
                 if not chunk:
                     break
                 data += chunk
-            req = _unpack_request(data[4:want])
+            req = _unpack_request(data[:want])
             hangup = select.poll()
             hangup.register(conn, select.POLLRDHUP)
             if hangup.poll(0):
@@ -5069,24 +5132,24 @@ def serve_template() -> int:
                 # never exit. (A start that times out between this check and
                 # the fork still gets one; its 3 s wait makes that rare.)
                 continue
-            # A bare fork (see reaper_fork in _reaper.c), with SIGTERM and
-            # SIGINT blocked across it: pending signals are not inherited,
-            # so `leave` can never run in the child, which unblocks them
-            # once it has reset their handlers.
-            signal.pthread_sigmask(signal.SIG_BLOCK, _TERM_SIGNALS)
-            try:
-                pid = _check(_lib.reaper_fork(), "fork")
-                if pid == 0:
-                    _template_child(lsock, conn, fd, req)  # never returns
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
-            children.add(pid)
+            if _module_stamp() != stamp:
+                # pyshim.py was rewritten under us (an upgrade in place): this
+                # build must fork nothing more. The requester starts cold, and
+                # launches a template of the new code.
+                stale = True
+                reply = b"cold stale template\n" if req["kind"] == "start" else b"error stale template\n"
+            elif req["kind"] == "start":
+                reply = _template_start(lsock, conn, req, peer[0], children)
+            elif req["kind"] == "fork" and fd >= 0:
+                reply = f"ok {_fork_shim(lsock, conn, fd, req, children)}\n".encode()
+            else:
+                reply = b"error malformed request\n"
             # Only a fork counts as use: a bare connect (another launcher's
             # _remove_dead_templates probes every template) must not keep
             # an idle template alive for ever.
             last_used = time.monotonic()
-            conn.sendall(f"ok {pid}\n".encode())
-        except (OSError, ValueError, KeyError) as e:
+            conn.sendall(reply)
+        except (OSError, ValueError, KeyError, struct.error) as e:
             try:
                 conn.sendall(f"error {e}\n".encode())
             except OSError:
@@ -5095,6 +5158,87 @@ def serve_template() -> int:
             if fd >= 0:
                 os.close(fd)
             conn.close()
+        if stale:  # (after the reply and the close: `continue` above skips this)
+            remove_socket()
+            os._exit(0)  # its shims carry on without it
+
+
+def _fork_shim(lsock, conn, fd: int, req: dict, children: set[int]) -> int:
+    """In the template: forks the shim described by `req` ("cwd", "env",
+    "argv") serving `fd`; returns its pid.
+
+    A bare fork (see reaper_fork in _reaper.c), with SIGTERM and SIGINT
+    blocked across it: pending signals are not inherited, so the template's
+    `leave` can never run in the child, which unblocks them once it has
+    reset their handlers."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, _TERM_SIGNALS)
+    try:
+        pid = _check(_lib.reaper_fork(), "fork")
+        if pid == 0:
+            _template_child(lsock, conn, fd, req)  # never returns
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
+    children.add(pid)
+    return pid
+
+
+class _StartCold(Exception):
+    """The template declines a `start` it was handed: the launcher runs it in Python."""
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[1])
+
+
+def _template_start(lsock, conn, req: dict, peer: int, children: set[int]) -> bytes:
+    """In the template: a whole `start` handed over by the native launcher
+    (process `peer`): its argv, environment, cwd (the bundle) and stdin (the
+    runtime options). The same start_work as a cold `start`, with the shim
+    forked here. Returns the reply: b"exit CODE LEN\n" and the LEN bytes the
+    launcher prints (the answer on stdout for 0, the error on stderr for 1), or
+    b"cold ..." when the launcher should run `start` in Python instead."""
+    env = req["env"]
+    if env.get(TEMPLATE_ENV, "1") == "0":
+        return b"cold template turned off\n"
+    try:
+        flags = Flags(req["argv"])
+    except SystemExit:  # a flag error: Python's `start` says it
+        return b"cold bad flags\n"
+    if flags.action != "start" or not flags.namespace or flags.version or flags.info:
+        return b"cold not a start\n"
+    bundle = req["cwd"]
+    try:
+        parent = _parent_of(peer)  # containerd, which ran the launcher
+    except (OSError, ValueError, IndexError):
+        return b"cold launcher gone\n"
+
+    def fork_here(flags: Flags, sock_fd: int, template_ok: bool) -> int:
+        if not template_ok:  # the handler's settings turn the template off
+            raise _StartCold
+        return _fork_shim(lsock, conn, sock_fd, {"cwd": bundle, "env": env, "argv": shim_argv(flags)},
+                          children)
+
+    saved = (log.fd, log.fields, log.level)
+    _log_to_bundle(bundle)
+    if flags.debug:
+        log.level = _LEVELS["debug"]
+    try:
+        code, text = 0, start_work(flags, req["data"], bundle, parent, fork_here)
+    except _StartCold:
+        return b"cold settings\n"
+    except (ShimError, OSError) as e:
+        code, text = 1, f"pyshim start: {e}"
+    except Exception as e:  # noqa: BLE001 - a bug here must not take the template down
+        code, text = 1, f"pyshim start: {e!r}"
+    finally:
+        if log.fd >= 0:
+            os.close(log.fd)
+        log.fd, log.fields, log.level = saved
+    out = text.encode(errors="replace")
+    return f"exit {code} {len(out)}\n".encode() + out
 
 
 def _template_child(lsock, conn, fd: int, req: dict) -> None:
@@ -5105,6 +5249,9 @@ def _template_child(lsock, conn, fd: int, req: dict) -> None:
     try:
         lsock.close()
         conn.close()
+        if log.fd > 2:  # the bundle's log fifo of the `start` the template is doing
+            os.close(log.fd)
+        log.fd = 2
         for signo in (*_TERM_SIGNALS, signal.SIGUSR1):  # the template's, not ours
             signal.signal(signo, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)

@@ -9,7 +9,8 @@ Runs `ctr run -d --rootfs <busybox> ... /bin/sleep` under one private containerd
 every run. Each run gives these moments, in ms after ctr was launched:
 
   start exec     containerd execs the shim binary with `start`
-  py exec        (pyshim) the launcher's sh execs Python
+  py exec        (pyshim) the native launcher execs Python: a cold start only
+                 (no warm template); a warm one is the launcher and the template
   shim forked    the long-lived shim exists (pyshim: forked by the template;
                  Go: `start` execs the shim daemon)
   start exit     `start` exits: containerd has the address
@@ -81,7 +82,7 @@ class Trace:
                 else:
                     fields = dict(kv.split("=", 1) for kv in rest.split() if "=" in kv)
                 out.append((float(ts), int(pid), int(tgid) if tgid.isdigit() else -1, name, fields))
-        return sorted(out)
+        return sorted(out, key=lambda e: e[0])  # stable: same-time events keep their order
 
     def close(self) -> None:
         for ev in EVENTS:
@@ -153,7 +154,7 @@ ORDER = ["start exec", "py exec", "shim forked", "start exit", "accept", "runc c
          "ctr exit"]
 STEPS = [("ctr launched -> start exec", None, "start exec"),
          ("start exec -> start exit (address)", "start exec", "start exit"),
-         ("  of which sh -> Python exec", "start exec", "py exec"),
+         ("  of which launcher -> Python exec (cold only)", "start exec", "py exec"),
          ("  of which start exec -> shim exists", "start exec", "shim forked"),
          ("start exit -> accept", "start exit", "accept"),
          ("accept -> runc create exec", "accept", "runc create exec"),

@@ -16,6 +16,7 @@ import stat
 import struct
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Iterator
 
@@ -34,9 +35,15 @@ def _installed(expr: str) -> str:
     return out.stdout.strip()
 
 
+def _launcher() -> str:
+    """The installed native launcher (containerd runs it): the template's name
+    is made from its identity."""
+    return os.path.join(sysconfig.get_path("scripts"), harness.shim_binary(PYSHIM))
+
+
 def _template_socket(daemon: harness.Containerd) -> str:
     """The warm template socket that this daemon's shims use."""
-    return _installed(f"pyshim.template_path({daemon.address!r})")
+    return _installed(f"pyshim.template_path({daemon.address!r}, {_launcher()!r})")
 
 
 def _ppid(pid: int) -> int:
@@ -98,17 +105,24 @@ def _fds(pid: int) -> dict[int, str]:
 def test_forked_shim_holds_none_of_the_templates_files(templated: harness.Containerd,
                                                        rootfs: str) -> None:
     """Every pipe, socket or other file the template holds stays in the template:
-    a shim inherits nothing from it but what it would get from a cold spawn."""
-    cid = harness.new_id("tfd")
+    a shim inherits nothing from it but what it would get from a cold spawn. Both
+    ways a shim is forked: asked by a Python `start` (the first, which launches the
+    template) and in a `start` the native launcher handed over whole (the next),
+    for which the template opened the bundle's log itself."""
+    cid, warm = harness.new_id("tfd"), harness.new_id("tfd")
     _run_d(templated, rootfs, cid)
+    _run_d(templated, rootfs, warm)
     shim = shim_of(templated, cid)
     template = _ppid(shim)
-    assert _is_template(template)
+    assert _is_template(template) and _ppid(shim_of(templated, warm)) == template
     template_fds = _fds(template)
-    shim_fds = _fds(shim)
-    shared = {fd: target for fd, target in shim_fds.items()
-              if target in template_fds.values() and target != "/dev/null"}
-    assert not shared, (shared, template_fds, shim_fds)
+    for pid in (shim, shim_of(templated, warm)):
+        shim_fds = _fds(pid)
+        shared = {fd: target for fd, target in shim_fds.items()
+                  if target in template_fds.values() and target != "/dev/null"}
+        assert not shared, (shared, template_fds, shim_fds)
+        logs = [fd for fd, target in shim_fds.items() if target.endswith("/log")]
+        assert logs == [2], shim_fds  # its own bundle's log, as its stderr, once
     # The template holds stdio (/dev/null), its listening socket, and at most
     # libuv's process-wide signal lock pipe (both ends), made by its warm-up loop.
     assert all(template_fds[fd] == "/dev/null" for fd in (0, 1, 2)), template_fds

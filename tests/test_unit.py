@@ -20,6 +20,7 @@ import re
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1659,17 +1660,46 @@ def test_start_path_imports_nothing_heavy(tmp_path) -> None:
     assert (tmp_path / "address").read_text() == f"unix://{sock}"
 
 
-def test_fork_request_round_trip() -> None:
+@pytest.mark.parametrize(("kind", "data"), [("fork", b""), ("start", b"\n\x00options\x00\xff")])
+def test_template_request_round_trip(kind: str, data: bytes) -> None:
     argv = ["/usr/bin/python3", "-IS", "/x/containerd-shim-pyshim-v1", "-namespace", "n s", "-id", "é"]
     env = {"PATH": "/bin", "EMPTY": "", "EQ": "a=b=c"}
-    body = pyshim._pack_request(argv, env, "/run/bundle dir")
-    assert pyshim._unpack_request(body) == {"cwd": "/run/bundle dir", "argv": argv, "env": env}
+    body = pyshim._pack_request(kind, argv, env, "/run/bundle dir", data)
+    assert pyshim._unpack_request(body) == {"kind": kind, "cwd": "/run/bundle dir", "argv": argv,
+                                            "env": env, "data": data}
 
 
-@pytest.mark.parametrize("body", [b"", b"/", b"/\0x", b"/\x000", b"/\x003\0a", b"/\x001\0a\0NOEQ", b"/\x001\0a\0=v"])
-def test_malformed_fork_request_is_refused(body: bytes) -> None:
-    with pytest.raises(ValueError):
+def _request(fields: bytes, data: bytes = b"", extra: int = 0) -> bytes:
+    return struct.pack(">II", len(fields), len(data) + extra) + fields + data
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"\0\0\0", _request(b""), _request(b"fork\0/"), _request(b"fork\0/\0x"), _request(b"fork\0/\x000"),
+    _request(b"fork\0/\x003\0a"), _request(b"fork\0/\x001\0a\0NOEQ"), _request(b"fork\0/\x001\0a\0=v"),
+    _request(b"start\0/\x001\0a", b"x", extra=1), _request(b"start\0/\x001\0a", b"xy", extra=-1)])
+def test_malformed_template_request_is_refused(body: bytes) -> None:
+    with pytest.raises((ValueError, struct.error)):
         pyshim._unpack_request(body)
+
+
+def test_template_path_is_named_by_the_launcher_file(tmp_path) -> None:
+    """The native launcher computes the same name in C (bin/launcher.c): the
+    sha256 of the launcher's identity and containerd's address. A launcher
+    written anew (a reinstall) gives another name; without one, the name
+    comes from the interpreter and pyshim.py."""
+    launcher = tmp_path / "containerd-shim-pyshim-v1"
+    launcher.write_bytes(b"x")
+    st = os.stat(launcher)
+    ident = f"{launcher}\0{st.st_dev}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_size}"
+    assert pyshim.launcher_identity(str(launcher)) == ident
+    key = hashlib.sha256(f"{ident}\0{pyshim.BUILD_ID}\0/run/c.sock".encode()).hexdigest()[:16]
+    first = pyshim.template_path("/run/c.sock", str(launcher))
+    assert first == f"{pyshim.SOCKET_DIR}/pyshim-template-{key}"
+    assert pyshim.template_path("/run/other.sock", str(launcher)) != first
+    launcher.unlink()
+    launcher.write_bytes(b"xy")  # another build's launcher at the same path
+    assert pyshim.template_path("/run/c.sock", str(launcher)) != first
+    assert pyshim.launcher_identity(str(tmp_path / "missing")) == ""
 
 
 def test_group_id_skips_json_without_group_keys(tmp_path) -> None:
