@@ -1116,6 +1116,8 @@ class Copier:
             self.loop.remove_reader(self.src)
         os.close(self.src)
         self.src = -1
+        if self.moved:  # what reached the destination: where did an output's end go?
+            log("debug", "copy closed", bytes=self.moved, unsent=len(self._pending))
         if self.on_close is not None:
             self.on_close(self.dst)
         else:

@@ -30,8 +30,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -196,14 +194,6 @@ def _any(data: bytes) -> tuple[str, bytes]:
     fields = dict(harness.pb_fields(data))
     assert set(fields) <= {1, 2}, fields
     return fields.get(1, b"").decode(), fields.get(2, b"")
-
-
-def _template_socket(daemon: harness.Containerd) -> str:
-    """The warm template socket of this daemon's pyshim shims, as the installed pyshim
-    (the one containerd runs, whose file is part of the name) computes it."""
-    code = f"import pyshim; print(pyshim.template_path({daemon.address!r}))"
-    return subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True,
-                          text=True, check=True).stdout.strip()
 
 
 def _status(c: Cri, cid: str) -> tuple[int, int]:
@@ -391,7 +381,7 @@ def test_daemon_cleanup_with_a_live_pod_leaves_nothing(handler: str) -> None:
         paths = [_socket(d, pod)] + [os.path.join(harness.RUNC_ROOT, NS, c) for c in (pod, *cids[:2])]
         assert all(os.path.exists(p) for p in paths)
         if handler == "pyshim":  # and the warm template's socket and lock file
-            sock = _template_socket(d)
+            sock = harness.template_socket(d)
             paths += [sock, sock + ".lock"]
             assert os.path.exists(sock) and os.path.exists(sock + ".lock")
     finally:

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 import harness
 import pytest
-from harness import require_e2e
+from harness import daemon_with, template_socket
 
 PYSHIM = harness.PYSHIM
 RUNC = harness.RUNC
@@ -43,10 +43,6 @@ def _installed(expr: str) -> str:
     out = subprocess.run([sys.executable, "-c", f"import pyshim; print({expr})"], cwd="/",
                          capture_output=True, text=True, check=True)
     return out.stdout.strip()
-
-
-def template_socket(daemon: harness.Containerd, launcher: str = LAUNCHER) -> str:
-    return _installed(f"pyshim.template_path({daemon.address!r}, {launcher!r})")
 
 
 def ppid(pid: int) -> int:
@@ -94,24 +90,6 @@ def no_python(scripts: str = SCRIPTS) -> Iterator[None]:
         yield
     finally:
         os.rename(named + ".away", named)
-
-
-@contextmanager
-def daemon_with(extra_path: list[str] | None = None, **env: str) -> Iterator[harness.Containerd]:
-    require_e2e()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    daemon = harness.Containerd(extra_path=extra_path)
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.cleanup()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture

@@ -41,9 +41,6 @@ def _launcher() -> str:
     return os.path.join(sysconfig.get_path("scripts"), harness.shim_binary(PYSHIM))
 
 
-def _template_socket(daemon: harness.Containerd) -> str:
-    """The warm template socket that this daemon's shims use."""
-    return _installed(f"pyshim.template_path({daemon.address!r}, {_launcher()!r})")
 
 
 def _ppid(pid: int) -> int:
@@ -85,7 +82,7 @@ def test_forked_shim_is_titled_like_a_cold_one(templated: harness.Containerd, ro
     assert argv[argv.index("-namespace") + 1] == templated.namespace
     assert argv[argv.index("-address") + 1] == templated.address
     assert "pyshim" in " ".join(argv)
-    path = _template_socket(templated)
+    path = harness.template_socket(templated)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
     r = templated.ctr("task", "exec", "--exec-id", "e1", cid, "/bin/sh", "-c", "exit 4")
@@ -155,7 +152,7 @@ def test_killing_the_template_leaves_shims_alone(templated: harness.Containerd, 
 
 def test_unreachable_template_falls_back_to_a_cold_spawn(templated: harness.Containerd,
                                                          rootfs: str) -> None:
-    path = _template_socket(templated)
+    path = harness.template_socket(templated)
     # Whatever template answers there now is replaced by a directory nobody can
     # connect to or remove as a socket: `start` must not depend on it.
     if os.path.exists(path):
@@ -228,7 +225,7 @@ def test_usr1_leaves_the_template_alone_and_still_dumps_its_shims(templated: har
 def test_template_refuses_another_user(templated: harness.Containerd, rootfs: str, who: str) -> None:
     cid = harness.new_id("tu")
     _run_d(templated, rootfs, cid)  # makes sure a template is up
-    path = _template_socket(templated)
+    path = harness.template_socket(templated)
     # Open the file modes for this test, so that the connection is made and it is
     # the template's own peer-credential check that must refuse it.
     dirs = [os.path.dirname(os.path.dirname(path)), os.path.dirname(path)]
@@ -276,7 +273,7 @@ def test_template_refuses_another_user(templated: harness.Containerd, rootfs: st
 
 def test_dead_templates_are_cleared_and_sigterm_removes_the_socket(templated: harness.Containerd,
                                                                    rootfs: str) -> None:
-    path = _template_socket(templated)
+    path = harness.template_socket(templated)
     # A template socket nobody answers on (as a SIGKILLed or upgraded build leaves).
     dead = os.path.join(os.path.dirname(path), "pyshim-template-0000deadbeef0000")
     s = socket.socket(socket.AF_UNIX)
@@ -315,7 +312,7 @@ def _gone(pid: int) -> bool:
 @pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stopped_template_leaves_none_of_its_files(templated: harness.Containerd, rootfs: str,
                                                      signo: int) -> None:
-    path = _template_socket(templated)
+    path = harness.template_socket(templated)
     cids = [harness.new_id("tf"), harness.new_id("tf")]
     for cid in cids:
         _run_d(templated, rootfs, cid)
@@ -345,7 +342,7 @@ def test_a_replaced_template_leaves_the_newer_ones_files(templated: harness.Cont
                                                          rootfs: str) -> None:
     """A template whose socket name another template has taken since (its file
     removed by hand, here) removes nothing of the newer one's when it leaves."""
-    path = _template_socket(templated)
+    path = harness.template_socket(templated)
     first, second, third = (harness.new_id("tr") for _ in range(3))
     _run_d(templated, rootfs, first)
     old = _ppid(shim_of(templated, first))
@@ -367,7 +364,7 @@ def test_a_replaced_template_leaves_the_newer_ones_files(templated: harness.Cont
 
 def test_idle_template_exits_and_removes_its_socket(rootfs: str) -> None:
     with daemon_with(PYSHIM_TEMPLATE="1", PYSHIM_TEMPLATE_IDLE="1") as daemon:
-        path = _template_socket(daemon)
+        path = harness.template_socket(daemon)
         cid = harness.new_id("ti")
         _run_d(daemon, rootfs, cid)
         template = _ppid(shim_of(daemon, cid))
@@ -399,4 +396,4 @@ def test_each_containerd_has_its_own_template(templated: harness.Containerd, roo
         _run_d(other, rootfs, b)
         ta, tb = _ppid(shim_of(templated, a)), _ppid(shim_of(other, b))
         assert _is_template(ta) and _is_template(tb) and ta != tb
-        assert _template_socket(templated) != _template_socket(other)
+        assert harness.template_socket(templated) != harness.template_socket(other)

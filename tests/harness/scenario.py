@@ -23,6 +23,7 @@ Public surface:
     task_call                              one task API call on a container's shim socket
     LOGGER, write_logger, logger_record    a ``binary://`` logging binary and what it recorded
     daemon_with, shim_of                   a daemon with extra environment; a task's shim pid
+    template_socket                        the warm template's socket of a daemon's pyshim
     require, require_e2e                   skip for want of a prerequisite (fail under CI=true)
     run_without_pidns, run_sleeper_id      a task in the host's pid namespace; a sleeper by id
     stop_and_remove                        SIGKILL, wait for STOPPED, remove task and container
@@ -37,6 +38,8 @@ import json
 import os
 import re
 import subprocess
+import sys
+import sysconfig
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -61,7 +64,7 @@ __all__ = [
     "logger_record", "norm", "ok", "pid_gone", "remove", "require", "require_e2e",
     "run_sleeper", "same_as_runc", "shim_of", "task_call", "task_ps", "task_row",
     "wait_status", "write_logger", "run_without_pidns", "run_sleeper_id", "stop_and_remove",
-    "exec_request", "exec_state", "tasks_call", "grpc_module",
+    "exec_request", "exec_state", "tasks_call", "grpc_module", "template_socket",
 ]
 
 
@@ -465,14 +468,25 @@ def logger_record(out: str, *replace: tuple[str, str]) -> dict[str, str]:
 # ------------------------------------------------------------------------------ daemons
 
 
+def template_socket(daemon: Containerd, launcher: str | None = None) -> str:
+    """The warm template socket of this daemon's pyshim shims, as the installed pyshim
+    (the one containerd runs) computes it: the native launcher's identity (default the
+    installed one; a symlink to it names the same file) is part of the name."""
+    launcher = launcher or os.path.join(sysconfig.get_path("scripts"), harness.shim_binary(PYSHIM))
+    code = f"import pyshim; print(pyshim.template_path({daemon.address!r}, {launcher!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
 @contextmanager
-def daemon_with(**env: str) -> Iterator[Containerd]:
+def daemon_with(extra_path: list[str] | None = None, **env: str) -> Iterator[Containerd]:
     """A started private containerd whose environment (and so its shims' and pyshim's
-    template's) has these variables; os.environ is restored afterwards."""
+    template's) has these variables, and ``extra_path`` first on its PATH; os.environ
+    is restored afterwards."""
     require_e2e()
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    daemon = Containerd()  # copies os.environ
+    daemon = Containerd(extra_path=extra_path)  # copies os.environ
     try:
         daemon.start()
         yield daemon
