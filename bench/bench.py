@@ -159,14 +159,15 @@ def concurrent(daemon: harness.Containerd, rootfs: str, runtime: str, n: int) ->
                 "/bin/sleep", "100000"]
         procs.append(subprocess.Popen(argv, env=daemon.env, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    failed = 0
+    errors = []
     for p in procs:
-        p.communicate(timeout=300)
-        failed += p.returncode != 0
+        _, err = p.communicate(timeout=300)
+        if p.returncode:
+            errors.append(err.decode(errors="replace").strip())
     took = time.monotonic() - t0
     daemon.remove_all()
-    if failed:
-        raise SystemExit(f"{runtime}: {failed} of {n} concurrent starts failed")
+    if errors:
+        raise SystemExit(f"{runtime}: {len(errors)} of {n} concurrent starts failed: {errors[0]}")
     return took
 
 

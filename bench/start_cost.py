@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ on_platform.ensure()  # re-runs this in the platform's venv, which has harness i
 
 import harness  # noqa: E402
 import start_breakdown  # noqa: E402
+from bench import concurrent  # noqa: E402
 
 RUNTIMES = (harness.PYSHIM, harness.RUNC)
 SHORT = start_breakdown.SHORT
@@ -107,28 +107,6 @@ def run_d(daemon: harness.Containerd, rootfs: str, runtime: str) -> tuple[float,
     """(monotonic launch time, seconds) of one `ctr run -d`."""
     t0, _ = start_breakdown.run_once(daemon, rootfs, runtime)
     return t0, time.monotonic() - t0
-
-
-def concurrent(daemon: harness.Containerd, rootfs: str, runtime: str, n: int) -> float:
-    """Seconds until n `ctr run -d` launched at once have all returned."""
-    procs = []
-    t0 = time.monotonic()
-    for _ in range(n):
-        argv = [harness.CTR, "--address", daemon.address, "-n", daemon.namespace, "run", "-d",
-                "--null-io", "--runtime", runtime, "--rootfs", rootfs, harness.new_id("c"),
-                "/bin/sleep", "100000"]
-        procs.append(subprocess.Popen(argv, env=daemon.env, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    errors = []
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        if p.returncode:
-            errors.append(err.decode(errors="replace").strip())
-    took = time.monotonic() - t0
-    daemon.remove_all()
-    if errors:
-        raise SystemExit(f"{runtime}: {len(errors)} of {n} concurrent starts failed: {errors[0]}")
-    return took
 
 
 def main() -> int:
