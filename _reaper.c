@@ -3,8 +3,9 @@
  * without allocating on a hot path): child-subreaper, the waitpid reap
  * loop, SIGCHLD delivery on a pipe the event loop can watch, SCM_RIGHTS fd
  * passing, unix sockets with path or abstract names, SO_PEERCRED, mount(2)
- * malloc_trim, madvise, giving back all-zero pages, a bare fork for the warm template and the write that makes
- * one of its objects immortal.
+ * malloc_trim, madvise, giving back all-zero pages, and for the warm
+ * template: a bare fork, its request loop and the write that makes one of
+ * its objects immortal.
  *
  * Every function is flat: it returns a value >= 0 or -errno, and never
  * allocates (but reaper_malloc_keep, whose job that is). Buffers are owned by
@@ -20,8 +21,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -529,4 +534,228 @@ int reaper_fork(void)
 	pid_t pid = fork();
 
 	return pid < 0 ? -errno : pid;
+}
+
+/* --- the warm template's request loop ------------------------------------ */
+
+/*
+ * The template answers its requests here, in C, because every page it writes
+ * after forking a shim stops being shared with that shim: Python code would
+ * write refcounts and allocator state all over the heap at every request
+ * (~150 pages on 3.11), and each shim would end up with its own copy of all
+ * of them. This loop writes its stack, the request buffer and a few counters.
+ *
+ * A request (see pyshim._pack_request) is a big-endian header, the byte
+ * counts of its fields and of its data, then both; its first field is its
+ * kind. Every request of a user other than the template's is refused; a
+ * well-formed "start" or "fork" (the latter with an fd attached) is forked
+ * off, the child returning to Python to do the work and answer.
+ */
+
+#define TEMPLATE_REQUEST_MAX (4u << 20)
+#define TEMPLATE_IO_SECONDS 5
+
+static char template_buf[TEMPLATE_REQUEST_MAX + 8]; /* untouched pages cost nothing */
+static long template_children;	/* forked and not yet reaped */
+static long long template_last_fork_ms;
+
+static long long monotonic_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void template_say(int conn, const char *text)
+{
+	ssize_t n;
+
+	do {
+		n = send(conn, text, strlen(text), MSG_NOSIGNAL);
+	} while (n < 0 && errno == EINTR);
+}
+
+static void template_reap(void)
+{
+	while (template_children > 0) {
+		pid_t pid = waitpid(-1, NULL, WNOHANG);
+
+		if (pid > 0)
+			template_children--;
+		else if (pid == 0)
+			break;
+		else if (errno == ECHILD)
+			template_children = 0;
+		else if (errno != EINTR)
+			break;
+	}
+}
+
+/* Nonzero when the file at `path` is no longer the one `stamp` describes
+ * (inode, size, mtime and ctime in ns): pyshim.py was rewritten. */
+static int template_stale(const char *path, const long long *stamp)
+{
+	struct stat st;
+
+	if (stat(path, &st) < 0)
+		return 1;
+	return (long long)st.st_ino != stamp[0] || (long long)st.st_size != stamp[1] ||
+	       (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec != stamp[2] ||
+	       (long long)st.st_ctim.tv_sec * 1000000000LL + st.st_ctim.tv_nsec != stamp[3];
+}
+
+/* Reads one request from `conn` into template_buf; its length, or -1 after
+ * answering the error (or when the peer is gone). */
+static long template_read(int conn, int *fd)
+{
+	uint32_t flen, dlen;
+	size_t want, have;
+	ssize_t n;
+
+	n = reaper_recv_fd(conn, template_buf, 65536, fd);
+	if (n <= 0)
+		return -1;
+	have = (size_t)n;
+	if (have < 8) {
+		template_say(conn, "error malformed request\n");
+		return -1;
+	}
+	memcpy(&flen, template_buf, 4);
+	memcpy(&dlen, template_buf + 4, 4);
+	flen = ntohl(flen), dlen = ntohl(dlen);
+	want = 8 + (size_t)flen + dlen;
+	if ((size_t)flen + dlen > TEMPLATE_REQUEST_MAX) {
+		template_say(conn, "error request too large\n");
+		return -1;
+	}
+	while (have < want) {
+		n = recv(conn, template_buf + have, want - have, 0);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break; /* cut short: the child's parse says so */
+		have += (size_t)n;
+	}
+	return (long)(have < want ? have : want);
+}
+
+/*
+ * Serves requests on the listening socket `lsock` until one is forked off
+ * (returns 0 in the child, with out[] = the connection, the fd that came with
+ * the request or -1, the request's length in reaper_template_request(), the
+ * requester's pid; SIGTERM and SIGINT are blocked there, the parent's are
+ * not), or until something is for Python to do, returning:
+ *   -EINTR      a signal arrived (its Python handler runs next);
+ *   -ETIMEDOUT  no child left and no fork for idle_ms, nothing queued;
+ *   -ESTALE     the file `watch` changed from `stamp`: the request was told
+ *               so ("cold stale template" to a start), nothing more is forked;
+ *   another -errno from accept or fork.
+ * A request whose requester has hung up (it timed out and went cold) is
+ * dropped unanswered.
+ */
+int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long long *stamp,
+			  long *out)
+{
+	struct timeval tv = {TEMPLATE_IO_SECONDS, 0};
+	struct ucred cred;
+	socklen_t clen;
+	sigset_t term, old;
+
+	if (!template_last_fork_ms)
+		template_last_fork_ms = monotonic_ms();
+	sigemptyset(&term);
+	sigaddset(&term, SIGTERM);
+	sigaddset(&term, SIGINT);
+	for (;;) {
+		struct pollfd p = {lsock, POLLIN, 0};
+		long long idle;
+		long len;
+		int conn, fd = -1, r, wait_ms = 5000;
+		pid_t pid;
+
+		template_reap();
+		idle = monotonic_ms() - template_last_fork_ms;
+		if (template_children == 0) {
+			if (idle >= idle_ms) {
+				if (poll(&p, 1, 0) == 0)
+					return -ETIMEDOUT;
+			} else if (idle_ms - idle < wait_ms) {
+				wait_ms = (int)(idle_ms - idle);
+			}
+		}
+		r = poll(&p, 1, wait_ms);
+		if (r < 0)
+			return -errno;
+		if (r == 0)
+			continue;
+		conn = accept4(lsock, NULL, NULL, SOCK_CLOEXEC);
+		if (conn < 0) {
+			if (errno == EAGAIN || errno == ECONNABORTED)
+				continue;
+			return -errno;
+		}
+		setsockopt(conn, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+		setsockopt(conn, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+		clen = sizeof(cred);
+		if (getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &cred, &clen) < 0 ||
+		    cred.uid != geteuid() || cred.gid != getegid()) {
+			template_say(conn, "error refused: another user\n");
+			close(conn);
+			continue;
+		}
+		len = template_read(conn, &fd);
+		if (len >= 0) {
+			struct pollfd h = {conn, POLLRDHUP, 0};
+			const char *kind = template_buf + 8;
+			uint32_t flen;
+
+			memcpy(&flen, template_buf, 4);
+			flen = ntohl(flen);
+			if (poll(&h, 1, 0) > 0) {
+				len = -1; /* the requester hung up: it went cold */
+			} else if (template_stale(watch, stamp)) {
+				template_say(conn, flen >= 5 && !memcmp(kind, "start", 5) ?
+					     "cold stale template\n" : "error stale template\n");
+				if (fd >= 0)
+					close(fd);
+				close(conn);
+				return -ESTALE;
+			} else if (!((flen >= 6 && !memcmp(kind, "start\0", 6)) ||
+				     (flen >= 5 && !memcmp(kind, "fork\0", 5) && fd >= 0))) {
+				template_say(conn, "error malformed request\n");
+				len = -1;
+			}
+		}
+		if (len < 0) {
+			if (fd >= 0)
+				close(fd);
+			close(conn);
+			continue;
+		}
+		sigprocmask(SIG_BLOCK, &term, &old);
+		pid = fork();
+		if (pid == 0) {
+			out[0] = conn, out[1] = fd, out[2] = len, out[3] = cred.pid;
+			return 0;
+		}
+		r = errno;
+		sigprocmask(SIG_SETMASK, &old, NULL);
+		if (fd >= 0)
+			close(fd);
+		if (pid < 0) {
+			template_say(conn, "error fork failed\n");
+			close(conn);
+			return -r;
+		}
+		close(conn);
+		template_children++;
+		template_last_fork_ms = monotonic_ms();
+	}
+}
+
+/* The request the child of reaper_template_serve was forked for. */
+const char *reaper_template_request(void)
+{
+	return template_buf;
 }

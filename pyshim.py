@@ -4642,15 +4642,22 @@ def template_fork(argv: list[str], sock_fd: int, containerd_address: str, timeou
     env) with the socket attached (SCM_RIGHTS); the answer is "ok PID" or
     "error TEXT".
     """
+    fd = _template_connect(template_path(containerd_address))
+    return _request_fork(fd, argv, sock_fd, dict(os.environ), os.getcwd(), timeout)
+
+
+def _request_fork(fd: int, argv: list[str], sock_fd: int, env: dict[str, str], cwd: str,
+                  timeout: float) -> int:
+    """The "fork" request of template_fork on the template connection `fd`
+    (closed here): a shim running `argv` on `sock_fd`, in `cwd` with `env`."""
     import select
 
-    fd = _template_connect(template_path(containerd_address))
     try:
         # The shim's socket goes only to a template of our own user (as the
         # native launcher checks too): the credentials of whoever listens there.
         if peer_cred(fd)[1:] != (os.geteuid(), os.getegid()):
             raise OSError(13, "refused: the template there belongs to another user")  # EACCES
-        msg = _pack_request("fork", argv, dict(os.environ), os.getcwd())
+        msg = _pack_request("fork", argv, env, cwd)
         sent = send_fd(fd, sock_fd, msg)
         while sent < len(msg):
             sent += os.write(fd, msg[sent:])
@@ -5073,117 +5080,72 @@ def serve_template() -> int:
     if ksm_mode(None) == "auto" and ksm_host_on():
         template_ksm = ksm_advise(True) > 0
     gc.freeze()
-    uid, gid = os.geteuid(), os.getegid()
-    stamp = _module_stamp()
-    children: set[int] = set()
-    last_used = time.monotonic()
+    # From here on the template runs C (reaper_template_serve) and Python
+    # only in the processes it forks, or when something is for Python to do.
+    stamp = _ffi.new("long long[4]", _module_stamp())
+    watch = os.fsencode(__file__)
+    out = _ffi.new("long[4]")
+    idle_ms = max(0, int(idle_limit * 1000))
     while True:
-        while children:  # reap finished shims
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                children.clear()
-                break
-            if pid == 0:
-                break
-            children.discard(pid)
-        # Checked on every turn, not only when select times out: connections
-        # that ask for nothing may keep arriving.
-        if not children and time.monotonic() - last_used >= idle_limit:
+        r = _lib.reaper_template_serve(lsock.fileno(), idle_ms, watch, stamp, out)
+        if r == 0:  # the forked child of one request: it answers it and exits
+            _template_request(lsock, int(out[0]), int(out[1]),
+                              _ffi.unpack(_lib.reaper_template_request(), int(out[2])), int(out[3]))
+        if r == -_lib.ETIMEDOUT:
             # Idle with no shim to reap: leave, unless a start already queued.
             remove_files()
             if not select.select([lsock], [], [], 0)[0]:
                 os._exit(0)  # no finalization: it would meet immortal objects
-        elif not select.select([lsock], [], [], min(5.0, idle_limit))[0]:
-            continue
-        try:
-            conn, _ = lsock.accept()
-        except OSError:
-            continue
-        fd = -1
-        stale = False
-        try:
-            # Blocking with kernel timeouts: recv_fd works on the raw fd.
-            tv = struct.pack("ll", 5, 0)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-            peer = peer_cred(conn.fileno())
-            if peer[1:] != (uid, gid):
-                conn.sendall(b"error refused: another user\n")
-                continue
-            data, fd = recv_fd(conn.fileno(), 65536)
-            if len(data) < _REQUEST.size:
-                conn.sendall(b"error malformed request\n")
-                continue
-            want = _REQUEST.size + sum(_REQUEST.unpack_from(data))
-            if want > 4 << 20:
-                conn.sendall(b"error request too large\n")
-                continue
-            while len(data) < want:
-                chunk = conn.recv(want - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            req = _unpack_request(data[:want])
-            hangup = select.poll()
-            hangup.register(conn, select.POLLRDHUP)
-            if hangup.poll(0):
-                # The requester hung up: it timed out while we were stalled
-                # and spawned the shim cold on this very socket. A second
-                # shim there would answer for tasks it does not hold, and
-                # never exit. (A start that times out between this check and
-                # the fork still gets one; its 3 s wait makes that rare.)
-                continue
-            if _module_stamp() != stamp:
-                # pyshim.py was rewritten under us (an upgrade in place): this
-                # build must fork nothing more. The requester starts cold, and
-                # launches a template of the new code.
-                stale = True
-                reply = b"cold stale template\n" if req["kind"] == "start" else b"error stale template\n"
-            elif req["kind"] == "start":
-                reply = _template_start(lsock, conn, req, peer[0], children)
-            elif req["kind"] == "fork" and fd >= 0:
-                reply = f"ok {_fork_shim(lsock, conn, fd, req, children)}\n".encode()
-            else:
-                reply = b"error malformed request\n"
-            # Only a fork counts as use: a bare connect (another launcher's
-            # _remove_dead_templates probes every template) must not keep
-            # an idle template alive for ever.
-            last_used = time.monotonic()
-            conn.sendall(reply)
-        except (OSError, ValueError, KeyError, struct.error) as e:
-            try:
-                conn.sendall(f"error {e}\n".encode())
-            except OSError:
-                pass
-        finally:
-            if fd >= 0:
-                os.close(fd)
-            conn.close()
-        if stale:  # (after the reply and the close: `continue` above skips this)
-            remove_socket()
-            os._exit(0)  # its shims carry on without it
+        elif r == -_lib.ESTALE:
+            # pyshim.py was rewritten under us (an upgrade in place): this
+            # build forks nothing more. The requester (told so) starts cold,
+            # and launches a template of the new code; our shims carry on.
+            remove_files()
+            os._exit(0)
+        elif r != -_lib.EINTR:  # (a signal: its handler has run by now)
+            log("warning", "template request failed", error=os.strerror(-r))
+            time.sleep(0.1)  # EMFILE, ENOMEM: give what ran out a moment
 
 
-def _fork_shim(lsock, conn, fd: int, req: dict, children: set[int]) -> int:
-    """In the template: forks the shim described by `req` ("cwd", "env",
-    "argv") serving `fd`; returns its pid.
-
-    A bare fork (see reaper_fork in _reaper.c), with SIGTERM and SIGINT
-    blocked across it: pending signals are not inherited, so the template's
-    `leave` can never run in the child, which unblocks them once it has
-    reset their handlers."""
+def _template_request(lsock, conn_fd: int, fd: int, data: bytes, peer: int) -> None:
+    """In the process the template forked for one request (its connection
+    `conn_fd`, the fd that came with it, its bytes, the requester's pid):
+    a "fork" becomes the shim it asks for, after answering "ok PID"; a
+    "start" is done here (_template_start), the shim it needs being a "fork"
+    request back to the template, which forks it from a heap no `start` has
+    touched. Never returns. SIGTERM and SIGINT come blocked."""
     import signal
+    import socket
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, _TERM_SIGNALS)
+    code = 1
+    conn = None
     try:
-        pid = _check(_lib.reaper_fork(), "fork")
-        if pid == 0:
+        conn = socket.socket(fileno=conn_fd)
+        try:
+            req = _unpack_request(data)
+        except (ValueError, UnicodeError, struct.error) as e:
+            conn.sendall(f"error {e}\n".encode())
+            raise SystemExit(1) from None
+        if req["kind"] == "fork":
+            conn.sendall(f"ok {os.getpid()}\n".encode())
             _template_child(lsock, conn, fd, req)  # never returns
-    finally:
+        path = lsock.getsockname()
+        lsock.close()  # the template's: this process accepts nothing
+        for signo in _TERM_SIGNALS:
+            signal.signal(signo, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
-    children.add(pid)
-    return pid
+        conn.sendall(_template_start(path, req, peer))
+        code = 0
+    except SystemExit:
+        pass
+    except BaseException as e:  # noqa: BLE001 - this process must reach os._exit
+        try:
+            if conn is not None:
+                conn.sendall(f"error {e!r}\n".encode())
+        except BaseException:  # noqa: BLE001, S110 - the requester is gone
+            pass
+    finally:
+        os._exit(code)
 
 
 class _StartCold(Exception):
@@ -5195,12 +5157,12 @@ def _parent_of(pid: int) -> int:
         return int(f.read().rsplit(b")", 1)[1].split()[1])
 
 
-def _template_start(lsock, conn, req: dict, peer: int, children: set[int]) -> bytes:
-    """In the template: a whole `start` handed over by the native launcher
+def _template_start(path: str, req: dict, peer: int) -> bytes:
+    """In a process forked for it: a whole `start` handed over by the native launcher
     (process `peer`): its argv, environment, cwd (the bundle) and stdin (the
     runtime options). The same start_work as a cold `start`, with the shim
-    forked here. Returns the reply: b"exit CODE LEN\n" and the LEN bytes the
-    launcher prints (the answer on stdout for 0, the error on stderr for 1), or
+    forked by the template listening at `path`. Returns the reply: b"exit
+    CODE LEN\n" and the LEN bytes the launcher prints (the answer on stdout for 0, the error on stderr for 1), or
     b"cold ..." when the launcher should run `start` in Python instead."""
     env = req["env"]
     if env.get(TEMPLATE_ENV, "1") == "0":
@@ -5218,10 +5180,13 @@ def _template_start(lsock, conn, req: dict, peer: int, children: set[int]) -> by
         return b"cold launcher gone\n"
 
     def fork_here(flags: Flags, sock_fd: int, template_ok: bool) -> int:
-        if not template_ok:  # the handler's settings turn the template off
-            raise _StartCold
-        return _fork_shim(lsock, conn, sock_fd, {"cwd": bundle, "env": env, "argv": shim_argv(flags)},
-                          children)
+        if not template_ok:
+            raise _StartCold("settings")  # the handler's settings turn the template off
+        try:
+            fd = unix_connect(path)
+        except OSError as e:
+            raise _StartCold("template gone") from e  # it left meanwhile
+        return _request_fork(fd, shim_argv(flags), sock_fd, env, bundle, 3.0)
 
     saved = (log.fd, log.fields, log.level)
     _log_to_bundle(bundle)
@@ -5229,11 +5194,11 @@ def _template_start(lsock, conn, req: dict, peer: int, children: set[int]) -> by
         log.level = _LEVELS["debug"]
     try:
         code, text = 0, start_work(flags, req["data"], bundle, parent, fork_here)
-    except _StartCold:
-        return b"cold settings\n"
+    except _StartCold as e:
+        return f"cold {e}\n".encode()
     except (ShimError, OSError) as e:
         code, text = 1, f"pyshim start: {e}"
-    except Exception as e:  # noqa: BLE001 - a bug here must not take the template down
+    except Exception as e:  # noqa: BLE001 - a bug here still answers the launcher
         code, text = 1, f"pyshim start: {e!r}"
     finally:
         if log.fd >= 0:
@@ -5251,7 +5216,7 @@ def _template_child(lsock, conn, fd: int, req: dict) -> None:
     try:
         lsock.close()
         conn.close()
-        if log.fd > 2:  # the bundle's log fifo of the `start` the template is doing
+        if log.fd > 2:  # a log the template had open (it has none as launched)
             os.close(log.fd)
         log.fd = 2
         for signo in (*_TERM_SIGNALS, signal.SIGUSR1):  # the template's, not ours
