@@ -9,6 +9,7 @@ pyshim's outcome must equal the Go shim's (``same_as_runc``).
 from __future__ import annotations
 
 import os
+import select
 import stat
 import threading
 from collections.abc import Iterator
@@ -298,13 +299,21 @@ def test_io_uid_and_gid_own_the_exec_pipes_too(daemon: Containerd, rootfs: str, 
         wait_status(daemon, cid, "RUNNING")
         out = os.path.join(str(tmp_path), f"{cid}.out")
         os.mkfifo(out)
-        got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(open(out, "rb").read()), daemon=True)
-        reader.start()
-        start_exec(daemon, cid, "own", ["/bin/stat", "-L", "-c", "%u:%g", "/proc/self/fd/1"],
-                   stdout=out, stderr=out)
-        wait_for(lambda: exec_state(daemon, cid, "own") == 3, 10, message=f"{r}: stat never exited")
-        reader.join(10)
+        # Held open read-write: the shim's opens never wait for a reader, and no
+        # open-and-close of the shim's (the Go shim 2.x opens the fifo more than
+        # once) ends the reading early; once seen, a blocking reader thread hung
+        # the Go shim's Start.
+        fifo = os.open(out, os.O_RDWR | os.O_NONBLOCK)
+        try:
+            start_exec(daemon, cid, "own", ["/bin/stat", "-L", "-c", "%u:%g", "/proc/self/fd/1"],
+                       stdout=out, stderr=out)
+            wait_for(lambda: exec_state(daemon, cid, "own") == 3, 10, message=f"{r}: stat never exited")
+            data = b""
+            while not data.endswith(b"\n") and select.select([fifo], [], [], 10)[0]:
+                data += os.read(fifo, 4096)
+        finally:
+            os.close(fifo)
+        got = [data]
         null_after = os.stat("/dev/null")
         res = {"exec stdout owner": got, "/dev/null kept":
                (null_after.st_uid, null_after.st_gid) == (null_before.st_uid, null_before.st_gid)}
