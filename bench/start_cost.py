@@ -15,7 +15,8 @@ Three figures, the two runtimes alternating run by run under one private contain
                 (a private tracefs instance): every thread of the `start` process (pyshim's
                 native launcher and any Python it execs; the Go shim's `start` with all its
                 threads) and of anything it forks except the long-lived shim, plus, for
-                pyshim, the warm template's CPU during that `ctr run` (it does start's work).
+                pyshim, the warm template's CPU during that `ctr run` and that of the
+                process it forks to do start's work (which exits; the shim does not).
                 The long-lived shim each start leaves is not counted, for either runtime.
 
 Beside them, from the same traces: the CPU of that long-lived shim during the run and of
@@ -66,7 +67,14 @@ def cpu_ms(events, t0: float, runtime: str, containerd: int, template: int | Non
     daemon: set[int] = set()  # the long-lived shim: not start's
     below: set[int] = set()  # what the shim forked
     cpu_ns = {"start": 0, "template": 0, "shim": 0, "runc": 0}
+    # The template forks two processes for a warm start: the one that does the
+    # start's work and exits, then the shim. Which is which is known at the end.
+    forked: dict[int, int] = {}  # the template's children: their CPU ns
+    exited: set[int] = set()
     for t, pid, tgid, name, f in events:
+        if name == "sched_process_exit" and int(f.get("pid", -1)) in forked:
+            exited.add(int(f["pid"]))
+            continue
         if name == "sched_process_fork":
             child = int(f["child_pid"])
             if pid in ours or tgid in ours:
@@ -76,7 +84,7 @@ def cpu_ms(events, t0: float, runtime: str, containerd: int, template: int | Non
             elif tgid in counted:
                 counted.add(child)  # start's own helpers; the daemon is taken out at its exec
             elif template is not None and tgid == template and start is not None:
-                daemon.add(child)  # the shim the template forked for this start
+                forked[child] = 0  # start's worker or the shim (see above)
             continue
         if t < t0 or not (pid in ours or tgid in ours):
             continue
@@ -89,7 +97,9 @@ def cpu_ms(events, t0: float, runtime: str, containerd: int, template: int | Non
                 counted.discard(p)  # start's child became the long-lived shim (the Go shim)
                 daemon.add(p)
         elif name == "sched_stat_runtime" and int(f.get("pid", -1)) == pid:
-            if tgid in daemon:
+            if tgid in forked:
+                forked[tgid] += int(f["runtime"])
+            elif tgid in daemon:
                 cpu_ns["shim"] += int(f["runtime"])
             elif tgid in below:
                 cpu_ns["runc"] += int(f["runtime"])
@@ -99,6 +109,8 @@ def cpu_ms(events, t0: float, runtime: str, containerd: int, template: int | Non
                 cpu_ns["template"] += int(f["runtime"])
     if start is None:
         return None
+    for child, ns in forked.items():
+        cpu_ns["start" if child in exited else "shim"] += ns
     return {"start": (cpu_ns["start"] + cpu_ns["template"]) / 1e6, "shim": cpu_ns["shim"] / 1e6,
             "runc": cpu_ns["runc"] / 1e6}
 
