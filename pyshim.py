@@ -252,7 +252,7 @@ def release_zero_pages() -> int:
 # identical to other marked pages are merged by the host's ksmd, if it runs.
 KSM_ENV = "PYSHIM_KSM"  # "auto" or "off": overrides the settings file's `ksm`
 KSM_RUN = "/sys/kernel/mm/ksm/run"  # 1: ksmd merges; read only, pyshim never writes it
-KSM_RESCAN_SECONDS = 30.0  # how often a shim marks the mappings it made since
+KSM_RESCAN_SECONDS = 30.0  # after activity, a shim marks the mappings it made since
 KSM_MODES = ("auto", "off")
 _KSM_SKIP = (b"[vdso]", b"[vvar]", b"[vvar_vclock]", b"[vsyscall]")
 
@@ -274,6 +274,39 @@ def ksm_mode(settings: Settings | None) -> str:
     return settings.ksm if settings is not None else "auto"
 
 
+class Housekeeping:
+    """A shim's memory upkeep: malloc_trim and the all-zero pages given back
+    (`trim`), and with KSM on, the mappings made since marked mergeable
+    (`ksm`), `delay` seconds after activity (a request answered, a child
+    reaped), not on a clock: an idle shim then never wakes, and writes none
+    of the pages ksmd has merged (each write would copy one back out), nor
+    spends CPU. Only after the activity has ended is there anything new to
+    give back or to mark, so one round after the last of it is enough."""
+
+    __slots__ = ("armed", "delay", "ksm", "loop", "trim")
+
+    def __init__(self, loop) -> None:
+        self.loop = loop
+        self.delay = MEMORY_RELEASE_SECONDS
+        self.trim = False
+        self.ksm = False
+        self.armed = False
+
+    def poke(self) -> None:
+        """Something happened: a round is due `delay` seconds from now, unless one is already."""
+        if not self.armed and (self.trim or self.ksm):
+            self.armed = True
+            self.loop.call_later(self.delay, self.run)
+
+    def run(self) -> None:
+        self.armed = False
+        if self.trim:
+            malloc_trim()
+            release_zero_pages()
+        if self.ksm:
+            ksm_advise(True)
+
+
 def ksm_advise(mergeable: bool) -> int:
     """MADV_MERGEABLE (or MADV_UNMERGEABLE) on every private writable mapping
     of this process: anonymous ones and the copied-on-write pages of private
@@ -283,7 +316,7 @@ def ksm_advise(mergeable: bool) -> int:
     and survives exec on current kernels, and posix_spawn's child shares our
     mm until its exec, so there is no moment to clear it for runc alone. A
     mapping's VM_MERGEABLE is gone at exec. Mappings made later (malloc
-    growth) need another call: the shim repeats it every KSM_RESCAN_SECONDS.
+    growth) need another call: the shim's Housekeeping repeats it after activity.
     """
     advice = _lib.MADV_MERGEABLE if mergeable else _lib.MADV_UNMERGEABLE
     with open("/proc/self/maps", "rb") as f:
@@ -687,11 +720,12 @@ class TtrpcServer:
     as the Go shim's ttrpc server requires.
     """
 
-    __slots__ = ("conns", "gid", "loop", "methods", "servers", "uid")
+    __slots__ = ("after_request", "conns", "gid", "loop", "methods", "servers", "uid")
 
     def __init__(self, loop, methods: dict) -> None:
         self.loop = loop
         self.methods = methods
+        self.after_request = None  # called once each request is answered
         self.servers: list = []
         self.conns: set = set()
         self.uid = os.geteuid()
@@ -831,6 +865,8 @@ class ServerConnection:
             self._send(sid, body)
         finally:
             self.inflight -= 1
+            if self.server.after_request is not None:
+                self.server.after_request()
 
     async def _call(self, entry, req) -> bytes:
         import asyncio
@@ -2900,7 +2936,7 @@ class Settings:
         systemd_cgroup = false            runc --systemd-cgroup
         log_level = "info"                debug, info, warning or error
         template = true                   fork shims from the warm template
-        memory_release_interval = 30      seconds between malloc_trim; 0: never
+        memory_release_interval = 30      seconds after activity to malloc_trim; 0: never
         ksm = "auto"                      auto: shims' memory mergeable when the
                                           host's ksmd runs; off: never ($PYSHIM_KSM
                                           overrides)
@@ -4345,7 +4381,9 @@ def serve(flags: Flags) -> int:
     def on_exit(pid: int, code: int) -> None:
         if service is not None:
             service.on_exit(pid, code)
+        housekeeping.poke()
 
+    housekeeping = Housekeeping(loop)
     reaper = Reaper(loop, on_exit)
     runner = Runner(loop, reaper)
     publisher = Publisher(loop, runner, flags.namespace, os.environ.get("TTRPC_ADDRESS", ""),
@@ -4378,25 +4416,15 @@ def serve(flags: Flags) -> int:
     reaper.catch(signal.SIGINT, finish)
 
     interval = settings.memory_release_interval if settings else MEMORY_RELEASE_SECONDS
-
-    def release_memory() -> None:
-        malloc_trim()
-        release_zero_pages()
-        loop.call_later(interval, release_memory)
-
-    if interval > 0:
-        loop.call_later(interval, release_memory)
     ksm = ksm_mode(settings)
     if ksm == "auto" and ksm_host_on():
-
-        def mark_mergeable() -> None:
-            ksm_advise(True)
-            loop.call_later(KSM_RESCAN_SECONDS, mark_mergeable)
-
+        housekeeping.ksm = True
         log("debug", "ksm: memory mergeable", mappings=ksm_advise(True))
-        loop.call_later(KSM_RESCAN_SECONDS, mark_mergeable)
     elif ksm == "off" and template_ksm:  # undo what the template's mappings carry
         ksm_advise(False)
+    housekeeping.trim = interval > 0
+    housekeeping.delay = interval if interval > 0 else KSM_RESCAN_SECONDS
+    server.after_request = housekeeping.poke
     gc.freeze()
     # The loop's read buffer and the rest zeroed since the fork: given back now,
     # not 30 s later (after that release_memory does it with malloc_trim).
