@@ -245,8 +245,16 @@ int reaper_peer_cred(int fd, int *out)
 
 /* --- SCM_RIGHTS --------------------------------------------------------- */
 
+int reaper_send_fd_flags(int sock, int fd, const char *data, size_t len, int flags);
+
 /* Sends `len` bytes of `data` (one zero byte when len is 0) with `fd` attached. */
 int reaper_send_fd(int sock, int fd, const char *data, size_t len)
+{
+	return reaper_send_fd_flags(sock, fd, data, len, 0);
+}
+
+/* reaper_send_fd with more sendmsg flags (MSG_DONTWAIT). */
+int reaper_send_fd_flags(int sock, int fd, const char *data, size_t len, int flags)
 {
 	char zero = 0;
 	struct iovec iov;
@@ -272,7 +280,7 @@ int reaper_send_fd(int sock, int fd, const char *data, size_t len)
 	cmsg->cmsg_len = CMSG_LEN(sizeof(int));
 	memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
 	do {
-		n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+		n = sendmsg(sock, &msg, MSG_NOSIGNAL | flags);
 	} while (n < 0 && errno == EINTR);
 	return n < 0 ? -errno : (int)n;
 }
@@ -576,19 +584,27 @@ static void template_say(int conn, const char *text)
 	} while (n < 0 && errno == EINTR);
 }
 
+static pid_t template_helper = -1;	/* the start helper (not counted in children) */
+
 static void template_reap(void)
 {
-	while (template_children > 0) {
+	for (;;) {
 		pid_t pid = waitpid(-1, NULL, WNOHANG);
 
-		if (pid > 0)
+		if (pid > 0 && pid == template_helper)
+			template_helper = -1;
+		else if (pid > 0 && template_children > 0)
 			template_children--;
+		else if (pid > 0)
+			continue;
 		else if (pid == 0)
 			break;
-		else if (errno == ECHILD)
+		else if (errno == ECHILD) {
 			template_children = 0;
-		else if (errno != EINTR)
 			break;
+		} else if (errno != EINTR) {
+			break;
+		}
 	}
 }
 
@@ -641,6 +657,25 @@ static long template_read(int conn, int *fd)
 }
 
 /*
+ * Hands the start request in template_buf (`len` bytes) and its connection
+ * to the start helper on `helper` (a SOCK_SEQPACKET socketpair end), without
+ * waiting: 0 when it took them, else -1 (helper gone, busy or the request too
+ * big for one message) and the caller forks for the request instead.
+ */
+static int template_hand_over(int *helper, int conn, long len)
+{
+	if (*helper < 0 || template_helper < 0)
+		return -1;
+	if (reaper_send_fd_flags(*helper, conn, template_buf, (size_t)len, MSG_DONTWAIT) >= 0)
+		return 0;
+	if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN) {
+		close(*helper);
+		*helper = -1;
+	}
+	return -1;
+}
+
+/*
  * Serves requests on the listening socket `lsock` until one is forked off
  * (returns 0 in the child, with out[] = the connection, the fd that came with
  * the request or -1, the request's length in reaper_template_request(), the
@@ -650,12 +685,15 @@ static long template_read(int conn, int *fd)
  *   -ETIMEDOUT  no child left and no fork for idle_ms, nothing queued;
  *   -ESTALE     the file `watch` changed from `stamp`: the request was told
  *               so ("cold stale template" to a start), nothing more is forked;
+ *   -ECHILD     the start helper died (*helper is closed and set to -1);
  *   another -errno from accept or fork.
  * A request whose requester has hung up (it timed out and went cold) is
- * dropped unanswered.
+ * dropped unanswered. A "start" goes, with its connection, to the start
+ * helper on *helper (pid helper_pid) when it takes it (template_hand_over);
+ * *helper is closed and set to -1 once the helper is gone.
  */
 int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long long *stamp,
-			  long *out)
+			  int *helper, int helper_pid, long *out)
 {
 	struct timeval tv = {TEMPLATE_IO_SECONDS, 0};
 	struct ucred cred;
@@ -664,6 +702,8 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
 
 	if (!template_last_fork_ms)
 		template_last_fork_ms = monotonic_ms();
+	if (helper_pid != template_helper && helper_pid > 0)
+		template_helper = helper_pid;
 	sigemptyset(&term);
 	sigaddset(&term, SIGTERM);
 	sigaddset(&term, SIGINT);
@@ -675,6 +715,12 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
 		pid_t pid;
 
 		template_reap();
+		if (helper_pid > 0 && (*helper < 0 || template_helper < 0)) {
+			if (*helper >= 0)
+				close(*helper);
+			*helper = -1; /* the helper died: Python makes another */
+			return -ECHILD;
+		}
 		idle = monotonic_ms() - template_last_fork_ms;
 		if (template_children == 0) {
 			if (idle >= idle_ms) {
@@ -726,6 +772,11 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
 				template_say(conn, "error malformed request\n");
 				len = -1;
 			}
+		}
+		if (len >= 0 && fd < 0 && !memcmp(template_buf + 8, "start\0", 6) &&
+		    template_hand_over(helper, conn, len) == 0) {
+			template_last_fork_ms = monotonic_ms(); /* a start is use too */
+			len = -1;
 		}
 		if (len < 0) {
 			if (fd >= 0)

@@ -5113,10 +5113,16 @@ def serve_template() -> int:
     stamp = _ffi.new("long long[4]", _module_stamp())
     watch = os.fsencode(__file__)
     out = _ffi.new("long[4]")
+    helper = _ffi.new("int *", -1)
+    helper_pid = -1
     idle_ms = max(0, int(idle_limit * 1000))
     while True:
-        r = _lib.reaper_template_serve(lsock.fileno(), idle_ms, watch, stamp, out)
+        if helper[0] < 0:
+            helper_pid = _spawn_start_helper(lsock, helper)
+        r = _lib.reaper_template_serve(lsock.fileno(), idle_ms, watch, stamp, helper, helper_pid, out)
         if r == 0:  # the forked child of one request: it answers it and exits
+            if helper[0] >= 0:
+                os.close(helper[0])  # the helper must see the template's end close with it
             _template_request(lsock, int(out[0]), int(out[1]),
                               _ffi.unpack(_lib.reaper_template_request(), int(out[2])), int(out[3]))
         if r == -_lib.ETIMEDOUT:
@@ -5130,18 +5136,104 @@ def serve_template() -> int:
             # and launches a template of the new code; our shims carry on.
             remove_files()
             os._exit(0)
-        elif r != -_lib.EINTR:  # (a signal: its handler has run by now)
+        elif r not in (-_lib.EINTR, -_lib.ECHILD):  # (a signal's handler has run by now;
+            # a dead start helper is made again at the top of the loop)
             log("warning", "template request failed", error=os.strerror(-r))
             time.sleep(0.1)  # EMFILE, ENOMEM: give what ran out a moment
+
+
+_HELPER_MESSAGE_MAX = 1 << 18  # bytes of one start request the helper takes (else a fork does it)
+
+
+def _spawn_start_helper(lsock, helper) -> int:
+    """In the template: forks the start helper (_start_helper), which does
+    the warm starts the template hands it, one after another, in a process
+    of its own: a start's work (~200 pages written on 3.11) touches no page
+    the shims share, and costs no fork and no exit. Sets helper[0] to the
+    template's end of their socketpair and returns the helper's pid; -1 and
+    no helper when it cannot be had (each start then forks for itself)."""
+    import signal
+    import socket
+
+    try:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except OSError as e:
+        log("warning", "no start helper", error=str(e))
+        return -1
+    signal.pthread_sigmask(signal.SIG_BLOCK, _TERM_SIGNALS)
+    try:
+        pid = _lib.reaper_fork()
+        if pid == 0:
+            mine.close()
+            _start_helper(lsock, theirs)  # never returns
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
+    theirs.close()
+    if pid < 0:
+        mine.close()
+        return -1
+    mine.setblocking(False)
+    helper[0] = mine.detach()
+    return pid
+
+
+def _start_helper(lsock, sock) -> None:
+    """The start helper's loop: each message on `sock` is a start request
+    with the launcher's connection attached; it answers it as a forked start
+    would (_template_start, whose shim the template forks). Leaves when the
+    template's end closes. Never returns."""
+    import gc
+    import signal
+    import socket
+
+    try:
+        path = lsock.getsockname()
+        lsock.close()
+        for signo in _TERM_SIGNALS:
+            signal.signal(signo, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
+        with open("/proc/self/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        at = next(i for i, a in enumerate(argv) if a.endswith(BINARY_NAME.encode()))
+        set_title([os.fsdecode(a) for a in argv[:at + 1]] + ["start-helper"])
+        gc.enable()  # long-lived: its garbage is collected, unlike the template's
+        fd = sock.detach()
+        while True:
+            try:
+                data, conn_fd = recv_fd(fd, _HELPER_MESSAGE_MAX)
+            except InterruptedError:
+                continue
+            if not data:
+                break  # the template is gone
+            if conn_fd < 0:
+                continue
+            conn = socket.socket(fileno=conn_fd)
+            try:
+                reply = _template_start(path, _unpack_request(data), peer_cred(conn_fd)[0])
+            except (ValueError, UnicodeError, struct.error) as e:
+                reply = f"error {e}\n".encode()
+            except Exception as e:  # noqa: BLE001 - one bad start must not end the helper
+                reply = f"error {e!r}\n".encode()
+            try:
+                conn.sendall(reply)
+            except OSError:
+                pass  # the launcher gave up
+            conn.close()
+    except BaseException as e:  # noqa: BLE001 - the helper must reach os._exit
+        try:
+            log("error", "start helper failed", error=repr(e))
+        except BaseException:  # noqa: BLE001, S110
+            pass
+    finally:
+        os._exit(0)
 
 
 def _template_request(lsock, conn_fd: int, fd: int, data: bytes, peer: int) -> None:
     """In the process the template forked for one request (its connection
     `conn_fd`, the fd that came with it, its bytes, the requester's pid):
     a "fork" becomes the shim it asks for, after answering "ok PID"; a
-    "start" is done here (_template_start), the shim it needs being a "fork"
-    request back to the template, which forks it from a heap no `start` has
-    touched. Never returns. SIGTERM and SIGINT come blocked."""
+    "start" (when the start helper could not take it) is done here
+    (_template_start). Never returns. SIGTERM and SIGINT come blocked."""
     import signal
     import socket
 
@@ -5156,7 +5248,9 @@ def _template_request(lsock, conn_fd: int, fd: int, data: bytes, peer: int) -> N
             raise SystemExit(1) from None
         if req["kind"] == "fork":
             conn.sendall(f"ok {os.getpid()}\n".encode())
-            _template_child(lsock, conn, fd, req)  # never returns
+            lsock.close()
+            conn.close()
+            _become_shim(fd, req)  # never returns
         path = lsock.getsockname()
         lsock.close()  # the template's: this process accepts nothing
         for signo in _TERM_SIGNALS:
@@ -5188,9 +5282,10 @@ def _parent_of(pid: int) -> int:
 def _template_start(path: str, req: dict, peer: int) -> bytes:
     """In a process forked for it: a whole `start` handed over by the native launcher
     (process `peer`): its argv, environment, cwd (the bundle) and stdin (the
-    runtime options). The same start_work as a cold `start`, with the shim
-    forked by the template listening at `path`. Returns the reply: b"exit
-    CODE LEN\n" and the LEN bytes the launcher prints (the answer on stdout for 0, the error on stderr for 1), or
+    runtime options). The same start_work as a cold `start`, its shim a
+    "fork" request to the template listening at `path`, which forks it from
+    a heap no `start` has touched. Returns the reply: b"exit CODE LEN\n" and
+    the LEN bytes the launcher prints (the answer on stdout for 0, the error on stderr for 1), or
     b"cold ..." when the launcher should run `start` in Python instead."""
     env = req["env"]
     if env.get(TEMPLATE_ENV, "1") == "0":
@@ -5236,14 +5331,14 @@ def _template_start(path: str, req: dict, peer: int) -> bytes:
     return f"exit {code} {len(out)}\n".encode() + out
 
 
-def _template_child(lsock, conn, fd: int, req: dict) -> None:
-    """In the forked shim: become the process a cold spawn would have made."""
+def _become_shim(fd: int, req: dict) -> None:
+    """In a process the template forked: become the process a cold spawn
+    would have made, serving socket `fd` in req's "cwd" with its "env" and
+    "argv". Never returns."""
     import signal
 
     code = 1
     try:
-        lsock.close()
-        conn.close()
         if log.fd > 2:  # a log the template had open (it has none as launched)
             os.close(log.fd)
         log.fd = 2
@@ -5358,6 +5453,8 @@ def memory_processes() -> list[dict]:
         args = argv[at + 1:]
         if "template" in args[:2]:
             kind = "template"
+        elif args[:1] == ["start-helper"]:
+            kind = "start-helper"  # the template's: does the warm starts
         elif args and args[-1] in ("start", "delete", "memory") or "-namespace" not in args:
             continue
         else:

@@ -64,7 +64,9 @@ def long_lived_shims(daemon: harness.Containerd, runtime: str) -> list[int]:
 
 
 def templates_of(shims: list[int]) -> list[int]:
-    """pyshim's warm template processes these shims were forked from."""
+    """pyshim's warm template processes these shims were forked from, and the
+    start helper of each (its child titled `... start-helper`): both are part
+    of what pyshim costs."""
     out = set()
     for pid in shims:
         parent = ppid(pid)
@@ -72,6 +74,9 @@ def templates_of(shims: list[int]) -> list[int]:
         # python [-IS] .../containerd-shim-pyshim-v1 template
         if "template" in argv[2:4] and any("pyshim" in a for a in argv[1:3]):
             out.add(parent)
+    for name in os.listdir("/proc"):
+        if name.isdigit() and ppid(int(name)) in out and "start-helper" in harness.cmdline(int(name))[2:4]:
+            out.add(int(name))
     return sorted(out)
 
 

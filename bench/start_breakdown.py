@@ -53,6 +53,12 @@ class Trace:
     """A private tracefs instance with our events, on CLOCK_MONOTONIC."""
 
     def __init__(self) -> None:
+        if not os.path.isdir(os.path.join(TRACEFS, "instances")):
+            # A fresh machine may have tracefs unmounted: mount it (left mounted,
+            # as the kernel's own mount point expects).
+            r = subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"tracefs is not mounted at {TRACEFS} and cannot be: {r.stderr.strip()}")
         self.dir = os.path.join(TRACEFS, "instances", f"pyshim-breakdown-{os.getpid()}")
         os.mkdir(self.dir)
         self._write("buffer_size_kb", "16384")

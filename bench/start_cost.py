@@ -15,8 +15,10 @@ Three figures, the two runtimes alternating run by run under one private contain
                 (a private tracefs instance): every thread of the `start` process (pyshim's
                 native launcher and any Python it execs; the Go shim's `start` with all its
                 threads) and of anything it forks except the long-lived shim, plus, for
-                pyshim, the warm template's CPU during that `ctr run` and that of the
-                process it forks to do start's work (which exits; the shim does not).
+                pyshim, the CPU during that `ctr run` of the warm template, of its start
+                helper (which does the start's work) and of any process the template
+                forks for a start's work when the helper cannot take it (it exits; the
+                shim does not).
                 The long-lived shim each start leaves is not counted, for either runtime.
 
 Beside them, from the same traces: the CPU of that long-lived shim during the run and of
@@ -55,7 +57,8 @@ class CpuTrace(start_breakdown.Trace):
         super().__init__()
 
 
-def cpu_ms(events, t0: float, runtime: str, containerd: int, template: int | None) -> dict[str, float] | None:
+def cpu_ms(events, t0: float, runtime: str, containerd: int, template: int | None,
+           helpers: frozenset[int] = frozenset()) -> dict[str, float] | None:
     """CPU ms of one traced run: "start" (see the module docstring), "shim" (the
     long-lived shim it left, during the run) and "runc" (everything the shim ran:
     runc create/start, runc init, the container's first moments); None if the
@@ -79,14 +82,14 @@ def cpu_ms(events, t0: float, runtime: str, containerd: int, template: int | Non
             child = int(f["child_pid"])
             if pid in ours or tgid in ours:
                 ours.add(child)
-            if tgid in daemon or tgid in below:
+            if tgid in daemon or tgid in below or tgid in forked:
                 below.add(child)
             elif tgid in counted:
                 counted.add(child)  # start's own helpers; the daemon is taken out at its exec
             elif template is not None and tgid == template and start is not None:
                 forked[child] = 0  # start's worker or the shim (see above)
             continue
-        if t < t0 or not (pid in ours or tgid in ours):
+        if t < t0 or not (pid in ours or tgid in ours or tgid in helpers):
             continue
         if name == "sched_process_exec":
             p = int(f["pid"])
@@ -105,7 +108,7 @@ def cpu_ms(events, t0: float, runtime: str, containerd: int, template: int | Non
                 cpu_ns["runc"] += int(f["runtime"])
             elif tgid in counted:
                 cpu_ns["start"] += int(f["runtime"])
-            elif template is not None and tgid == template:
+            elif template is not None and tgid == template or tgid in helpers:
                 cpu_ns["template"] += int(f["runtime"])
     if start is None:
         return None
@@ -113,6 +116,15 @@ def cpu_ms(events, t0: float, runtime: str, containerd: int, template: int | Non
         cpu_ns["start" if child in exited else "shim"] += ns
     return {"start": (cpu_ns["start"] + cpu_ns["template"]) / 1e6, "shim": cpu_ns["shim"] / 1e6,
             "runc": cpu_ns["runc"] / 1e6}
+
+
+def helpers_of(template: int | None) -> frozenset[int]:
+    """pyshim's start helper: the template's child titled `... start-helper`."""
+    if template is None:
+        return frozenset()
+    return frozenset(int(p) for p in os.listdir("/proc") if p.isdigit()
+                     and start_breakdown.ppid(int(p)) == template
+                     and "start-helper" in harness.cmdline(int(p))[2:4])
 
 
 def run_d(daemon: harness.Containerd, rootfs: str, runtime: str) -> tuple[float, float]:
@@ -164,7 +176,8 @@ def main() -> int:
                         for runtime in RUNTIMES:
                             trace.clear()
                             t0, _ = run_d(daemon, rootfs, runtime)
-                            ms = cpu_ms(trace.events(), t0, runtime, daemon.pid, template)
+                            ms = cpu_ms(trace.events(), t0, runtime, daemon.pid, template,
+                                        helpers_of(template))
                             if ms is not None:
                                 cpu[runtime].append(ms["start"])
                                 shim_cpu[runtime].append(ms["shim"])

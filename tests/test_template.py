@@ -120,13 +120,16 @@ def test_forked_shim_holds_none_of_the_templates_files(templated: harness.Contai
         assert not shared, (shared, template_fds, shim_fds)
         logs = [fd for fd, target in shim_fds.items() if target.endswith("/log")]
         assert logs == [2], shim_fds  # its own bundle's log, as its stderr, once
-    # The template holds stdio (/dev/null), its listening socket, and at most
-    # libuv's process-wide signal lock pipe (both ends), made by its warm-up loop.
+    # The template holds stdio (/dev/null), its listening socket, its end of the
+    # start helper's socketpair, and at most libuv's process-wide signal lock pipe
+    # (both ends), made by its warm-up loop.
     assert all(template_fds[fd] == "/dev/null" for fd in (0, 1, 2)), template_fds
     assert template_fds[3].startswith("socket:"), template_fds
     extra = [t for fd, t in template_fds.items() if fd > 3]
-    assert len(extra) in (0, 2) and all(t.startswith("pipe:") for t in extra) \
-        and len(set(extra)) <= 1, template_fds
+    sockets = [t for t in extra if t.startswith("socket:")]
+    pipes = [t for t in extra if t.startswith("pipe:")]
+    assert len(sockets) == 1 and len(pipes) in (0, 2) and len(set(pipes)) <= 1 \
+        and len(extra) == len(sockets) + len(pipes), template_fds
 
 
 def test_killing_the_template_leaves_shims_alone(templated: harness.Containerd, rootfs: str) -> None:
@@ -440,3 +443,44 @@ def test_a_start_writes_almost_nothing_in_the_template(templated: harness.Contai
         after = _frames(template)
         moved.append(sum(1 for addr, frame in after.items() if before.get(addr) != frame))
     assert max(moved) <= 12, f"pages of the template written per start: {moved}"
+
+
+def _helpers_of(template: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _alive_child(int(p), template)
+            and "start-helper" in harness.cmdline(int(p))[2:4]]
+
+
+def _alive_child(pid: int, parent: int) -> bool:
+    try:
+        return _ppid(pid) == parent
+    except OSError:
+        return False
+
+
+def test_warm_starts_go_through_the_start_helper_and_survive_its_death(
+        templated: harness.Containerd, rootfs: str) -> None:
+    """The template hands warm starts to its start helper (a child titled
+    `start-helper`, sharing none of its files with the shims); the shims are still
+    the template's children. Killed, the helper is replaced, and no start fails
+    meanwhile: the template forks for a start itself until the new one is up."""
+    first = harness.new_id("th")
+    _run_d(templated, rootfs, first)
+    template = _ppid(shim_of(templated, first))
+    assert _is_template(template)
+    helpers = _helpers_of(template)
+    assert len(helpers) == 1, helpers
+    for cid in (harness.new_id("th"), harness.new_id("th")):
+        _run_d(templated, rootfs, cid)
+        assert _ppid(shim_of(templated, cid)) == template
+    helper_fds = set(_fds(helpers[0]).values()) - {"/dev/null"}
+    assert not helper_fds & set(_fds(shim_of(templated, first)).values())
+    os.kill(helpers[0], signal.SIGKILL)
+    for _ in range(3):
+        cid = harness.new_id("th")
+        _run_d(templated, rootfs, cid)
+        assert _ppid(shim_of(templated, cid)) == template
+    harness.wait_for(lambda: len(_helpers_of(template)) == 1 and _helpers_of(template) != helpers, 10,
+                     message="no new start helper")
+    cid = harness.new_id("th")
+    _run_d(templated, rootfs, cid)
+    assert _ppid(shim_of(templated, cid)) == template
