@@ -4810,6 +4810,49 @@ def _warm_up(rounds: int = 12) -> None:
         asyncio.set_event_loop(None)
 
 
+def _rehearse_one_shot(rounds: int = 3) -> None:
+    """Runs, in the template, what every shim runs once as it starts and the
+    warm-up loop does not (parsing its flags and its request, retitling,
+    giving back zero pages, writing a file atomically, finding a binary).
+    From Python 3.12 on, a function's first runs write its inline caches
+    (counters, then specializations) into its code object: run here first,
+    those writes are made once in the template, instead of copying a page of
+    its heap into every shim (on 3.14, 71 of a shim's private pages were
+    code objects written so). Nothing is left behind."""
+    with open("/proc/self/cmdline", "rb") as f:
+        title = [os.fsdecode(a) for a in f.read().split(b"\0")[:-1]]
+    argv = ["-namespace", "warm", "-id", "warm", "-address", "/warm", "-publish-binary", "/warm"]
+    scratch = f"/run/pyshim-warm-{os.getpid()}"
+    try:
+        os.mkdir(scratch, 0o700)
+    except OSError:
+        scratch = ""
+    try:
+        for _ in range(rounds):
+            flags = Flags(argv)
+            _unpack_request(_pack_request("fork", shim_argv(flags), {"PATH": "/bin"}, "/"))
+            set_title(title)
+            release_zero_pages()
+            try:
+                which("sh")
+            except FileNotFoundError:
+                pass
+            if scratch:
+                _atomic_write(scratch, "warm", b"{}", mode=0o600)
+    except (OSError, ValueError) as e:  # a failed rehearsal only costs memory
+        log("warning", "template rehearsal incomplete", error=repr(e))
+    finally:
+        if scratch:
+            try:
+                os.unlink(os.path.join(scratch, "warm"))
+            except OSError:
+                pass
+            try:
+                os.rmdir(scratch)
+            except OSError:
+                pass
+
+
 def immortal_terms() -> tuple[int, int] | str:
     """How this interpreter marks an object immortal, as (the 32-bit count,
     the ob_flags bits), or why it cannot be done here.
@@ -5037,6 +5080,7 @@ def serve_template() -> int:
     except ValueError:
         idle_limit = TEMPLATE_IDLE_DEFAULT
     _warm_up()
+    _rehearse_one_shot()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     lsock = socket.socket(fileno=3)
     lsock.setblocking(True)
