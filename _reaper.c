@@ -585,6 +585,7 @@ static void template_say(int conn, const char *text)
 }
 
 static pid_t template_helper = -1;	/* the start helper (not counted in children) */
+static pid_t template_old_helper = -1;	/* the one before it, if it has not been reaped */
 
 static void template_reap(void)
 {
@@ -593,6 +594,8 @@ static void template_reap(void)
 
 		if (pid > 0 && pid == template_helper)
 			template_helper = -1;
+		else if (pid > 0 && pid == template_old_helper)
+			template_old_helper = -1;
 		else if (pid > 0 && template_children > 0)
 			template_children--;
 		else if (pid > 0)
@@ -685,12 +688,13 @@ static int template_hand_over(int *helper, int conn, long len)
  *   -ETIMEDOUT  no child left and no fork for idle_ms, nothing queued;
  *   -ESTALE     the file `watch` changed from `stamp`: the request was told
  *               so ("cold stale template" to a start), nothing more is forked;
- *   -ECHILD     the start helper died (*helper is closed and set to -1);
+ *   -ECHILD     a start was forked for because there is no start helper (it
+ *               has not been made yet, left idle or died): make one;
  *   another -errno from accept or fork.
  * A request whose requester has hung up (it timed out and went cold) is
  * dropped unanswered. A "start" goes, with its connection, to the start
  * helper on *helper (pid helper_pid) when it takes it (template_hand_over);
- * *helper is closed and set to -1 once the helper is gone.
+ * *helper is closed and set to -1 once the helper is gone (reaped).
  */
 int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long long *stamp,
 			  int *helper, int helper_pid, long *out)
@@ -702,8 +706,11 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
 
 	if (!template_last_fork_ms)
 		template_last_fork_ms = monotonic_ms();
-	if (helper_pid != template_helper && helper_pid > 0)
+	if (helper_pid != template_helper && helper_pid > 0) {
+		if (template_helper > 0)
+			template_old_helper = template_helper;
 		template_helper = helper_pid;
+	}
 	sigemptyset(&term);
 	sigaddset(&term, SIGTERM);
 	sigaddset(&term, SIGINT);
@@ -715,11 +722,9 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
 		pid_t pid;
 
 		template_reap();
-		if (helper_pid > 0 && (*helper < 0 || template_helper < 0)) {
-			if (*helper >= 0)
-				close(*helper);
-			*helper = -1; /* the helper died: Python makes another */
-			return -ECHILD;
+		if (*helper >= 0 && template_helper < 0) {
+			close(*helper); /* the helper left (idle) or died */
+			*helper = -1;
 		}
 		idle = monotonic_ms() - template_last_fork_ms;
 		if (template_children == 0) {
@@ -802,6 +807,8 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
 		close(conn);
 		template_children++;
 		template_last_fork_ms = monotonic_ms();
+		if (fd < 0 && *helper < 0)
+			return -ECHILD; /* a start with no helper: Python makes one for the next */
 	}
 }
 

@@ -5161,8 +5161,6 @@ def serve_template() -> int:
     helper_pid = -1
     idle_ms = max(0, int(idle_limit * 1000))
     while True:
-        if helper[0] < 0:
-            helper_pid = _spawn_start_helper(lsock, helper)
         r = _lib.reaper_template_serve(lsock.fileno(), idle_ms, watch, stamp, helper, helper_pid, out)
         if r == 0:  # the forked child of one request: it answers it and exits
             if helper[0] >= 0:
@@ -5180,22 +5178,29 @@ def serve_template() -> int:
             # and launches a template of the new code; our shims carry on.
             remove_files()
             os._exit(0)
-        elif r not in (-_lib.EINTR, -_lib.ECHILD):  # (a signal's handler has run by now;
-            # a dead start helper is made again at the top of the loop)
+        elif r == -_lib.ECHILD:  # a start found no helper: one for the next starts
+            if helper[0] < 0:
+                helper_pid = _spawn_start_helper(lsock, helper)
+        elif r != -_lib.EINTR:  # (a signal: its handler has run by now)
             log("warning", "template request failed", error=os.strerror(-r))
             time.sleep(0.1)  # EMFILE, ENOMEM: give what ran out a moment
 
 
 _HELPER_MESSAGE_MAX = 1 << 18  # bytes of one start request the helper takes (else a fork does it)
+START_HELPER_IDLE_ENV = "PYSHIM_START_HELPER_IDLE"  # seconds without a start before the helper leaves
+START_HELPER_IDLE_DEFAULT = 30.0
 
 
 def _spawn_start_helper(lsock, helper) -> int:
     """In the template: forks the start helper (_start_helper), which does
     the warm starts the template hands it, one after another, in a process
     of its own: a start's work (~200 pages written on 3.11) touches no page
-    the shims share, and costs no fork and no exit. Sets helper[0] to the
-    template's end of their socketpair and returns the helper's pid; -1 and
-    no helper when it cannot be had (each start then forks for itself)."""
+    the shims share, and costs no fork and no exit. Made at the first warm
+    start, it leaves after START_HELPER_IDLE_DEFAULT seconds without one (its
+    ~2 MB are not kept on an idle node); the next start is forked for and
+    makes a new one. Sets helper[0] to the template's end of their
+    socketpair and returns the helper's pid; -1 and no helper when it cannot
+    be had (each start then forks for itself)."""
     import signal
     import socket
 
@@ -5225,8 +5230,9 @@ def _start_helper(lsock, sock) -> None:
     """The start helper's loop: each message on `sock` is a start request
     with the launcher's connection attached; it answers it as a forked start
     would (_template_start, whose shim the template forks). Leaves when the
-    template's end closes. Never returns."""
+    template's end closes, or when idle. Never returns."""
     import gc
+    import select
     import signal
     import socket
 
@@ -5242,7 +5248,21 @@ def _start_helper(lsock, sock) -> None:
         set_title([os.fsdecode(a) for a in argv[:at + 1]] + ["start-helper"])
         gc.enable()  # long-lived: its garbage is collected, unlike the template's
         fd = sock.detach()
+        try:
+            idle = float(os.environ.get(START_HELPER_IDLE_ENV, START_HELPER_IDLE_DEFAULT))
+        except ValueError:
+            idle = START_HELPER_IDLE_DEFAULT
+        leaving = False
         while True:
+            if not select.select([fd], [], [], 0 if leaving else idle)[0]:
+                if leaving:
+                    break
+                # Idle: no more starts are taken (the template's next hand-over
+                # fails, and it forks for that start); those already queued
+                # are still answered.
+                socket.socket(fileno=os.dup(fd)).shutdown(socket.SHUT_RD)
+                leaving = True
+                continue
             try:
                 data, conn_fd = recv_fd(fd, _HELPER_MESSAGE_MAX)
             except InterruptedError:
