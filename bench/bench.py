@@ -74,9 +74,8 @@ def templates_of(shims: list[int]) -> list[int]:
         # python [-IS] .../containerd-shim-pyshim-v1 template
         if "template" in argv[2:4] and any("pyshim" in a for a in argv[1:3]):
             out.add(parent)
-    for name in os.listdir("/proc"):
-        if name.isdigit() and ppid(int(name)) in out and "start-helper" in harness.cmdline(int(name))[2:4]:
-            out.add(int(name))
+    for template in list(out):
+        out.update(harness.start_helpers_of(template))
     return sorted(out)
 
 

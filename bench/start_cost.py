@@ -120,11 +120,7 @@ def cpu_ms(events, t0: float, runtime: str, containerd: int, template: int | Non
 
 def helpers_of(template: int | None) -> frozenset[int]:
     """pyshim's start helper: the template's child titled `... start-helper`."""
-    if template is None:
-        return frozenset()
-    return frozenset(int(p) for p in os.listdir("/proc") if p.isdigit()
-                     and start_breakdown.ppid(int(p)) == template
-                     and "start-helper" in harness.cmdline(int(p))[2:4])
+    return frozenset(harness.start_helpers_of(template)) if template is not None else frozenset()
 
 
 def run_d(daemon: harness.Containerd, rootfs: str, runtime: str) -> tuple[float, float]:

@@ -445,18 +445,6 @@ def test_a_start_writes_almost_nothing_in_the_template(templated: harness.Contai
     assert max(moved) <= 12, f"pages of the template written per start: {moved}"
 
 
-def _helpers_of(template: int) -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _alive_child(int(p), template)
-            and "start-helper" in harness.cmdline(int(p))[2:4]]
-
-
-def _alive_child(pid: int, parent: int) -> bool:
-    try:
-        return _ppid(pid) == parent
-    except OSError:
-        return False
-
-
 def test_warm_starts_go_through_the_start_helper_and_survive_its_death(
         templated: harness.Containerd, rootfs: str) -> None:
     """The first warm start makes the template's start helper (a child titled
@@ -469,12 +457,12 @@ def test_warm_starts_go_through_the_start_helper_and_survive_its_death(
     template = _ppid(shim_of(templated, first))
     assert _is_template(template)
     _run_d(templated, rootfs, harness.new_id("th"))  # warm, forked for: makes the helper
-    helpers = _helpers_of(template)
+    helpers = harness.start_helpers_of(template)
     assert len(helpers) == 1, helpers
     for cid in (harness.new_id("th"), harness.new_id("th")):
         _run_d(templated, rootfs, cid)
         assert _ppid(shim_of(templated, cid)) == template
-    assert _helpers_of(template) == helpers
+    assert harness.start_helpers_of(template) == helpers
     helper_fds = set(_fds(helpers[0]).values()) - {"/dev/null"}
     assert not helper_fds & set(_fds(shim_of(templated, first)).values())
     os.kill(helpers[0], signal.SIGKILL)
@@ -482,7 +470,7 @@ def test_warm_starts_go_through_the_start_helper_and_survive_its_death(
         cid = harness.new_id("th")
         _run_d(templated, rootfs, cid)
         assert _ppid(shim_of(templated, cid)) == template
-    harness.wait_for(lambda: len(_helpers_of(template)) == 1 and _helpers_of(template) != helpers, 10,
+    harness.wait_for(lambda: len(harness.start_helpers_of(template)) == 1 and harness.start_helpers_of(template) != helpers, 10,
                      message="no new start helper")
 
 
@@ -495,11 +483,11 @@ def test_an_idle_start_helper_leaves_and_comes_back(rootfs: str) -> None:
         _run_d(daemon, rootfs, first)
         template = _ppid(shim_of(daemon, first))
         _run_d(daemon, rootfs, harness.new_id("ti"))
-        helpers = _helpers_of(template)
+        helpers = harness.start_helpers_of(template)
         assert len(helpers) == 1, helpers
-        harness.wait_for(lambda: not _helpers_of(template), 15, message="the idle start helper stayed")
+        harness.wait_for(lambda: not harness.start_helpers_of(template), 15, message="the idle start helper stayed")
         cid = harness.new_id("ti")
         _run_d(daemon, rootfs, cid)  # forked for: makes a new helper at once
         assert _ppid(shim_of(daemon, cid)) == template
-        again = _helpers_of(template)
+        again = harness.start_helpers_of(template)
         assert len(again) == 1 and again != helpers, again
