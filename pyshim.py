@@ -4813,12 +4813,15 @@ def _warm_up(rounds: int = 12) -> None:
 def _rehearse_one_shot(rounds: int = 3) -> None:
     """Runs, in the template, what every shim runs once as it starts and the
     warm-up loop does not (parsing its flags and its request, retitling,
-    giving back zero pages, writing a file atomically, finding a binary).
+    giving back zero pages, writing a file atomically, finding a binary,
+    reading and writing JSON as Create does, comparing environments).
     From Python 3.12 on, a function's first runs write its inline caches
     (counters, then specializations) into its code object: run here first,
     those writes are made once in the template, instead of copying a page of
     its heap into every shim (on 3.14, 71 of a shim's private pages were
     code objects written so). Nothing is left behind."""
+    import json
+
     with open("/proc/self/cmdline", "rb") as f:
         title = [os.fsdecode(a) for a in f.read().split(b"\0")[:-1]]
     argv = ["-namespace", "warm", "-id", "warm", "-address", "/warm", "-publish-binary", "/warm"]
@@ -4838,7 +4841,11 @@ def _rehearse_one_shot(rounds: int = 3) -> None:
             except FileNotFoundError:
                 pass
             if scratch:
-                _atomic_write(scratch, "warm", b"{}", mode=0o600)
+                _atomic_write(scratch, "warm", json.dumps({"binary_name": "runc", "root": RUNC_ROOT}).encode(),
+                              mode=0o600)
+            json.loads(b'{"ociVersion": "1.0.2", "linux": {"namespaces": [{"type": "pid"}]}}')  # Create's config.json
+            environ = dict(os.environ)  # the forked shim compares its environment with its request's
+            _ = [k for k in os.environ if k not in environ], os.environ.get("PATH")
     except (OSError, ValueError) as e:  # a failed rehearsal only costs memory
         log("warning", "template rehearsal incomplete", error=repr(e))
     finally:
@@ -4851,6 +4858,94 @@ def _rehearse_one_shot(rounds: int = 3) -> None:
                 os.rmdir(scratch)
             except OSError:
                 pass
+
+
+PACK_CODE_ENV = "PYSHIM_PACK_CODE"  # "0": the template leaves code objects where its imports put them
+
+
+def _calls_of(fn) -> list:
+    """Runs fn() in this thread; returns the code objects of the Python
+    functions it ran, in the order of their first call."""
+    seen: dict[int, object] = {}
+
+    def hook(frame, event, arg) -> None:
+        if event == "call":
+            seen.setdefault(id(frame.f_code), frame.f_code)
+
+    sys.setprofile(hook)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return list(seen.values())
+
+
+def pack_code(first: list) -> int:
+    """In the template, before the warm-up that its shims inherit: gives every
+    function whose code a shim runs a copy of that code object, allocated side
+    by side, and rebinds the functions to the copies; returns how many were
+    copied.
+
+    Whatever the interpreter, a shim writes the code objects it runs: their
+    reference counts (3.11), their inline caches as instructions warm up and
+    specialize, and on 3.13 and later a branch's history at every
+    conditional jump. Where the imports left them, the 180 code objects a
+    shim runs (100 kB) lay spread over 130 pages of the template's heap, each
+    copied into every shim at its first write. Copied here, in the order the
+    warm-up first called them (`first`) and then all of pyshim's own in
+    source order, they fill a few dozen pages, and the pages they left hold
+    nothing a shim writes. Copies are made after the heap's holes are
+    filled, so that they come from fresh pymalloc pools and the top of the
+    malloc heap, in order; the originals are freed (their holes filled again
+    before the fork)."""
+    import gc
+    import types
+
+    code_type = types.CodeType
+    functions = [o for o in gc.get_objects() if type(o) is types.FunctionType]
+    here = _rehearse_one_shot.__code__.co_filename
+    parent: dict[int, object] = {}
+    own: list = []
+
+    def nest(code) -> None:
+        if code.co_filename == here:
+            own.append(code)
+        for k in code.co_consts:
+            if type(k) is code_type and id(k) not in parent:
+                parent[id(k)] = code
+                nest(k)
+
+    tops = {id(f.__code__): f.__code__ for f in functions}
+    for code in list(tops.values()):
+        nest(code)
+    order = list(first) + sorted(own, key=lambda c: c.co_firstlineno)
+    want = set()
+    for code in order:  # a nested code object is reached through the one it is in
+        while id(code) not in want:
+            want.add(id(code))
+            code = parent.get(id(code))
+            if code is None:
+                break
+    copies: dict[int, object] = {}
+
+    def copy(code):
+        new = copies.get(id(code))
+        if new is None:
+            consts = code.co_consts
+            if any(type(k) is code_type and id(k) in want for k in consts):
+                consts = tuple(copy(k) if type(k) is code_type and id(k) in want else k for k in consts)
+            new = copies[id(code)] = code.replace(co_consts=consts)
+        return new
+
+    fill_pool_holes()
+    fill_malloc_holes()
+    for code in order:
+        copy(code)
+    for f in functions:
+        new = copies.get(id(f.__code__))
+        if new is not None:
+            f.__code__ = new
+    return len(copies)
 
 
 def immortal_terms() -> tuple[int, int] | str:
@@ -5079,6 +5174,13 @@ def serve_template() -> int:
         idle_limit = float(os.environ.get(TEMPLATE_IDLE_ENV, TEMPLATE_IDLE_DEFAULT))
     except ValueError:
         idle_limit = TEMPLATE_IDLE_DEFAULT
+    if os.environ.get(PACK_CODE_ENV, "1") != "0":
+        first = _calls_of(lambda: (_warm_up(), _rehearse_one_shot()))
+        try:
+            pack_code(first)
+        except (ValueError, TypeError, MemoryError) as e:  # only memory is lost
+            log("warning", "template code packing failed", error=repr(e))
+        del first
     _warm_up()
     _rehearse_one_shot()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)

@@ -285,6 +285,57 @@ def test_fill_malloc_holes_sends_new_blocks_past_the_holes() -> None:
     assert int(r.stdout) > 0
 
 
+PACK_CODE_CHILD = textwrap.dedent("""
+    import pyshim
+
+    def body(name, lines):  # a function whose code object is bigger than pymalloc's 512 bytes
+        src = f"def {name}(x):\\n" + "".join(f"    x = x * 3 + {j}\\n" for j in range(lines)) + "    return x\\n"
+        scope = {}
+        exec(compile(src, "<packed>", "exec"), scope)
+        return scope[name]
+
+    big_a, big_b, big_c = body("big_a", 40), body("big_b", 50), body("big_c", 60)
+
+    def outer(n):
+        def inner(k):
+            return k * 2
+        return inner(n) + 1
+
+    def run():
+        big_c(1), big_b(1), big_a(1)  # called in the reverse of the order they were made
+        outer(1)
+        pyshim.Flags(["-namespace", "n", "-id", "i", "-address", "/a"])
+
+    first = pyshim._calls_of(run)
+    names = [c.co_name for c in first]
+    assert names.index("big_c") < names.index("big_b") < names.index("big_a") < names.index("outer") \\
+        < names.index("inner"), names
+    before = {f: f.__code__ for f in (big_a, big_b, big_c, outer, pyshim.which, pyshim.Flags.__init__)}
+    inner_before = [k for k in outer.__code__.co_consts if hasattr(k, "co_code")]
+    results = [big_a(2), big_b(2), big_c(2), outer(5)]
+    copied = pyshim.pack_code(first)
+    for f, old in before.items():  # a copy, the same code
+        assert f.__code__ is not old and f.__code__.co_code == old.co_code, f
+        assert f.__code__.co_consts == old.co_consts or f is outer, f
+    inner_after = [k for k in outer.__code__.co_consts if hasattr(k, "co_code")]
+    assert inner_after[0] is not inner_before[0] and inner_after[0].co_code == inner_before[0].co_code
+    assert [big_a(2), big_b(2), big_c(2), outer(5)] == results
+    assert pyshim.Flags(["-namespace", "n", "-id", "i", "-address", "/a"]).id == "i"
+    # Copied one after another, in the order of their first call (from the malloc
+    # heap's top: the holes were filled first).
+    c, b, a = (id(f.__code__) for f in (big_c, big_b, big_a))
+    assert c < b < a and a - c < (64 << 10), (c, b, a)
+    print(copied)
+""")
+
+
+@pytest.mark.unit
+def test_pack_code_copies_the_code_run_first_side_by_side() -> None:
+    r = subprocess.run([sys.executable, "-c", PACK_CODE_CHILD], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) > 100  # the warm-up's code and all of pyshim's own
+
+
 @contextmanager
 def host_ksm(run: str) -> Iterator[None]:
     """/sys/kernel/mm/ksm/run set to `run`, and its previous value put back."""
