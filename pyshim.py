@@ -253,6 +253,7 @@ def release_zero_pages() -> int:
 KSM_ENV = "PYSHIM_KSM"  # "auto" or "off": overrides the settings file's `ksm`
 KSM_RUN = "/sys/kernel/mm/ksm/run"  # 1: ksmd merges; read only, pyshim never writes it
 KSM_RESCAN_SECONDS = 30.0  # after activity, a shim marks the mappings it made since
+FIRST_RELEASE_SECONDS = 0.3  # after a shim's start: its zero pages given back, past Create and Start
 KSM_MODES = ("auto", "off")
 _KSM_SKIP = (b"[vdso]", b"[vvar]", b"[vvar_vclock]", b"[vsyscall]")
 
@@ -4426,10 +4427,17 @@ def serve(flags: Flags) -> int:
     housekeeping.delay = interval if interval > 0 else KSM_RESCAN_SECONDS
     server.after_request = housekeeping.poke
     gc.freeze()
-    # The loop's read buffer and the rest zeroed since the fork: given back now,
-    # not 30 s later (after that release_memory does it with malloc_trim).
-    zero_pages = release_zero_pages()
-    log("debug", "serving api on socket", socket=sock_path, zero_pages_released=zero_pages)
+
+    def release_first() -> None:
+        log("debug", "zero pages released", pages=release_zero_pages())
+
+    # The loop's read buffer and the rest zeroed since the fork are given back
+    # FIRST_RELEASE_SECONDS after the start, not 30 s later (Housekeeping's
+    # rounds do it after that), and not before the first request: containerd
+    # has sent Create by now, and walking the page map (about 2 ms) would be
+    # on its path to `runc create`.
+    loop.call_later(FIRST_RELEASE_SECONDS, release_first)
+    log("debug", "serving api on socket", socket=sock_path)
     log("info", "shim started", socket=sock_path, version=VERSION)
     if isinstance(template_heap, str):  # forked from a template that could not do it
         log("info", "template heap left mortal", reason=template_heap)
