@@ -246,11 +246,25 @@ def test_quick_exits_start_before_exit(daemon: Containerd, rootfs: str, runtime:
     d = daemon
     cases = [(["/bin/true"], 0), (["/bin/sh", "-c", "exit 3"], 3)]
     runs: list[tuple[str, int]] = []
+    hung: list[tuple[str, str, list[str]]] = []
+    go_races = runtime == RUNC and harness.behaviour().go_shim_may_drop_task_delete
     with EventLog(d) as log:
         for i in range(QUICK_RUNS):
             argv, code = cases[i % 2]
             cid = new_id("quick")
-            step = ctr(d, "run", "--rm", "--runtime", runtime, "--rootfs", rootfs, cid, *argv)
+            try:
+                step = ctr(d, "run", "--rm", "--runtime", runtime, "--rootfs", rootfs, cid, *argv)
+            except subprocess.TimeoutExpired:
+                if not go_races:
+                    raise
+                # The same race of the 2.x Go shim (harness.Behaviour), seen once in a
+                # clean-clone run: that `ctr run --rm` never returned. Recorded and
+                # cleaned up, not asserted; pyshim's runs are never excused.
+                hung.append((cid, d.tasks().get(cid, "no task"), [t for t, _ in log.of(cid)]))
+                d.ctr("task", "kill", "-s", "KILL", cid, timeout=30)
+                d.ctr("task", "delete", "-f", cid, timeout=30)
+                d.ctr("container", "delete", cid, timeout=30)
+                continue
             assert step == (code, "", ""), (i, step)
             runs.append((cid, code))
         last = runs[-1][0]
@@ -273,6 +287,9 @@ def test_quick_exits_start_before_exit(daemon: Containerd, rootfs: str, runtime:
     if no_delete:
         warnings.warn(f"the Go shim published no /tasks/delete for {len(no_delete)} of "
                       f"{len(runs)} runs: {no_delete[:5]}", stacklevel=1)
+    if hung:
+        warnings.warn(f"the Go shim's `ctr run --rm` never returned for {len(hung)} of "
+                      f"{QUICK_RUNS} runs (id, task status, events): {hung[:3]}", stacklevel=1)
     assert bad == [], f"{len(bad)} of {len(runs)} runs out of order or misreported: {bad[:5]}"
 
 

@@ -173,6 +173,7 @@ class Behaviour:
     # event from a goroutine and can exit, asked to shut down right after Delete, before
     # that goroutine has published it). Seen with 2.1.9 in 5 to 14 of 100 quick
     # `ctr run --rm`; never with 1.6.20 or 1.7.24. pyshim publishes it on every line.
+    # Once (a clean-clone run of ddb6f53) such a 2.1.9 `ctr run --rm` never returned.
     go_shim_may_drop_task_delete: bool
 
 
