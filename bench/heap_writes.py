@@ -97,32 +97,19 @@ _pyshim_heap_probe(%r, %r)
 '''
 
 
-def changed_words(pid: int, parent: int) -> tuple[list[int], dict]:
-    pmaps = {(s, e): n for s, e, _, n in sp.maps(parent)}
+def changed_units(pid: int, parent: int) -> tuple[list[int], dict]:
+    """The addresses of the 2-byte units that differ between PID's private pages and
+    its parent's at the same address (writable mappings both have, /dev ones left
+    out), and the count of PID's private pages per (mapping, kind)."""
     addrs, pages = [], collections.Counter()
-    with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm, \
-            open(f"/proc/{parent}/pagemap", "rb", buffering=0) as ppm, \
-            open(f"/proc/{pid}/mem", "rb", buffering=0) as mem, \
-            open(f"/proc/{parent}/mem", "rb", buffering=0) as pmem:
-        for start, end, perms, name in sp.maps(pid):
-            if "w" not in perms or (start, end) not in pmaps or name.startswith("/dev"):
+    for _, perms, name, in_parent, kinds in sp.page_kinds(pid, parent):
+        if "w" not in perms or not in_parent or name.startswith("/dev"):
+            continue
+        for addr, kind, x, y in kinds:
+            if kind in ("shared", "other"):
                 continue
-            mine = sp.frames(pm, start, end)
-            theirs = sp.frames(ppm, start, end)
-            for i, ((a, alone), (b, _)) in enumerate(zip(mine, theirs)):
-                if a < 0 or a == b or not alone or b < 0:
-                    continue
-                addr = start + i * sp.PAGE
-                x, y = sp.read_page(mem, addr), sp.read_page(pmem, addr)
-                if x is None or y is None:
-                    continue
-                if x == y:
-                    pages[(name, "same")] += 1
-                    continue
-                if x == sp.ZERO:
-                    pages[(name, "zero")] += 1
-                    continue
-                pages[(name, "changed")] += 1
+            pages[(name, kind)] += 1
+            if kind == "changed" and x is not None and y is not None:
                 wx = struct.unpack(f"{sp.PAGE // 2}H", x)
                 wy = struct.unpack(f"{sp.PAGE // 2}H", y)
                 addrs += [addr + 2 * j for j in range(len(wx)) if wx[j] != wy[j]]
@@ -155,7 +142,7 @@ def main() -> int:
             time.sleep(args.settle)
             shims = long_lived_shims(daemon, harness.PYSHIM)
             pid = shims[-1]
-            addrs, pages = changed_words(pid, ppid(pid))
+            addrs, pages = changed_units(pid, ppid(pid))
             print("pages:", dict(pages))
             fin, fout = os.path.join(tmp, "in.json"), os.path.join(tmp, "out.json")
             with open(fin, "w") as f:
@@ -167,35 +154,30 @@ def main() -> int:
             daemon.ctr("task", "ps", ids[-1])
             harness.wait_for(lambda: os.path.exists(fout), 20, message="probe wrote nothing")
             time.sleep(0.5)
-            res = json.load(open(fout))
-            pagesof = collections.defaultdict(set)
-            words = collections.Counter()
-            for a, t, d, off, ins in res:
-                key = (t, d)
-                pagesof[key].add(a // sp.PAGE)
-                words[key] += 1
-            allpages = collections.defaultdict(set)
-            for a, t, d, off, ins in res:
-                allpages[a // sp.PAGE].add((t, d))
-            print(f"{len(addrs)} changed words on {len({a // sp.PAGE for a in addrs})} pages")
+            with open(fout) as f:
+                res = json.load(f)
+            pagesof = collections.defaultdict(set)  # (type, object) -> pages it was written on
+            units = collections.Counter()  # (type, object) -> units written
+            onpage = collections.defaultdict(set)  # page -> the types written on it
             bytype = collections.Counter()
+            codes = collections.Counter()  # (instruction, op or cache entry) -> units written
             for a, t, d, off, ins in res:
+                pagesof[(t, d)].add(a // sp.PAGE)
+                units[(t, d)] += 1
+                onpage[a // sp.PAGE].add(t)
                 bytype[t] += 1
-            print("words by type:", bytype.most_common(20))
+                if t == "code":
+                    codes[(ins.split("@")[0], ins.split(" ")[-1])] += 1
+            print(f"{len(addrs)} changed 2-byte units on {len(onpage)} pages")
+            print("units by type:", bytype.most_common(20))
             print("top objects by pages:")
             for key, ps in sorted(pagesof.items(), key=lambda kv: -len(kv[1]))[:60]:
-                print(f"  {len(ps):3d} pages {words[key]:4d} words  {key[0]} {key[1]}")
-            codes = collections.Counter()
-            for a, t, d, off, ins in res:
-                if t == "code":
-                    codes[(ins.split('@')[0], ins.split(' ')[-1])] += 1
+                print(f"  {len(ps):3d} pages {units[key]:4d} units  {key[0]} {key[1]}")
             print("code writes (instruction, part):")
             for (op, part), c in codes.most_common(50):
                 print(f"  {c:5d} {op} {part}")
-            # pages whose only changed words are code objects
-            onlycode = [p for p, s in allpages.items() if all(t == "code" for t, _ in s)]
-            print(f"pages with only code writes: {len(onlycode)}; pages with an unknown word: "
-                  f"{sum(1 for s in allpages.values() if any(t == '?' for t, _ in s))}")
+            print(f"pages with only code writes: {sum(1 for s in onpage.values() if s == {'code'})}; "
+                  f"pages with an unknown word: {sum(1 for s in onpage.values() if '?' in s)}")
             with open(os.path.join(on_platform.out_dir(), "heap_writes.json"), "w") as f:
                 json.dump(res, f)
             daemon.remove_all()

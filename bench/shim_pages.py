@@ -66,9 +66,11 @@ def parent_of(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
-def classify(pid: int, ppid: int) -> list[dict]:
-    rows = []
-    parent_maps = {(s, e): n for s, e, _, n in maps(ppid)}
+def page_kinds(pid: int, ppid: int):
+    """For every mapping of PID: (start, perms, name, in_parent, pages), where pages
+    yields (address, kind, PID's bytes, PPID's bytes) for each present page, kind being
+    one of the module docstring's (the bytes only for a private page, else None)."""
+    parent_maps = {(s, e) for s, e, _, _ in maps(ppid)}
     with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm, \
             open(f"/proc/{ppid}/pagemap", "rb", buffering=0) as ppm, \
             open(f"/proc/{pid}/mem", "rb", buffering=0) as mem, \
@@ -76,28 +78,42 @@ def classify(pid: int, ppid: int) -> list[dict]:
         for start, end, perms, name in maps(pid):
             if name == "[vsyscall]":
                 continue
-            mine = frames(pm, start, end)
-            theirs = frames(ppm, start, end) if (start, end) in parent_maps else [(-1, False)] * len(mine)
-            row = {"mapping": f"{name} {perms}", "start": start, "present": 0, "shared": 0,
-                   "other": 0, "zero": 0, "same": 0, "changed": 0}
-            for i, ((a, alone), (b, _)) in enumerate(zip(mine, theirs)):
-                if a < 0:
-                    continue
-                row["present"] += 1
-                if a == b:
-                    row["shared"] += 1
-                    continue
-                if not alone:  # the kernel's zero page, a KSM page, a file page
-                    row["other"] += 1
-                    continue
-                data = read_page(mem, start + i * PAGE)
-                if data == ZERO:
-                    row["zero"] += 1
-                elif b >= 0 and data is not None and read_page(pmem, start + i * PAGE) == data:
-                    row["same"] += 1
-                else:
-                    row["changed"] += 1
-            rows.append(row)
+            in_parent = (start, end) in parent_maps
+
+            def pages(start=start, end=end, in_parent=in_parent):
+                mine = frames(pm, start, end)
+                theirs = frames(ppm, start, end) if in_parent else [(-1, False)] * len(mine)
+                for i, ((a, alone), (b, _)) in enumerate(zip(mine, theirs)):
+                    if a < 0:
+                        continue
+                    addr = start + i * PAGE
+                    if a == b:
+                        yield addr, "shared", None, None
+                    elif not alone:  # the kernel's zero page, a KSM page, a file page
+                        yield addr, "other", None, None
+                    else:
+                        data = read_page(mem, addr)
+                        if data == ZERO:
+                            yield addr, "zero", data, None
+                            continue
+                        old = read_page(pmem, addr) if b >= 0 else None
+                        if old is not None and data is not None and old == data:
+                            yield addr, "same", data, old
+                        else:
+                            yield addr, "changed", data, old
+
+            yield start, perms, name, in_parent, pages()
+
+
+def classify(pid: int, ppid: int) -> list[dict]:
+    rows = []
+    for start, perms, name, _, pages in page_kinds(pid, ppid):
+        row = {"mapping": f"{name} {perms}", "start": start, "present": 0, "shared": 0,
+               "other": 0, "zero": 0, "same": 0, "changed": 0}
+        for _, kind, _, _ in pages:
+            row["present"] += 1
+            row[kind] += 1
+        rows.append(row)
     return rows
 
 
