@@ -660,6 +660,53 @@ static long template_read(int conn, int *fd)
 }
 
 /*
+ * Whether the fork request in template_buf (`len` bytes as template_read
+ * returned them) is whole and well formed: its fields are kind, cwd, argc,
+ * argc arguments (at least one) and KEY=VALUE entries, NUL-separated. The
+ * template answers "ok PID" itself once it has forked, so the child must
+ * never be the first to find the request unusable.
+ */
+static int template_fork_request_ok(long len)
+{
+	uint32_t flen, dlen;
+	const char *p, *end;
+	long field = 0, argc = -1;
+
+	memcpy(&flen, template_buf, 4);
+	memcpy(&dlen, template_buf + 4, 4);
+	flen = ntohl(flen), dlen = ntohl(dlen);
+	if (len != 8 + (long)flen + (long)dlen)
+		return 0;
+	p = template_buf + 8;
+	end = p + flen;
+	while (p <= end) {
+		const char *nul = memchr(p, '\0', (size_t)(end - p));
+		size_t n = nul ? (size_t)(nul - p) : (size_t)(end - p);
+
+		if (field == 2) {
+			argc = 0;
+			if (n == 0 || n > 6)
+				return 0;
+			for (size_t i = 0; i < n; i++) {
+				if (p[i] < '0' || p[i] > '9')
+					return 0;
+				argc = argc * 10 + (p[i] - '0');
+			}
+			if (argc == 0)
+				return 0;
+		} else if (field > 2 + argc && argc > 0) {
+			const char *eq = memchr(p, '=', n);
+
+			if (!eq || eq == p)
+				return 0; /* an environment entry without KEY= */
+		}
+		field++;
+		p += n + 1;
+	}
+	return argc > 0 && field >= 3 + argc;
+}
+
+/*
  * Hands the start request in template_buf (`len` bytes) and its connection
  * to the start helper on `helper` (a SOCK_SEQPACKET socketpair end), without
  * waiting: 0 when it took them, else -1 (helper gone, busy or the request too
@@ -773,7 +820,8 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
 				close(conn);
 				return -ESTALE;
 			} else if (!((flen >= 6 && !memcmp(kind, "start\0", 6)) ||
-				     (flen >= 5 && !memcmp(kind, "fork\0", 5) && fd >= 0))) {
+				     (flen >= 5 && !memcmp(kind, "fork\0", 5) && fd >= 0 &&
+				      template_fork_request_ok(len)))) {
 				template_say(conn, "error malformed request\n");
 				len = -1;
 			}
@@ -803,6 +851,12 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
 			template_say(conn, "error fork failed\n");
 			close(conn);
 			return -r;
+		}
+		if (fd >= 0) {
+			char ok[32];
+
+			snprintf(ok, sizeof(ok), "ok %d\n", (int)pid);
+			template_say(conn, ok);
 		}
 		close(conn);
 		template_children++;

@@ -5405,9 +5405,11 @@ def _start_helper(lsock, sock) -> None:
 def _template_request(lsock, conn_fd: int, fd: int, data: bytes, peer: int) -> None:
     """In the process the template forked for one request (its connection
     `conn_fd`, the fd that came with it, its bytes, the requester's pid):
-    a "fork" becomes the shim it asks for, after answering "ok PID"; a
-    "start" (when the start helper could not take it) is done here
-    (_template_start). Never returns. SIGTERM and SIGINT come blocked."""
+    a "fork" becomes the shim it asks for (the template has answered "ok
+    PID" already, as soon as fork returned, having checked the request's form
+    first: the requester waits for no page this child faults in); a "start"
+    (when the start helper could not take it) is done here (_template_start).
+    Never returns. SIGTERM and SIGINT come blocked."""
     import signal
     import socket
 
@@ -5421,7 +5423,6 @@ def _template_request(lsock, conn_fd: int, fd: int, data: bytes, peer: int) -> N
             conn.sendall(f"error {e}\n".encode())
             raise SystemExit(1) from None
         if req["kind"] == "fork":
-            conn.sendall(f"ok {os.getpid()}\n".encode())
             lsock.close()
             conn.close()
             _become_shim(fd, req)  # never returns

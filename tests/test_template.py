@@ -274,6 +274,52 @@ def test_template_refuses_another_user(templated: harness.Containerd, rootfs: st
     assert _is_template(_ppid(shim_of(templated, other)))
 
 
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out.update(int(c) for c in f.read().split())
+    return out
+
+
+@pytest.mark.parametrize("fields", [
+    b"fork\0/",                       # no argc
+    b"fork\0/\0x",                    # argc not a number
+    b"fork\0/\x000",                  # no argument
+    b"fork\0/\x003\0a",               # fewer arguments than argc
+    b"fork\0/\x001\0a\0NOEQ",         # an environment entry without '='
+    b"fork\0/\x001\0a\0=v",           # ... or without a name
+])
+def test_a_malformed_fork_request_is_refused_before_any_fork(templated: harness.Containerd,
+                                                             rootfs: str, fields: bytes) -> None:
+    """The template answers a fork's "ok PID" itself, right after fork() (the
+    requester does not wait for the child to run), so it must check the
+    request's form before it forks: a malformed one gets an error and no
+    process, as Python's parse (_unpack_request) would refuse it."""
+    first = harness.new_id("tm")
+    _run_d(templated, rootfs, first)  # makes sure a template is up
+    path = harness.template_socket(templated)
+    template = _ppid(shim_of(templated, first))
+    assert _is_template(template)
+    before = _children(template)
+    listener = socket.socket(socket.AF_UNIX)  # the socket a real request would hand over
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        s.settimeout(10)
+        socket.send_fds(s, [struct.pack(">II", len(fields), 0) + fields], [listener.fileno()])
+        answer = s.recv(200)
+    finally:
+        s.close()
+        listener.close()
+    assert answer == b"error malformed request\n", answer
+    assert _children(template) <= before, "the template forked for a malformed request"
+    # ... and it still forks shims for well-formed ones.
+    other = harness.new_id("tm")
+    _run_d(templated, rootfs, other)
+    assert _ppid(shim_of(templated, other)) == template
+
 def test_dead_templates_are_cleared_and_sigterm_removes_the_socket(templated: harness.Containerd,
                                                                    rootfs: str) -> None:
     path = harness.template_socket(templated)
