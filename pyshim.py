@@ -4320,7 +4320,8 @@ def write_stack_dump(directory: str, text: str) -> str:
     STACK_DUMP_MAX bytes), keeping this shim's newest STACK_DUMPS_KEPT; returns its path."""
     pid = os.getpid()
     prefix = f"stacks-{pid}-"
-    name = prefix + time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z.log"
+    now = time.time_ns()  # one reading: seconds and fraction read apart could run backwards
+    name = prefix + time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}Z.log"
     data = text.encode(errors="replace")
     if len(data) > STACK_DUMP_MAX:
         data = data[:STACK_DUMP_MAX - 32] + b"\n... (dump truncated)\n"

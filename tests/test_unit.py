@@ -1799,3 +1799,18 @@ def test_service_second_create_of_an_id_in_flight_is_already_exists(loop, tmp_pa
     assert isinstance(second, pyshim.AlreadyExists), second
     assert svc.runner.calls[0][0] == "create" and len(svc.runner.calls) == 1
     assert list(svc.containers) == ["c9"] and svc.creating == set()
+
+
+def test_stack_dump_names_come_from_one_clock_reading(tmp_path, monkeypatch) -> None:
+    """A dump's name is its time; the newest STACK_DUMPS_KEPT are kept by name order.
+    Seconds and fraction must come from one reading: read apart, a dump just after a
+    second boundary was named a second early, sorted first and removed at once."""
+    at = 1767225599 * 10**9 + 999_999_999  # 2025-12-31T23:59:59.999999999Z
+    monkeypatch.setattr(pyshim.time, "time_ns", lambda: at)
+    path = pyshim.write_stack_dump(str(tmp_path), "dump one\n")
+    assert os.path.basename(path) == f"stacks-{os.getpid()}-20251231T235959.999999999Z.log"
+    at += 2  # over the boundary
+    newest = pyshim.write_stack_dump(str(tmp_path), "dump two\n")
+    assert os.path.basename(newest) == f"stacks-{os.getpid()}-20260101T000000.000000001Z.log"
+    assert sorted(os.listdir(tmp_path))[-1] == os.path.basename(newest)
+    assert open(newest).read() == "dump two\n"
