@@ -562,6 +562,7 @@ int reaper_fork(void)
 
 #define TEMPLATE_REQUEST_MAX (4u << 20)
 #define TEMPLATE_IO_SECONDS 5
+#define TEMPLATE_SPARE_MESSAGE_MAX (1L << 18) /* pyshim._SPARE_MESSAGE_MAX */
 
 static char template_buf[TEMPLATE_REQUEST_MAX + 8]; /* untouched pages cost nothing */
 static long template_children;	/* forked and not yet reaped */
@@ -586,6 +587,18 @@ static void template_say(int conn, const char *text)
 
 static pid_t template_helper = -1;	/* the start helper (not counted in children) */
 static pid_t template_old_helper = -1;	/* the one before it, if it has not been reaped */
+static pid_t template_spare = -1;	/* the spare shim (counted once it is handed a fork) */
+static int template_spare_fd = -1;	/* our end of the spare's socketpair */
+static long long template_spare_retry_ms; /* no spare is made before then (a fork failed) */
+static long template_forks;		/* fork requests answered since the launch */
+
+static void template_drop_spare(void)
+{
+	if (template_spare_fd >= 0)
+		close(template_spare_fd);
+	template_spare_fd = -1;
+	template_spare = -1;
+}
 
 static void template_reap(void)
 {
@@ -594,6 +607,8 @@ static void template_reap(void)
 
 		if (pid > 0 && pid == template_helper)
 			template_helper = -1;
+		else if (pid > 0 && pid == template_spare)
+			template_drop_spare(); /* it died waiting */
 		else if (pid > 0 && pid == template_old_helper)
 			template_old_helper = -1;
 		else if (pid > 0 && template_children > 0)
@@ -726,6 +741,77 @@ static int template_hand_over(int *helper, int conn, long len)
 }
 
 /*
+ * Forks the spare shim: a child that makes ready what every shim sets up
+ * before it knows which one it is (pyshim._spare_shim), then waits on a
+ * socketpair for a fork request to become that shim. Returns 1 in the child,
+ * with out[1] = its end of the pair; 0 in the template, which keeps the
+ * other end; -1 when it cannot be had (retried a second later).
+ */
+static int template_make_spare(long *out)
+{
+	sigset_t term, old;
+	int pair[2];
+	pid_t pid;
+
+	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) < 0) {
+		template_spare_retry_ms = monotonic_ms() + 1000;
+		return -1;
+	}
+	sigemptyset(&term);
+	sigaddset(&term, SIGTERM);
+	sigaddset(&term, SIGINT);
+	sigprocmask(SIG_BLOCK, &term, &old);
+	pid = fork();
+	if (pid == 0) {
+		close(pair[0]);
+		out[0] = -1, out[1] = pair[1], out[2] = -1, out[3] = 0;
+		return 1;
+	}
+	sigprocmask(SIG_SETMASK, &old, NULL);
+	close(pair[1]);
+	if (pid < 0) {
+		close(pair[0]);
+		template_spare_retry_ms = monotonic_ms() + 1000;
+		return -1;
+	}
+	template_spare = pid;
+	template_spare_fd = pair[0];
+	return 0;
+}
+
+/*
+ * Hands the fork request in template_buf (`len` bytes) and the socket `fd`
+ * that came with it to the spare shim, which becomes that shim; its pid, or
+ * -1 when there is no spare or it cannot take it (the caller forks).
+ */
+static pid_t template_hand_to_spare(int fd, long len)
+{
+	pid_t pid = template_spare;
+
+	if (template_spare < 0 || template_spare_fd < 0 || len > TEMPLATE_SPARE_MESSAGE_MAX)
+		return -1;
+	if (reaper_send_fd_flags(template_spare_fd, fd, template_buf, (size_t)len, MSG_DONTWAIT) < 0) {
+		if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN)
+			template_drop_spare(); /* dying: reaped later as a plain child */
+		return -1;
+	}
+	/* Our end closes: what was sent is still read; the spare is now a shim. */
+	close(template_spare_fd);
+	template_spare_fd = -1;
+	template_spare = -1;
+	return pid;
+}
+
+/* In a child of the template forked from Python (the start helper): closes
+ * what only the template holds. */
+void reaper_template_forget(void)
+{
+	if (template_spare_fd >= 0)
+		close(template_spare_fd);
+	template_spare_fd = -1;
+}
+
+/*
  * Serves requests on the listening socket `lsock` until one is forked off
  * (returns 0 in the child, with out[] = the connection, the fd that came with
  * the request or -1, the request's length in reaper_template_request(), the
@@ -738,13 +824,16 @@ static int template_hand_over(int *helper, int conn, long len)
  *   -ECHILD     a start was forked for because there is no start helper (it
  *               has not been made yet, left idle or died): make one;
  *   another -errno from accept or fork.
- * A request whose requester has hung up (it timed out and went cold) is
+ * With spare_ms >= 0, once a fork request has been answered, the loop keeps
+ * a spare shim (template_make_spare; returns 1 in it), made when no request
+ * has come for spare_ms, and hands the next fork request to it instead of
+ * forking. A request whose requester has hung up (it timed out and went cold) is
  * dropped unanswered. A "start" goes, with its connection, to the start
  * helper on *helper (pid helper_pid) when it takes it (template_hand_over);
  * *helper is closed and set to -1 once the helper is gone (reaped).
  */
 int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long long *stamp,
-			  int *helper, int helper_pid, long *out)
+			  int *helper, int helper_pid, long spare_ms, long *out)
 {
 	struct timeval tv = {TEMPLATE_IO_SECONDS, 0};
 	struct ucred cred;
@@ -763,7 +852,7 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
 	sigaddset(&term, SIGINT);
 	for (;;) {
 		struct pollfd p = {lsock, POLLIN, 0};
-		long long idle;
+		long long idle, now;
 		long len;
 		int conn, fd = -1, r, wait_ms = 5000;
 		pid_t pid;
@@ -773,13 +862,29 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
 			close(*helper); /* the helper left (idle) or died */
 			*helper = -1;
 		}
-		idle = monotonic_ms() - template_last_fork_ms;
+		now = monotonic_ms();
+		idle = now - template_last_fork_ms;
 		if (template_children == 0) {
 			if (idle >= idle_ms) {
 				if (poll(&p, 1, 0) == 0)
 					return -ETIMEDOUT;
 			} else if (idle_ms - idle < wait_ms) {
 				wait_ms = (int)(idle_ms - idle);
+			}
+		}
+		if (spare_ms >= 0 && template_forks > 0 && template_spare < 0) {
+			long long at = template_last_fork_ms + spare_ms;
+
+			if (at < template_spare_retry_ms)
+				at = template_spare_retry_ms;
+			/* Made in a lull, never while a request waits: its set-up
+			 * would take a CPU from the starts. */
+			if (now >= at) {
+				if (poll(&p, 1, 0) == 0 && !template_stale(watch, stamp) &&
+				    template_make_spare(out) == 1)
+					return 1;
+			} else if (at - now < wait_ms) {
+				wait_ms = (int)(at - now);
 			}
 		}
 		r = poll(&p, 1, wait_ms);
@@ -837,9 +942,22 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
 			close(conn);
 			continue;
 		}
+		if (fd >= 0 && (pid = template_hand_to_spare(fd, len)) > 0) {
+			char ok[32];
+
+			close(fd);
+			snprintf(ok, sizeof(ok), "ok %d\n", (int)pid);
+			template_say(conn, ok);
+			close(conn);
+			template_children++;
+			template_forks++;
+			template_last_fork_ms = monotonic_ms();
+			continue;
+		}
 		sigprocmask(SIG_BLOCK, &term, &old);
 		pid = fork();
 		if (pid == 0) {
+			reaper_template_forget();
 			out[0] = conn, out[1] = fd, out[2] = len, out[3] = cred.pid;
 			return 0;
 		}
@@ -860,6 +978,8 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
 		}
 		close(conn);
 		template_children++;
+		if (fd >= 0)
+			template_forks++;
 		template_last_fork_ms = monotonic_ms();
 		if (fd < 0 && *helper < 0)
 			return -ECHILD; /* a start with no helper: Python makes one for the next */

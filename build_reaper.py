@@ -31,8 +31,9 @@ int reaper_madvise(uintptr_t start, size_t len, int advice);
 long reaper_release_zero_pages(int pagemap_fd, uintptr_t start, size_t len);
 int reaper_fork(void);
 int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long long *stamp,
-                          int *helper, int helper_pid, long *out);
+                          int *helper, int helper_pid, long spare_ms, long *out);
 const char *reaper_template_request(void);
+void reaper_template_forget(void);
 int reaper_immortalize(uintptr_t addr, uint32_t refcnt, uint16_t flags);
 """
 

@@ -4335,13 +4335,41 @@ def write_stack_dump(directory: str, text: str) -> str:
     return os.path.join(directory, name)
 
 
-def serve(flags: Flags) -> int:
-    import asyncio
+class ShimBase:
+    """What serve() sets up before it knows which shim it is: the event loop,
+    the reaper, runc's runner and the housekeeping. A spare shim makes it
+    ahead of its fork request (_spare_shim); any other shim in serve()."""
+
+    __slots__ = ("housekeeping", "loop", "reaper", "runner", "service")
+
+    def __init__(self) -> None:
+        import asyncio
+
+        import uvloop
+
+        # UV_USE_IO_URING=0 only matters to libuv 1.45-1.48, where it stops the
+        # loop's io_uring rings. The libuv in uvloop 0.21+ (1.49 and later) reads
+        # it only for the file-operation ring, which uvloop never asks for, and
+        # always creates the small epoll_ctl ring (one fd, ~28 kB USS per shim):
+        # no environment variable avoids that one.
+        os.environ.setdefault("UV_USE_IO_URING", "0")
+        self.loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.service: TaskService | None = None
+        self.housekeeping = Housekeeping(self.loop)
+        self.reaper = Reaper(self.loop, self.on_exit)
+        self.runner = Runner(self.loop, self.reaper)
+
+    def on_exit(self, pid: int, code: int) -> None:
+        if self.service is not None:
+            self.service.on_exit(pid, code)
+        self.housekeeping.poke()
+
+
+def serve(flags: Flags, base: ShimBase | None = None) -> int:
     import gc
     import signal
     import socket
-
-    import uvloop
 
     import pyshim_pb2  # noqa: F401  (loaded before the heap is frozen)
 
@@ -4369,25 +4397,13 @@ def serve(flags: Flags) -> int:
         log("error", "no listening socket on fd 3")
         return 1
 
-    # UV_USE_IO_URING=0 only matters to libuv 1.45-1.48, where it stops the
-    # loop's io_uring rings. The libuv in uvloop 0.21+ (1.49 and later) reads
-    # it only for the file-operation ring, which uvloop never asks for, and
-    # always creates the small epoll_ctl ring (one fd, ~28 kB USS per shim):
-    # no environment variable avoids that one.
-    os.environ.setdefault("UV_USE_IO_URING", "0")
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
+    if base is None:
+        base = ShimBase()
+    else:  # a spare's: the request's environment has replaced the one it was made in
+        os.environ.setdefault("UV_USE_IO_URING", "0")
+    loop, housekeeping, reaper, runner = base.loop, base.housekeeping, base.reaper, base.runner
     stop = loop.create_future()
     service: TaskService | None = None
-
-    def on_exit(pid: int, code: int) -> None:
-        if service is not None:
-            service.on_exit(pid, code)
-        housekeeping.poke()
-
-    housekeeping = Housekeeping(loop)
-    reaper = Reaper(loop, on_exit)
-    runner = Runner(loop, reaper)
     publisher = Publisher(loop, runner, flags.namespace, os.environ.get("TTRPC_ADDRESS", ""),
                           flags.publish_binary, flags.address)
 
@@ -4395,7 +4411,7 @@ def serve(flags: Flags) -> int:
         if not stop.done():
             stop.set_result(None)
 
-    service = TaskService(loop, runner, publisher, flags.namespace, finish, settings)
+    service = base.service = TaskService(loop, runner, publisher, flags.namespace, finish, settings)
     server = TtrpcServer(loop, service.methods())
     loop.run_until_complete(server.serve_fd(3))
     publisher.start()
@@ -5271,13 +5287,17 @@ def serve_template() -> int:
     helper = _ffi.new("int *", -1)
     helper_pid = -1
     idle_ms = max(0, int(idle_limit * 1000))
+    spare_ms = SPARE_SHIM_DELAY_MS if os.environ.get(SPARE_SHIM_ENV, "1") != "0" else -1
     while True:
-        r = _lib.reaper_template_serve(lsock.fileno(), idle_ms, watch, stamp, helper, helper_pid, out)
+        r = _lib.reaper_template_serve(lsock.fileno(), idle_ms, watch, stamp, helper, helper_pid,
+                                       spare_ms, out)
+        if r in (0, 1) and helper[0] >= 0:  # a child: the helper must see the template's end close with it
+            os.close(helper[0])
         if r == 0:  # the forked child of one request: it answers it and exits
-            if helper[0] >= 0:
-                os.close(helper[0])  # the helper must see the template's end close with it
             _template_request(lsock, int(out[0]), int(out[1]),
                               _ffi.unpack(_lib.reaper_template_request(), int(out[2])), int(out[3]))
+        if r == 1:  # the spare shim
+            _spare_shim(lsock, int(out[1]))
         if r == -_lib.ETIMEDOUT:
             # Idle with no shim to reap: leave, unless a start already queued.
             remove_files()
@@ -5325,6 +5345,7 @@ def _spawn_start_helper(lsock, helper) -> int:
         pid = _lib.reaper_fork()
         if pid == 0:
             mine.close()
+            _lib.reaper_template_forget()  # the spare's socketpair is the template's
             _start_helper(lsock, theirs)  # never returns
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
@@ -5507,43 +5528,100 @@ def _template_start(path: str, req: dict, peer: int) -> bytes:
     return f"exit {code} {len(out)}\n".encode() + out
 
 
+def _take_shim_request(fd: int, req: dict) -> Flags:
+    """In a child of the template: become the process a cold spawn would have
+    made for fork request `req`, its socket `fd` on fd 3, in req's "cwd" with
+    its "env" and "argv"; returns its flags, for serve()."""
+    import gc
+    import signal
+
+    if log.fd > 2:  # a log the template had open (it has none as launched)
+        os.close(log.fd)
+    log.fd = 2
+    for signo in (*_TERM_SIGNALS, signal.SIGUSR1):  # the template's, not ours
+        signal.signal(signo, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
+    os.setsid()
+    os.chdir(req["cwd"])
+    # Only differences: usually none, since the template was launched by
+    # the same containerd, and every write here would be a private page.
+    env = req["env"]
+    for k in [k for k in os.environ if k not in env]:
+        del os.environ[k]
+    for k, v in env.items():
+        if os.environ.get(k) != v:
+            os.environ[k] = v
+    os.dup2(fd, 3)
+    os.close(fd)
+    argv = req["argv"]
+    set_title(argv)
+    i = argv.index("-namespace")  # after the interpreter, its flags and the script
+    sys.argv = argv[i - 1:]
+    gc.enable()
+    return Flags(argv[i:])
+
+
 def _become_shim(fd: int, req: dict) -> None:
-    """In a process the template forked: become the process a cold spawn
-    would have made, serving socket `fd` in req's "cwd" with its "env" and
-    "argv". Never returns."""
+    """In a process the template forked for fork request `req` (its socket
+    `fd`): that shim (_take_shim_request, serve). Never returns."""
+    code = 1
+    try:
+        code = serve(_take_shim_request(fd, req))
+    except BaseException as e:  # noqa: BLE001 - the forked shim must reach os._exit
+        try:
+            log("error", "forked shim failed", error=repr(e))
+        except BaseException:  # noqa: BLE001, S110 - logging may fail with no stderr left
+            pass
+    finally:
+        os._exit(code)
+
+
+SPARE_SHIM_ENV = "PYSHIM_SPARE_SHIM"  # "0": the template keeps no spare shim
+SPARE_SHIM_DELAY_MS = 20  # quiet after a fork request before the next spare is made
+_SPARE_MESSAGE_MAX = 1 << 18  # a bigger fork request is forked for, never handed over
+
+
+def _spare_shim(lsock, fd: int) -> None:
+    """The spare shim, a child of the template (reaper_template_serve made it,
+    with `fd` its end of their socketpair): it makes its ShimBase, the part of
+    a shim's set-up no request decides, then waits for the template to hand
+    it a fork request with its socket, and becomes that shim. Leaves when the
+    template's end closes with no request (the template is gone). Never
+    returns. SIGTERM and SIGINT come blocked."""
     import signal
 
     code = 1
     try:
-        if log.fd > 2:  # a log the template had open (it has none as launched)
-            os.close(log.fd)
-        log.fd = 2
-        for signo in (*_TERM_SIGNALS, signal.SIGUSR1):  # the template's, not ours
+        # The template's listening socket is on fd 3, where the shim's will
+        # be: /dev/null holds that number meanwhile, so that none of the
+        # loop's fds made below takes it.
+        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        os.dup2(null, lsock.detach(), inheritable=False)
+        os.close(null)
+        for signo in _TERM_SIGNALS:  # a spare may be stopped like any shim
             signal.signal(signo, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
-        os.setsid()
-        os.chdir(req["cwd"])
-        # Only differences: usually none, since the template was launched by
-        # the same containerd, and every write here would be a private page.
-        env = req["env"]
-        for k in [k for k in os.environ if k not in env]:
-            del os.environ[k]
-        for k, v in env.items():
-            if os.environ.get(k) != v:
-                os.environ[k] = v
-        os.dup2(fd, 3)
+        with open("/proc/self/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        at = next(i for i, a in enumerate(argv) if a.endswith(BINARY_NAME.encode()))
+        set_title([os.fsdecode(a) for a in argv[:at + 1]] + ["spare-shim"])
+        base = ShimBase()
+        while True:
+            try:
+                data, sock_fd = recv_fd(fd, _SPARE_MESSAGE_MAX)
+                break
+            except InterruptedError:
+                continue
         os.close(fd)
-        argv = req["argv"]
-        set_title(argv)
-        i = argv.index("-namespace")  # after the interpreter, its flags and the script
-        sys.argv = argv[i - 1:]
-        import gc
-
-        gc.enable()
-        code = serve(Flags(argv[i:]))
-    except BaseException as e:  # noqa: BLE001 - the forked shim must reach os._exit
+        if not data or sock_fd < 0:
+            code = 0  # the template left: no shim to become
+            raise SystemExit
+        code = serve(_take_shim_request(sock_fd, _unpack_request(data)), base)
+    except SystemExit:
+        pass
+    except BaseException as e:  # noqa: BLE001 - the spare must reach os._exit
         try:
-            log("error", "forked shim failed", error=repr(e))
+            log("error", "spare shim failed", error=repr(e))
         except BaseException:  # noqa: BLE001, S110 - logging may fail with no stderr left
             pass
     finally:
@@ -5631,6 +5709,8 @@ def memory_processes() -> list[dict]:
             kind = "template"
         elif args[:1] == ["start-helper"]:
             kind = "start-helper"  # the template's: does the warm starts
+        elif args[:1] == ["spare-shim"]:
+            kind = "spare-shim"  # the template's: the next warm start's shim, made ready
         elif args and args[-1] in ("start", "delete", "memory") or "-namespace" not in args:
             continue
         else:

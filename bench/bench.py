@@ -64,9 +64,9 @@ def long_lived_shims(daemon: harness.Containerd, runtime: str) -> list[int]:
 
 
 def templates_of(shims: list[int]) -> list[int]:
-    """pyshim's warm template processes these shims were forked from, and the
-    start helper of each (its child titled `... start-helper`): both are part
-    of what pyshim costs."""
+    """pyshim's warm template processes these shims were forked from, the
+    start helper of each (its child titled `... start-helper`) and its spare
+    shim (`... spare-shim`): all are part of what pyshim costs."""
     out = set()
     for pid in shims:
         parent = ppid(pid)
@@ -76,6 +76,7 @@ def templates_of(shims: list[int]) -> list[int]:
             out.add(parent)
     for template in list(out):
         out.update(harness.start_helpers_of(template))
+        out.update(harness.spare_shims_of(template))
     return sorted(out)
 
 

@@ -12,7 +12,8 @@ every run. Each run gives these moments, in ms after ctr was launched:
   py exec        (pyshim) the native launcher execs Python: a cold start only
                  (no warm template); a warm one is the launcher and the template
   shim forked    the long-lived shim exists (pyshim: forked by the template;
-                 Go: `start` execs the shim daemon)
+                 Go: `start` execs the shim daemon); missing when pyshim's start
+                 was handed the template's spare shim, made before the run
   start exit     `start` exits: containerd has the address
   accept         the long-lived shim accepts containerd's connection
   runc create    the shim execs `runc create` ... and it exits
@@ -97,8 +98,11 @@ class Trace:
 
 
 def moments(events, t0: float, t_end: float, runtime: str, containerd: int,
-            template: int | None) -> dict[str, float]:
+            template: int | None, spares: frozenset[int] = frozenset()) -> dict[str, float]:
     """The named moments of one run, in ms after t0 (missing ones left out).
+    `spares`: pyshim's spare shims alive before the run; the shim is the
+    first of them, or of the template's children forked during the run, to
+    accept a connection.
 
     Only containerd, pyshim's template and their descendants count: other containerds on the machine run runc and shims too."""
     shim_name = "containerd-shim-pyshim-v1" if runtime == harness.PYSHIM else "containerd-shim-runc-v2"
@@ -107,8 +111,9 @@ def moments(events, t0: float, t_end: float, runtime: str, containerd: int,
     def ms(t: float) -> float:
         return round((t - t0) * 1e3, 2)
 
-    ours = {containerd, template}
+    ours = {containerd, template} | set(spares)
     start_pid = shim_pid = None
+    forked: dict[int, float] = {}  # pyshim: the template's children forked during the run
     runc: list[int] = []
     for t, pid, tgid, name, f in events:
         if pid not in ours and tgid not in ours:
@@ -117,8 +122,7 @@ def moments(events, t0: float, t_end: float, runtime: str, containerd: int,
             ours.add(int(f["child_pid"]))
             if runtime == harness.PYSHIM and template is not None and tgid == template \
                     and start_pid is not None and shim_pid is None and t >= t0:
-                shim_pid = int(f["child_pid"])
-                out["shim forked"] = ms(t)
+                forked[int(f["child_pid"])] = t
             continue
         if t < t0:
             continue
@@ -146,6 +150,12 @@ def moments(events, t0: float, t_end: float, runtime: str, containerd: int,
                 out["runc create exit"] = ms(t)
             elif len(runc) > 1 and p == runc[1] and "runc start exit" not in out:
                 out["runc start exit"] = ms(t)
+        elif name == "sys_accept4" and runtime == harness.PYSHIM and shim_pid is None \
+                and (tgid in forked or tgid in spares) and int(f.get("ret", "-1"), 0) < 1 << 32:
+            shim_pid = tgid
+            out["accept"] = ms(t)
+            if tgid in forked:
+                out["shim forked"] = ms(forked[tgid])
         elif name == "sys_accept4" and shim_pid is not None and tgid == shim_pid \
                 and "accept" not in out and int(f.get("ret", "-1"), 0) < 1 << 32:
             out["accept"] = ms(t)
@@ -213,9 +223,10 @@ def main() -> int:
                     for runtime, runs in rows.items():
                         t0, t1 = run_once(daemon, rootfs, runtime)
                         plain[runtime].append((t1 - t0) * 1e3)
+                        spares = frozenset(harness.spare_shims_of(template)) if template else frozenset()
                         trace.clear()
                         t0, t1 = run_once(daemon, rootfs, runtime)
-                        m = moments(trace.events(), t0, t1, runtime, daemon.pid, template)
+                        m = moments(trace.events(), t0, t1, runtime, daemon.pid, template, spares)
                         runs.append(m)
                         if args.dump:
                             print(SHORT[runtime], i, {k: m[k] for k in ORDER if k in m})

@@ -58,20 +58,24 @@ class CpuTrace(start_breakdown.Trace):
 
 
 def cpu_ms(events, t0: float, runtime: str, containerd: int, template: int | None,
-           helpers: frozenset[int] = frozenset()) -> dict[str, float] | None:
+           helpers: frozenset[int] = frozenset(),
+           spares: frozenset[int] = frozenset()) -> dict[str, float] | None:
     """CPU ms of one traced run: "start" (see the module docstring), "shim" (the
     long-lived shim it left, during the run) and "runc" (everything the shim ran:
     runc create/start, runc init, the container's first moments); None if the
-    trace holds no `start` of `runtime`."""
+    trace holds no `start` of `runtime`. `spares`: pyshim's spare shims alive
+    before the run (the one the start used is that run's shim; the spare the
+    template makes during the run is counted with the shim too: each start
+    costs one spare's set-up)."""
     shim_name = harness.shim_binary(runtime)
-    ours = {containerd} | ({template} if template else set())
+    ours = {containerd} | ({template} if template else set()) | set(spares)
     start = None
     counted: set[int] = set()  # tgids whose CPU is start's
-    daemon: set[int] = set()  # the long-lived shim: not start's
+    daemon: set[int] = set(spares)  # the long-lived shim: not start's
     below: set[int] = set()  # what the shim forked
     cpu_ns = {"start": 0, "template": 0, "shim": 0, "runc": 0}
-    # The template forks two processes for a warm start: the one that does the
-    # start's work and exits, then the shim. Which is which is known at the end.
+    # The template may fork two processes for a warm start: the one that does the
+    # start's work and exits, then the shim or the next spare shim (which lives on).
     forked: dict[int, int] = {}  # the template's children: their CPU ns
     exited: set[int] = set()
     for t, pid, tgid, name, f in events:
@@ -123,6 +127,11 @@ def helpers_of(template: int | None) -> frozenset[int]:
     return frozenset(harness.start_helpers_of(template)) if template is not None else frozenset()
 
 
+def spares_of(template: int | None) -> frozenset[int]:
+    """pyshim's spare shims: the template's children titled `... spare-shim`."""
+    return frozenset(harness.spare_shims_of(template)) if template is not None else frozenset()
+
+
 def run_d(daemon: harness.Containerd, rootfs: str, runtime: str) -> tuple[float, float]:
     """(monotonic launch time, seconds) of one `ctr run -d`."""
     t0, _ = start_breakdown.run_once(daemon, rootfs, runtime)
@@ -170,10 +179,11 @@ def main() -> int:
                 try:
                     for i in range(args.cpu_runs):
                         for runtime in RUNTIMES:
+                            spares = spares_of(template)
                             trace.clear()
                             t0, _ = run_d(daemon, rootfs, runtime)
                             ms = cpu_ms(trace.events(), t0, runtime, daemon.pid, template,
-                                        helpers_of(template))
+                                        helpers_of(template), spares)
                             if ms is not None:
                                 cpu[runtime].append(ms["start"])
                                 shim_cpu[runtime].append(ms["shim"])

@@ -9,6 +9,7 @@ refuses other users.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -120,15 +121,16 @@ def test_forked_shim_holds_none_of_the_templates_files(templated: harness.Contai
         assert not shared, (shared, template_fds, shim_fds)
         logs = [fd for fd, target in shim_fds.items() if target.endswith("/log")]
         assert logs == [2], shim_fds  # its own bundle's log, as its stderr, once
-    # The template holds stdio (/dev/null), its listening socket, its end of the
-    # start helper's socketpair (made at the first warm start), and at most libuv's process-wide signal lock pipe
-    # (both ends), made by its warm-up loop.
+    # The template holds stdio (/dev/null), its listening socket, its ends of the
+    # start helper's socketpair (made at the first warm start) and of the spare
+    # shim's (made after its first fork), and at most libuv's process-wide signal
+    # lock pipe (both ends), made by its warm-up loop.
     assert all(template_fds[fd] == "/dev/null" for fd in (0, 1, 2)), template_fds
     assert template_fds[3].startswith("socket:"), template_fds
     extra = [t for fd, t in template_fds.items() if fd > 3]
     sockets = [t for t in extra if t.startswith("socket:")]
     pipes = [t for t in extra if t.startswith("pipe:")]
-    assert len(sockets) <= 1 and len(pipes) in (0, 2) and len(set(pipes)) <= 1 \
+    assert len(sockets) <= 2 and len(pipes) in (0, 2) and len(set(pipes)) <= 1 \
         and len(extra) == len(sockets) + len(pipes), template_fds
 
 
@@ -537,3 +539,90 @@ def test_an_idle_start_helper_leaves_and_comes_back(rootfs: str) -> None:
         assert _ppid(shim_of(daemon, cid)) == template
         again = harness.start_helpers_of(template)
         assert len(again) == 1 and again != helpers, again
+
+
+def _one_spare(template: int) -> int:
+    """The template's spare shim, waited for (it is made once the template has been
+    quiet for a moment after a fork)."""
+    harness.wait_for(lambda: len(harness.spare_shims_of(template)) == 1, 10,
+                     message="the template made no spare shim")
+    return harness.spare_shims_of(template)[0]
+
+
+def test_a_warm_start_becomes_the_spare_shim_and_a_new_spare_is_made(
+        templated: harness.Containerd, rootfs: str) -> None:
+    """After its first fork the template keeps one spare shim (a child titled
+    `spare-shim`, its loop and reaper made): the next warm start's shim is that
+    process, serving as a forked one does, and another spare follows. A spare holds
+    none of the template's files, ignores an operator's `kill -USR1`, and is listed
+    by `memory`."""
+    first, second = harness.new_id("tp"), harness.new_id("tp")
+    _run_d(templated, rootfs, first)  # cold: launches the template
+    template = _ppid(shim_of(templated, first))
+    assert _is_template(template)
+    _run_d(templated, rootfs, second)  # forked
+    spare = _one_spare(template)
+    argv = harness.cmdline(spare)
+    assert argv[-1] == "spare-shim" and "pyshim" in " ".join(argv), argv
+    template_files = set(_fds(template).values()) - {"/dev/null"}
+    assert not template_files & set(_fds(spare).values()), (_fds(template), _fds(spare))
+    os.kill(spare, signal.SIGUSR1)
+    res = subprocess.run([harness.shim_binary_path(PYSHIM), "memory", "-json"], check=True,
+                         capture_output=True, text=True, timeout=60)
+    kinds = {p["pid"]: p["kind"] for p in json.loads(res.stdout)["processes"]}
+    assert kinds.get(spare) == "spare-shim", kinds
+    assert harness.spare_shims_of(template) == [spare], "the spare died of SIGUSR1"
+
+    third = harness.new_id("tp")
+    _run_d(templated, rootfs, third)
+    shim = shim_of(templated, third)
+    assert shim == spare, (shim, spare)
+    argv = harness.cmdline(shim)
+    assert argv[argv.index("-id") + 1] == third and argv[argv.index("-address") + 1] == templated.address
+    assert os.readlink(f"/proc/{shim}/cwd").endswith("/" + third)
+    r = templated.ctr("task", "exec", "--exec-id", "e1", third, "/bin/sh", "-c", "exit 4")
+    assert r.returncode == 4
+    logs = [fd for fd, target in _fds(shim).items() if target.endswith("/log")]
+    assert logs == [2], _fds(shim)
+    assert _one_spare(template) != spare
+    templated.ctr("task", "kill", "-s", "KILL", third, check=True)
+    harness.wait_for(lambda: templated.ctr("task", "ls").stdout.count("STOPPED") >= 1, 10,
+                     message="the spare-made shim reported no exit")
+
+
+def test_a_dead_spare_is_replaced_and_a_stopped_template_takes_its_spare_along(
+        templated: harness.Containerd, rootfs: str) -> None:
+    """A spare killed while it waits costs no start (the template forks instead) and
+    is replaced; SIGTERM stops a spare as any shim; the spare leaves with its template."""
+    first = harness.new_id("tq")
+    _run_d(templated, rootfs, first)
+    template = _ppid(shim_of(templated, first))
+    _run_d(templated, rootfs, harness.new_id("tq"))
+    spare = _one_spare(template)
+    os.kill(spare, signal.SIGKILL)
+    harness.wait_for(lambda: _gone(spare), 10, message="the killed spare stayed")
+    cid = harness.new_id("tq")
+    _run_d(templated, rootfs, cid)
+    assert _ppid(shim_of(templated, cid)) == template and shim_of(templated, cid) != spare
+    spare = _one_spare(template)
+    os.kill(spare, signal.SIGTERM)
+    harness.wait_for(lambda: _gone(spare), 10, message="SIGTERM left the spare running")
+    spare = _one_spare(template)
+    os.kill(template, signal.SIGTERM)
+    harness.wait_for(lambda: _gone(spare), 10, message="the spare outlived its template")
+    assert templated.ctr("task", "ls").stdout.count("RUNNING") == 3
+
+
+def test_the_spare_shim_can_be_turned_off(rootfs: str) -> None:
+    """PYSHIM_SPARE_SHIM=0 in containerd's environment: the template forks every shim
+    when it is asked, and keeps no spare."""
+    with daemon_with(PYSHIM_TEMPLATE="1", PYSHIM_SPARE_SHIM="0") as daemon:
+        first = harness.new_id("tr")
+        _run_d(daemon, rootfs, first)
+        template = _ppid(shim_of(daemon, first))
+        for _ in range(3):
+            cid = harness.new_id("tr")
+            _run_d(daemon, rootfs, cid)
+            assert _ppid(shim_of(daemon, cid)) == template
+        time.sleep(0.5)  # 25 times the delay after which a spare would be made
+        assert harness.spare_shims_of(template) == []

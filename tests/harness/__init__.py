@@ -481,18 +481,29 @@ def is_template_argv(argv: list[str]) -> bool:
     return "template" in argv[2:4] and any("containerd-shim-pyshim" in a for a in argv[1:3])
 
 
-def start_helpers_of(template: int) -> list[int]:
-    """Pids of the start helpers of pyshim's template `template`: its live children
-    titled `... containerd-shim-pyshim-v1 start-helper`."""
+def children_titled(parent: int, title: str) -> list[int]:
+    """Pids of the live children of `parent` titled `... containerd-shim-pyshim-v1 TITLE`."""
     out = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         st = _stat(int(name))
-        if st is not None and st[0] != "Z" and st[1] == template \
-                and "start-helper" in cmdline(int(name))[2:4]:
+        if st is not None and st[0] != "Z" and st[1] == parent \
+                and title in cmdline(int(name))[2:4]:
             out.append(int(name))
     return sorted(out)
+
+
+def start_helpers_of(template: int) -> list[int]:
+    """Pids of the start helpers of pyshim's template `template`: its live children
+    titled `... containerd-shim-pyshim-v1 start-helper`."""
+    return children_titled(template, "start-helper")
+
+
+def spare_shims_of(template: int) -> list[int]:
+    """Pids of the spare shims of pyshim's template `template` (the next warm start's
+    shim, made ready): its live children titled `... containerd-shim-pyshim-v1 spare-shim`."""
+    return children_titled(template, "spare-shim")
 
 
 def shim_pids(daemon: Containerd | str, runtime: str | None = None) -> list[int]:
