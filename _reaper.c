@@ -438,14 +438,21 @@ int reaper_madvise(uintptr_t start, size_t len, int advice)
 #define PAGEMAP_EXCLUSIVE (1ULL << 56)
 #define PAGEMAP_BATCH 512
 
+/* Eight words (a cache line) at a time, stopping at the first that is not
+ * zero: most present pages hold data in their first bytes. */
 static int page_is_zero(const uint64_t *p, size_t words)
 {
-	uint64_t acc = 0;
-	size_t i;
+	size_t i, j;
 
-	for (i = 0; i < words; i++)
-		acc |= p[i];
-	return acc == 0;
+	for (i = 0; i < words; i += 8) {
+		uint64_t acc = 0;
+
+		for (j = i; j < i + 8 && j < words; j++)
+			acc |= p[j];
+		if (acc)
+			return 0;
+	}
+	return 1;
 }
 
 long reaper_release_zero_pages(int pagemap_fd, uintptr_t start, size_t len)

@@ -5322,6 +5322,15 @@ START_HELPER_IDLE_ENV = "PYSHIM_START_HELPER_IDLE"  # seconds without a start be
 START_HELPER_IDLE_DEFAULT = 30.0
 
 
+def _title_as(word: str) -> None:
+    """In a child of the template: titled `... containerd-shim-pyshim-v1 WORD`
+    (the template's interpreter, flags and binary, then `word`)."""
+    with open("/proc/self/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    at = next(i for i, a in enumerate(argv) if a.endswith(BINARY_NAME.encode()))
+    set_title([os.fsdecode(a) for a in argv[:at + 1]] + [word])
+
+
 def _spawn_start_helper(lsock, helper) -> int:
     """In the template: forks the start helper (_start_helper), which does
     the warm starts the template hands it, one after another, in a process
@@ -5374,10 +5383,7 @@ def _start_helper(lsock, sock) -> None:
         for signo in _TERM_SIGNALS:
             signal.signal(signo, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
-        with open("/proc/self/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-        at = next(i for i, a in enumerate(argv) if a.endswith(BINARY_NAME.encode()))
-        set_title([os.fsdecode(a) for a in argv[:at + 1]] + ["start-helper"])
+        _title_as("start-helper")
         gc.enable()  # long-lived: its garbage is collected, unlike the template's
         fd = sock.detach()
         try:
@@ -5601,10 +5607,7 @@ def _spare_shim(lsock, fd: int) -> None:
         for signo in _TERM_SIGNALS:  # a spare may be stopped like any shim
             signal.signal(signo, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
-        with open("/proc/self/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-        at = next(i for i, a in enumerate(argv) if a.endswith(BINARY_NAME.encode()))
-        set_title([os.fsdecode(a) for a in argv[:at + 1]] + ["spare-shim"])
+        _title_as("spare-shim")
         base = ShimBase()
         while True:
             try:
