@@ -569,7 +569,8 @@ int reaper_fork(void)
 
 #define TEMPLATE_REQUEST_MAX (4u << 20)
 #define TEMPLATE_IO_SECONDS 5
-#define TEMPLATE_SPARE_MESSAGE_MAX (1L << 18) /* pyshim._SPARE_MESSAGE_MAX */
+/* The biggest fork request handed to the spare (its receive buffer). */
+const long reaper_spare_message_max = 1L << 18;
 
 static char template_buf[TEMPLATE_REQUEST_MAX + 8]; /* untouched pages cost nothing */
 static long template_children;	/* forked and not yet reaped */
@@ -795,27 +796,21 @@ static pid_t template_hand_to_spare(int fd, long len)
 {
 	pid_t pid = template_spare;
 
-	if (template_spare < 0 || template_spare_fd < 0 || len > TEMPLATE_SPARE_MESSAGE_MAX)
+	if (template_spare < 0 || template_spare_fd < 0 || len > reaper_spare_message_max)
 		return -1;
 	if (reaper_send_fd_flags(template_spare_fd, fd, template_buf, (size_t)len, MSG_DONTWAIT) < 0) {
 		if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN)
 			template_drop_spare(); /* dying: reaped later as a plain child */
 		return -1;
 	}
-	/* Our end closes: what was sent is still read; the spare is now a shim. */
-	close(template_spare_fd);
-	template_spare_fd = -1;
-	template_spare = -1;
+	template_drop_spare(); /* what was sent is still read: the spare is now a shim */
 	return pid;
 }
 
-/* In a child of the template forked from Python (the start helper): closes
- * what only the template holds. */
+/* In a child of the template: closes what only the template holds. */
 void reaper_template_forget(void)
 {
-	if (template_spare_fd >= 0)
-		close(template_spare_fd);
-	template_spare_fd = -1;
+	template_drop_spare();
 }
 
 /*
@@ -949,27 +944,19 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
 			close(conn);
 			continue;
 		}
-		if (fd >= 0 && (pid = template_hand_to_spare(fd, len)) > 0) {
-			char ok[32];
-
-			close(fd);
-			snprintf(ok, sizeof(ok), "ok %d\n", (int)pid);
-			template_say(conn, ok);
-			close(conn);
-			template_children++;
-			template_forks++;
-			template_last_fork_ms = monotonic_ms();
-			continue;
+		/* A fork request goes to the spare when there is one, else is forked for. */
+		pid = fd >= 0 ? template_hand_to_spare(fd, len) : -1;
+		if (pid < 0) {
+			sigprocmask(SIG_BLOCK, &term, &old);
+			pid = fork();
+			if (pid == 0) {
+				reaper_template_forget();
+				out[0] = conn, out[1] = fd, out[2] = len, out[3] = cred.pid;
+				return 0;
+			}
+			r = errno;
+			sigprocmask(SIG_SETMASK, &old, NULL);
 		}
-		sigprocmask(SIG_BLOCK, &term, &old);
-		pid = fork();
-		if (pid == 0) {
-			reaper_template_forget();
-			out[0] = conn, out[1] = fd, out[2] = len, out[3] = cred.pid;
-			return 0;
-		}
-		r = errno;
-		sigprocmask(SIG_SETMASK, &old, NULL);
 		if (fd >= 0)
 			close(fd);
 		if (pid < 0) {

@@ -5567,24 +5567,30 @@ def _take_shim_request(fd: int, req: dict) -> Flags:
     return Flags(argv[i:])
 
 
-def _become_shim(fd: int, req: dict) -> None:
-    """In a process the template forked for fork request `req` (its socket
-    `fd`): that shim (_take_shim_request, serve). Never returns."""
+def _exit_with(what: str, run) -> None:
+    """In a child of the template that must end in os._exit: exits with what
+    run() returns, or 1, logging "WHAT failed", when it raises. Never returns."""
     code = 1
     try:
-        code = serve(_take_shim_request(fd, req))
-    except BaseException as e:  # noqa: BLE001 - the forked shim must reach os._exit
+        code = run()
+    except BaseException as e:  # noqa: BLE001 - the child must reach os._exit
         try:
-            log("error", "forked shim failed", error=repr(e))
+            log("error", f"{what} failed", error=repr(e))
         except BaseException:  # noqa: BLE001, S110 - logging may fail with no stderr left
             pass
     finally:
         os._exit(code)
 
 
+def _become_shim(fd: int, req: dict) -> None:
+    """In a process the template forked for fork request `req` (its socket
+    `fd`): that shim (_take_shim_request, serve). Never returns."""
+    _exit_with("forked shim", lambda: serve(_take_shim_request(fd, req)))
+
+
 SPARE_SHIM_ENV = "PYSHIM_SPARE_SHIM"  # "0": the template keeps no spare shim
 SPARE_SHIM_DELAY_MS = 20  # quiet after a fork request before the next spare is made
-_SPARE_MESSAGE_MAX = 1 << 18  # a bigger fork request is forked for, never handed over
+_SPARE_MESSAGE_MAX = _lib.reaper_spare_message_max  # a bigger fork request is forked for
 
 
 def _spare_shim(lsock, fd: int) -> None:
@@ -5596,8 +5602,7 @@ def _spare_shim(lsock, fd: int) -> None:
     returns. SIGTERM and SIGINT come blocked."""
     import signal
 
-    code = 1
-    try:
+    def run() -> int:
         # The template's listening socket is on fd 3, where the shim's will
         # be: /dev/null holds that number meanwhile, so that none of the
         # loop's fds made below takes it.
@@ -5617,18 +5622,10 @@ def _spare_shim(lsock, fd: int) -> None:
                 continue
         os.close(fd)
         if not data or sock_fd < 0:
-            code = 0  # the template left: no shim to become
-            raise SystemExit
-        code = serve(_take_shim_request(sock_fd, _unpack_request(data)), base)
-    except SystemExit:
-        pass
-    except BaseException as e:  # noqa: BLE001 - the spare must reach os._exit
-        try:
-            log("error", "spare shim failed", error=repr(e))
-        except BaseException:  # noqa: BLE001, S110 - logging may fail with no stderr left
-            pass
-    finally:
-        os._exit(code)
+            return 0  # the template left: no shim to become
+        return serve(_take_shim_request(sock_fd, _unpack_request(data)), base)
+
+    _exit_with("spare shim", run)
 
 
 # =============================================================================

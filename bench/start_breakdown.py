@@ -181,6 +181,11 @@ STEPS = [("ctr launched -> start exec", None, "start exec"),
          ("total (ctr run -d)", None, "ctr exit")]
 
 
+def spares_of(template: int | None) -> frozenset[int]:
+    """pyshim's spare shims: the template's children titled `... spare-shim`."""
+    return frozenset(harness.spare_shims_of(template)) if template is not None else frozenset()
+
+
 def ppid(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
@@ -223,7 +228,7 @@ def main() -> int:
                     for runtime, runs in rows.items():
                         t0, t1 = run_once(daemon, rootfs, runtime)
                         plain[runtime].append((t1 - t0) * 1e3)
-                        spares = frozenset(harness.spare_shims_of(template)) if template else frozenset()
+                        spares = spares_of(template)
                         trace.clear()
                         t0, t1 = run_once(daemon, rootfs, runtime)
                         m = moments(trace.events(), t0, t1, runtime, daemon.pid, template, spares)

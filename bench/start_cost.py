@@ -127,11 +127,6 @@ def helpers_of(template: int | None) -> frozenset[int]:
     return frozenset(harness.start_helpers_of(template)) if template is not None else frozenset()
 
 
-def spares_of(template: int | None) -> frozenset[int]:
-    """pyshim's spare shims: the template's children titled `... spare-shim`."""
-    return frozenset(harness.spare_shims_of(template)) if template is not None else frozenset()
-
-
 def run_d(daemon: harness.Containerd, rootfs: str, runtime: str) -> tuple[float, float]:
     """(monotonic launch time, seconds) of one `ctr run -d`."""
     t0, _ = start_breakdown.run_once(daemon, rootfs, runtime)
@@ -179,7 +174,7 @@ def main() -> int:
                 try:
                     for i in range(args.cpu_runs):
                         for runtime in RUNTIMES:
-                            spares = spares_of(template)
+                            spares = start_breakdown.spares_of(template)
                             trace.clear()
                             t0, _ = run_d(daemon, rootfs, runtime)
                             ms = cpu_ms(trace.events(), t0, runtime, daemon.pid, template,
