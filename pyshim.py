@@ -254,6 +254,11 @@ KSM_ENV = "PYSHIM_KSM"  # "auto" or "off": overrides the settings file's `ksm`
 KSM_RUN = "/sys/kernel/mm/ksm/run"  # 1: ksmd merges; read only, pyshim never writes it
 KSM_RESCAN_SECONDS = 30.0  # after activity, a shim marks the mappings it made since
 FIRST_RELEASE_SECONDS = 0.3  # after a shim's start: its zero pages given back, past Create and Start
+# Memory upkeep gives way to a node whose CPUs are all taken (a burst of starts):
+# looked at again every BUSY_RETRY_SECONDS, done regardless after BUSY_WAIT_MAX_SECONDS.
+BUSY_RETRY_SECONDS = 0.3
+BUSY_WAIT_MAX_SECONDS = 5.0
+LOADAVG = "/proc/loadavg"
 KSM_MODES = ("auto", "off")
 _KSM_SKIP = (b"[vdso]", b"[vvar]", b"[vvar_vclock]", b"[vsyscall]")
 
@@ -275,6 +280,28 @@ def ksm_mode(settings: Settings | None) -> str:
     return settings.ksm if settings is not None else "auto"
 
 
+def cpus_saturated(path: str = LOADAVG) -> bool:
+    """Whether more tasks are runnable on this node right now than it has CPUs
+    (the caller among them): /proc/loadavg's "RUNNABLE/TOTAL" field, an
+    instant count, not an average. False when it cannot be read."""
+    try:
+        runnable = int(_read_small(path, 256).split()[3].partition(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return runnable > (os.cpu_count() or 1)
+
+
+def when_cpus_free(loop, fn, deadline: float, saturated=None) -> None:
+    """Calls fn() now, unless the node's CPUs are all taken and the monotonic
+    `deadline` is still ahead: then looks again BUSY_RETRY_SECONDS later. What
+    fn does (walking the page map, malloc_trim) is then done after a burst of
+    container starts instead of taking CPU from it."""
+    if (saturated or cpus_saturated)() and time.monotonic() < deadline:
+        loop.call_later(BUSY_RETRY_SECONDS, when_cpus_free, loop, fn, deadline, saturated)
+    else:
+        fn()
+
+
 class Housekeeping:
     """A shim's memory upkeep: malloc_trim and the all-zero pages given back
     (`trim`), and with KSM on, the mappings made since marked mergeable
@@ -282,7 +309,9 @@ class Housekeeping:
     reaped), not on a clock: an idle shim then never wakes, and writes none
     of the pages ksmd has merged (each write would copy one back out), nor
     spends CPU. Only after the activity has ended is there anything new to
-    give back or to mark, so one round after the last of it is enough."""
+    give back or to mark, so one round after the last of it is enough. A
+    round due while the node's CPUs are all taken waits for them (at most
+    BUSY_WAIT_MAX_SECONDS, when_cpus_free)."""
 
     __slots__ = ("armed", "delay", "ksm", "loop", "trim")
 
@@ -297,7 +326,10 @@ class Housekeeping:
         """Something happened: a round is due `delay` seconds from now, unless one is already."""
         if not self.armed and (self.trim or self.ksm):
             self.armed = True
-            self.loop.call_later(self.delay, self.run)
+            self.loop.call_later(self.delay, self.due)
+
+    def due(self) -> None:
+        when_cpus_free(self.loop, self.run, time.monotonic() + BUSY_WAIT_MAX_SECONDS)
 
     def run(self) -> None:
         self.armed = False
@@ -4451,9 +4483,11 @@ def serve(flags: Flags, base: ShimBase | None = None) -> int:
     # The loop's read buffer and the rest zeroed since the fork are given back
     # FIRST_RELEASE_SECONDS after the start, not 30 s later (Housekeeping's
     # rounds do it after that), and not before the first request: containerd
-    # has sent Create by now, and walking the page map (about 2 ms) would be
-    # on its path to `runc create`.
-    loop.call_later(FIRST_RELEASE_SECONDS, release_first)
+    # has sent Create by now, and walking the page map (1-2 ms of CPU) would
+    # be on its path to `runc create`. In a burst of starts it waits for the
+    # CPUs, which the other containers' starts need more.
+    loop.call_later(FIRST_RELEASE_SECONDS, when_cpus_free, loop, release_first,
+                    time.monotonic() + FIRST_RELEASE_SECONDS + BUSY_WAIT_MAX_SECONDS)
     log("debug", "serving api on socket", socket=sock_path)
     log("info", "shim started", socket=sock_path, version=VERSION)
     if isinstance(template_heap, str):  # forked from a template that could not do it

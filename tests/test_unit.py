@@ -1814,3 +1814,64 @@ def test_stack_dump_names_come_from_one_clock_reading(tmp_path, monkeypatch) -> 
     assert os.path.basename(newest) == f"stacks-{os.getpid()}-20260101T000000.000000001Z.log"
     assert sorted(os.listdir(tmp_path))[-1] == os.path.basename(newest)
     assert open(newest).read() == "dump two\n"
+
+
+def test_cpus_saturated_reads_the_instant_runnable_count(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(pyshim.os, "cpu_count", lambda: 2)
+    path = tmp_path / "loadavg"
+    path.write_text("0.50 0.40 0.30 3/412 9999\n")
+    assert pyshim.cpus_saturated(str(path))
+    path.write_text("9.50 9.40 9.30 2/412 9999\n")  # the averages are not looked at
+    assert not pyshim.cpus_saturated(str(path))
+    for bad in ("", "0.1 0.1 0.1\n", "0.1 0.1 0.1 x/4 1\n"):
+        path.write_text(bad)
+        assert not pyshim.cpus_saturated(str(path))
+    assert not pyshim.cpus_saturated(str(tmp_path / "missing"))
+
+
+def test_housekeeping_waits_for_busy_cpus_but_not_past_its_bound(monkeypatch) -> None:
+    """A round due while the node's CPUs are all taken is put off in steps of
+    BUSY_RETRY_SECONDS, and done once they are free, or at the bound regardless."""
+    now = [100.0]
+    monkeypatch.setattr(pyshim.time, "monotonic", lambda: now[0])
+
+    class Loop:
+        def __init__(self) -> None:
+            self.later: list = []
+
+        def call_later(self, delay, fn, *args):
+            self.later.append((delay, fn, args))
+
+        def step(self) -> None:
+            delay, fn, args = self.later.pop(0)
+            now[0] += delay
+            fn(*args)
+
+    busy = [True]
+    ran: list[float] = []
+    loop = Loop()
+    pyshim.when_cpus_free(loop, lambda: ran.append(now[0]), now[0] + 1.0, lambda: busy[0])
+    assert ran == [] and loop.later[0][0] == pyshim.BUSY_RETRY_SECONDS
+    loop.step()
+    busy[0] = False
+    loop.step()
+    assert ran == [100.0 + 2 * pyshim.BUSY_RETRY_SECONDS] and loop.later == []
+    busy[0] = True  # busy throughout: done at the bound
+    pyshim.when_cpus_free(loop, lambda: ran.append(now[0]), now[0] + 1.0, lambda: busy[0])
+    while loop.later:
+        loop.step()
+    assert len(ran) == 2 and 1.0 <= ran[1] - ran[0] < 1.0 + 2 * pyshim.BUSY_RETRY_SECONDS
+
+    # Housekeeping goes through it, and stays armed (no second round) meanwhile.
+    monkeypatch.setattr(pyshim, "cpus_saturated", lambda path=pyshim.LOADAVG: busy[0])
+    monkeypatch.setattr(pyshim, "malloc_trim", lambda: ran.append("trim"))
+    monkeypatch.setattr(pyshim, "release_zero_pages", lambda: ran.append("zero") or 0)
+    hk = pyshim.Housekeeping(loop)
+    hk.trim = True
+    hk.poke()
+    loop.step()  # the round is due: the CPUs are busy
+    hk.poke()
+    assert hk.armed and len(loop.later) == 1 and "trim" not in ran
+    busy[0] = False
+    loop.step()
+    assert ran[-2:] == ["trim", "zero"] and not hk.armed
