@@ -329,6 +329,13 @@ int reaper_recv_fd(int sock, char *data, size_t len, int *fd)
 				close(got);
 		}
 	}
+	/* A datagram or packet longer than `len` lost its tail: refused whole. */
+	if (msg.msg_flags & MSG_TRUNC) {
+		if (*fd >= 0)
+			close(*fd);
+		*fd = -1;
+		return -EMSGSIZE;
+	}
 	return (int)n;
 }
 
@@ -569,8 +576,8 @@ int reaper_fork(void)
 
 #define TEMPLATE_REQUEST_MAX (4u << 20)
 #define TEMPLATE_IO_SECONDS 5
-/* The biggest fork request handed to the spare (its receive buffer). */
-const long reaper_spare_message_max = 1L << 18;
+/* The biggest request handed to the start helper or the spare (their receive buffers). */
+const long reaper_handover_message_max = 1L << 18;
 
 static char template_buf[TEMPLATE_REQUEST_MAX + 8]; /* untouched pages cost nothing */
 static long template_children;	/* forked and not yet reaped */
@@ -737,7 +744,7 @@ static int template_fork_request_ok(long len)
  */
 static int template_hand_over(int *helper, int conn, long len)
 {
-	if (*helper < 0 || template_helper < 0)
+	if (*helper < 0 || template_helper < 0 || len > reaper_handover_message_max)
 		return -1;
 	if (reaper_send_fd_flags(*helper, conn, template_buf, (size_t)len, MSG_DONTWAIT) >= 0)
 		return 0;
@@ -796,7 +803,7 @@ static pid_t template_hand_to_spare(int fd, long len)
 {
 	pid_t pid = template_spare;
 
-	if (template_spare < 0 || template_spare_fd < 0 || len > reaper_spare_message_max)
+	if (template_spare < 0 || template_spare_fd < 0 || len > reaper_handover_message_max)
 		return -1;
 	if (reaper_send_fd_flags(template_spare_fd, fd, template_buf, (size_t)len, MSG_DONTWAIT) < 0) {
 		if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN)

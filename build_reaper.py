@@ -34,7 +34,7 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
                           int *helper, int helper_pid, long spare_ms, long *out);
 const char *reaper_template_request(void);
 void reaper_template_forget(void);
-extern const long reaper_spare_message_max;
+extern const long reaper_handover_message_max;
 int reaper_immortalize(uintptr_t addr, uint32_t refcnt, uint16_t flags);
 """
 

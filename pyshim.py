@@ -5351,7 +5351,7 @@ def serve_template() -> int:
             time.sleep(0.1)  # EMFILE, ENOMEM: give what ran out a moment
 
 
-_HELPER_MESSAGE_MAX = 1 << 18  # bytes of one start request the helper takes (else a fork does it)
+_HELPER_MESSAGE_MAX = _lib.reaper_handover_message_max  # a bigger start request is forked for
 START_HELPER_IDLE_ENV = "PYSHIM_START_HELPER_IDLE"  # seconds without a start before the helper leaves
 START_HELPER_IDLE_DEFAULT = 30.0
 
@@ -5624,7 +5624,7 @@ def _become_shim(fd: int, req: dict) -> None:
 
 SPARE_SHIM_ENV = "PYSHIM_SPARE_SHIM"  # "0": the template keeps no spare shim
 SPARE_SHIM_DELAY_MS = 20  # quiet after a fork request before the next spare is made
-_SPARE_MESSAGE_MAX = _lib.reaper_spare_message_max  # a bigger fork request is forked for
+_SPARE_MESSAGE_MAX = _lib.reaper_handover_message_max  # a bigger fork request is forked for
 
 
 def _spare_shim(lsock, fd: int) -> None:

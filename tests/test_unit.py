@@ -299,6 +299,31 @@ def test_send_fd_and_recv_fd_pass_a_pipe() -> None:
         assert pyshim.recv_fd(b.fileno()) == (b"", -1)
 
 
+def test_recv_fd_refuses_a_packet_longer_than_its_buffer() -> None:
+    """On a packet socket the part past the buffer would be lost: the whole
+    message is refused (EMSGSIZE) and the fd it carried closed, not a
+    truncated request taken. A byte stream is only read in parts."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    with a, b:
+        before = len(os.listdir("/proc/self/fd"))
+        pyshim.send_fd(a.fileno(), r, b"x" * 300)
+        with pytest.raises(OSError) as ei:
+            pyshim.recv_fd(b.fileno(), 256)
+        assert ei.value.errno == errno.EMSGSIZE
+        assert len(os.listdir("/proc/self/fd")) == before  # the passed copy of r is closed
+        pyshim.send_fd(a.fileno(), r, b"y" * 256)  # exactly the buffer: taken
+        data, fd = pyshim.recv_fd(b.fileno(), 256)
+        assert data == b"y" * 256 and fd >= 0
+        os.close(fd)
+    c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with c, d:
+        c.sendall(b"z" * 300)
+        assert pyshim.recv_fd(d.fileno(), 256)[0] == b"z" * 256
+        assert pyshim.recv_fd(d.fileno(), 256)[0] == b"z" * 44
+    os.close(r), os.close(w)
+
+
 def test_send_fd_errors_become_oserror() -> None:
     a, b = socket.socketpair()
     with a, b:
