@@ -431,6 +431,9 @@ def test_an_upgrade_never_uses_the_old_template(daemon: harness.Containerd, root
     run_d(daemon, rootfs, upgraded)
     new = ppid(shim_of(daemon, upgraded))
     assert is_template(new) and new != old and is_template(old)
+    # Once quiet, the template has its spare shim: it must leave with it.
+    spares = harness.wait_for(lambda: harness.spare_shims_of(new), 10,
+                              message="the new template made no spare shim")
     # pyshim.py itself rewritten under the running template.
     module = _installed("pyshim.__file__")
     st = os.stat(module)
@@ -438,6 +441,8 @@ def test_an_upgrade_never_uses_the_old_template(daemon: harness.Containerd, root
     after = harness.new_id("lu")
     run_d(daemon, rootfs, after)
     harness.wait_for(lambda: not harness.cmdline(new), 10, message="the stale template is still there")
+    harness.wait_for(lambda: not any(harness.cmdline(p) for p in spares), 10,
+                     message="the stale template's spare shim outlived it")
     # That start went through Python (the template declined), which launched a
     # template of the code on disk and asked it for the shim; on a loaded run that
     # template may still be warming up, and the start then goes cold (seen once on
