@@ -4424,7 +4424,11 @@ def serve(flags: Flags, base: ShimBase | None = None) -> int:
         log("error", "cannot become a child subreaper", error=str(e))
         return 1
     try:
-        sock_path = socket.socket(fileno=os.dup(3)).getsockname()
+        # Closed here, not left to the collector: an unclosed socket's
+        # finalizer builds a ResourceWarning (its repr: getsockname and
+        # getpeername) and runs the warning filters, ~0.5 ms in a new shim.
+        with socket.socket(fileno=os.dup(3)) as s:
+            sock_path = s.getsockname()
     except OSError:
         log("error", "no listening socket on fd 3")
         return 1
@@ -4445,7 +4449,6 @@ def serve(flags: Flags, base: ShimBase | None = None) -> int:
 
     service = base.service = TaskService(loop, runner, publisher, flags.namespace, finish, settings)
     server = TtrpcServer(loop, service.methods())
-    loop.run_until_complete(server.serve_fd(3))
     publisher.start()
     reaper.reap()  # children that exited before the fd was watched
 
@@ -4498,7 +4501,16 @@ def serve(flags: Flags, base: ShimBase | None = None) -> int:
         log("debug", "settings", path=settings.path, runc_root=settings.runc_root,
             runc_binary=settings.runc_binary, systemd_cgroup=settings.systemd_cgroup,
             template=settings.template, memory_release_interval=interval, ksm=ksm)
-    loop.run_until_complete(stop)
+
+    async def serve_until_stopped() -> None:
+        # The start bound fd 3 and listens on it: containerd's connection
+        # waits in its backlog until the loop accepts it. One run of the loop
+        # for the set-up and the serving (uvloop makes and unmakes its signal
+        # socketpair at each run).
+        await server.serve_fd(3)
+        await stop
+
+    loop.run_until_complete(serve_until_stopped())
 
     async def shutdown() -> None:
         import asyncio
@@ -5432,7 +5444,8 @@ def _start_helper(lsock, sock) -> None:
                 # Idle: no more starts are taken (the template's next hand-over
                 # fails, and it forks for that start); those already queued
                 # are still answered.
-                socket.socket(fileno=os.dup(fd)).shutdown(socket.SHUT_RD)
+                with socket.socket(fileno=os.dup(fd)) as s:
+                    s.shutdown(socket.SHUT_RD)
                 leaving = True
                 continue
             try:
