@@ -4990,13 +4990,18 @@ def pack_code(first: list) -> int:
     for code in list(tops.values()):
         nest(code)
     order = list(first) + sorted(own, key=lambda c: c.co_firstlineno)
-    want = set()
+    want: dict[int, object] = {}
     for code in order:  # a nested code object is reached through the one it is in
         while id(code) not in want:
-            want.add(id(code))
+            want[id(code)] = code
             code = parent.get(id(code))
             if code is None:
                 break
+    for code in want.values():
+        # replace() reads co_code, which the code object makes at its first
+        # read and keeps: made here, those bytes do not land between the
+        # copies (they were every other block of the packing).
+        code.co_code
     copies: dict[int, object] = {}
 
     def copy(code):
@@ -5168,14 +5173,15 @@ def fill_pool_holes() -> int:
     return i
 
 
-MALLOC_HOLE_MAX = 64 << 10  # free chunks up to this size are filled; bigger ones hold whole free pages
+MALLOC_HOLE_MAX = 64 << 10  # free chunks up to this size are filled with blocks; bigger ones are plugged whole
 TCACHE_SIZES = range(32, 1041, 16)  # glibc's tcache chunk sizes (64 bins on 64-bit)
 TCACHE_DRAIN_MAX = 4096  # blocks of one size at most, draining its tcache bin and bins
 
 
-def malloc_holes() -> list[tuple[int, int]]:
-    """(chunk size, count) of the free chunks of glibc's main arena up to
-    MALLOC_HOLE_MAX, from malloc_info(3) (its tcache is not listed)."""
+def malloc_holes() -> list[tuple[int, int, int]]:
+    """(smallest chunk size, count, total bytes) of each size range of the free
+    chunks of glibc's main arena, from malloc_info(3) (its tcache is not
+    listed)."""
     import re
 
     fd = os.memfd_create("pyshim-mallocinfo", os.MFD_CLOEXEC)
@@ -5192,34 +5198,44 @@ def malloc_holes() -> list[tuple[int, int]]:
     out = []
     for m in re.finditer(rb'<(?:size|unsorted) from="(\d+)" to="(\d+)" total="(\d+)" count="(\d+)"', heap):
         low, count = int(m[1]) & ~7, int(m[4])  # the low bits are glibc's flags
-        if 0 < low <= MALLOC_HOLE_MAX and count:
-            out.append((low, count))
+        if low > 0 and count:
+            out.append((low, count, int(m[3])))
     return out
 
 
 def fill_malloc_holes(rounds: int = 8) -> int:
-    """Fills the small free chunks of the template's glibc heap with blocks it
-    never frees (template only, after fill_pool_holes): each tcache size until
-    malloc hands out adjacent chunks first, then what malloc_info lists, until it lists none (at most
-    `rounds` times: a bigger chunk split for a smaller request leaves a
-    remainder). Returns the blocks taken.
+    """Takes every free chunk of the template's glibc heap for good (template
+    only, after fill_pool_holes), so that what is malloc'ed next, in the
+    template or in a shim, comes from the heap's top: each tcache size until
+    malloc hands out adjacent chunks first, then what malloc_info lists, until
+    it lists none (at most `rounds` times: a bigger chunk split for a smaller
+    request leaves a remainder). Returns the blocks taken.
 
     Like fill_pool_holes for pymalloc: a shim's malloc would otherwise take
-    those chunks and copy the template's page around each (dicts' tables,
-    lists' arrays, buffers of more than 512 bytes). Free chunks bigger than
-    MALLOC_HOLE_MAX are left: their inner pages are whole, and malloc_trim
-    gives them back."""
+    the small chunks and copy the template's page around each (dicts' tables,
+    lists' arrays, buffers of more than 512 bytes). A chunk bigger than
+    MALLOC_HOLE_MAX is taken whole, after malloc_trim gave back its inner
+    pages: they stay given back (malloc writes only a chunk's edges), and a
+    request that best-fit would have carved from it, in the middle of the
+    heap, is served from the top instead. pack_code needs that: with a
+    big free chunk left (a template that compiled pyshim.py, having no
+    .pyc), its copies went half to the chunk and half to the top."""
+    malloc_trim()  # first: merges the fastbins' chunks into the chunks listed below
     taken = 0
     for size in TCACHE_SIZES:  # the tcache's capacity differs between glibc versions
         taken += _lib.reaper_malloc_keep_until_packed(size - 8, size, TCACHE_DRAIN_MAX)
-    last: list[tuple[int, int]] = []
+    last: list[tuple[int, int, int]] = []
     for _ in range(rounds):
         holes = malloc_holes()
         if not holes or holes == last:  # none left, or none malloc hands out (glibc 2.43 lists some)
             break
         last = holes
-        for size, count in holes:
-            taken += _lib.reaper_malloc_keep(size - 8, count)  # a chunk of `size` serves size - 8 bytes
+        malloc_trim()  # the pages of a big chunk the listing's own buffers used are given back again
+        for low, count, total in holes:
+            if low > MALLOC_HOLE_MAX and count == 1:
+                taken += _lib.reaper_malloc_keep(total - 8, 1)  # exactly the chunk: no remainder
+            else:
+                taken += _lib.reaper_malloc_keep(low - 8, count)  # a chunk of `low` serves low - 8 bytes
     malloc_trim()
     return taken
 
