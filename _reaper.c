@@ -737,6 +737,23 @@ static int template_fork_request_ok(long len)
 }
 
 /*
+ * Sends the request in template_buf (`len` bytes) with `fd` over `sock`, our
+ * SOCK_SEQPACKET end to the start helper or the spare shim, without waiting:
+ * 0 when sent; -1 when it is over their receive buffer or was not sent, with
+ * *gone = 1 when their end is closed.
+ */
+static int template_pass(int sock, int fd, long len, int *gone)
+{
+	*gone = 0;
+	if (len > reaper_handover_message_max)
+		return -1;
+	if (reaper_send_fd_flags(sock, fd, template_buf, (size_t)len, MSG_DONTWAIT) >= 0)
+		return 0;
+	*gone = errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN;
+	return -1;
+}
+
+/*
  * Hands the start request in template_buf (`len` bytes) and its connection
  * to the start helper on `helper` (a SOCK_SEQPACKET socketpair end), without
  * waiting: 0 when it took them, else -1 (helper gone, busy or the request too
@@ -744,11 +761,13 @@ static int template_fork_request_ok(long len)
  */
 static int template_hand_over(int *helper, int conn, long len)
 {
-	if (*helper < 0 || template_helper < 0 || len > reaper_handover_message_max)
+	int gone;
+
+	if (*helper < 0 || template_helper < 0)
 		return -1;
-	if (reaper_send_fd_flags(*helper, conn, template_buf, (size_t)len, MSG_DONTWAIT) >= 0)
+	if (template_pass(*helper, conn, len, &gone) == 0)
 		return 0;
-	if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN) {
+	if (gone) {
 		close(*helper);
 		*helper = -1;
 	}
@@ -802,11 +821,12 @@ static int template_make_spare(long *out)
 static pid_t template_hand_to_spare(int fd, long len)
 {
 	pid_t pid = template_spare;
+	int gone;
 
-	if (template_spare < 0 || template_spare_fd < 0 || len > reaper_handover_message_max)
+	if (template_spare < 0 || template_spare_fd < 0)
 		return -1;
-	if (reaper_send_fd_flags(template_spare_fd, fd, template_buf, (size_t)len, MSG_DONTWAIT) < 0) {
-		if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN)
+	if (template_pass(template_spare_fd, fd, len, &gone) < 0) {
+		if (gone)
 			template_drop_spare(); /* dying: reaped later as a plain child */
 		return -1;
 	}

@@ -291,13 +291,13 @@ def cpus_saturated(path: str = LOADAVG) -> bool:
     return runnable > (os.cpu_count() or 1)
 
 
-def when_cpus_free(loop, fn, deadline: float, saturated=None) -> None:
+def when_cpus_free(loop, fn, deadline: float) -> None:
     """Calls fn() now, unless the node's CPUs are all taken and the monotonic
     `deadline` is still ahead: then looks again BUSY_RETRY_SECONDS later. What
     fn does (walking the page map, malloc_trim) is then done after a burst of
     container starts instead of taking CPU from it."""
-    if (saturated or cpus_saturated)() and time.monotonic() < deadline:
-        loop.call_later(BUSY_RETRY_SECONDS, when_cpus_free, loop, fn, deadline, saturated)
+    if cpus_saturated() and time.monotonic() < deadline:
+        loop.call_later(BUSY_RETRY_SECONDS, when_cpus_free, loop, fn, deadline)
     else:
         fn()
 
@@ -5379,7 +5379,8 @@ def serve_template() -> int:
             time.sleep(0.1)  # EMFILE, ENOMEM: give what ran out a moment
 
 
-_HELPER_MESSAGE_MAX = _lib.reaper_handover_message_max  # a bigger start request is forked for
+# The start helper's and the spare's receive buffer: a bigger request is forked for.
+_HANDOVER_MESSAGE_MAX = _lib.reaper_handover_message_max
 START_HELPER_IDLE_ENV = "PYSHIM_START_HELPER_IDLE"  # seconds without a start before the helper leaves
 START_HELPER_IDLE_DEFAULT = 30.0
 
@@ -5464,10 +5465,7 @@ def _start_helper(lsock, sock) -> None:
                     s.shutdown(socket.SHUT_RD)
                 leaving = True
                 continue
-            try:
-                data, conn_fd = recv_fd(fd, _HELPER_MESSAGE_MAX)
-            except InterruptedError:
-                continue
+            data, conn_fd = recv_fd(fd, _HANDOVER_MESSAGE_MAX)  # EINTR is retried in C
             if not data:
                 break  # the template is gone
             if conn_fd < 0:
@@ -5653,7 +5651,6 @@ def _become_shim(fd: int, req: dict) -> None:
 
 SPARE_SHIM_ENV = "PYSHIM_SPARE_SHIM"  # "0": the template keeps no spare shim
 SPARE_SHIM_DELAY_MS = 20  # quiet after a fork request before the next spare is made
-_SPARE_MESSAGE_MAX = _lib.reaper_handover_message_max  # a bigger fork request is forked for
 
 
 def _spare_shim(lsock, fd: int) -> None:
@@ -5677,12 +5674,7 @@ def _spare_shim(lsock, fd: int) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM_SIGNALS)
         _title_as("spare-shim")
         base = ShimBase()
-        while True:
-            try:
-                data, sock_fd = recv_fd(fd, _SPARE_MESSAGE_MAX)
-                break
-            except InterruptedError:
-                continue
+        data, sock_fd = recv_fd(fd, _HANDOVER_MESSAGE_MAX)  # EINTR is retried in C
         os.close(fd)
         if not data or sock_fd < 0:
             return 0  # the template left: no shim to become

@@ -1873,22 +1873,22 @@ def test_housekeeping_waits_for_busy_cpus_but_not_past_its_bound(monkeypatch) ->
             fn(*args)
 
     busy = [True]
+    monkeypatch.setattr(pyshim, "cpus_saturated", lambda path=pyshim.LOADAVG: busy[0])
     ran: list[float] = []
     loop = Loop()
-    pyshim.when_cpus_free(loop, lambda: ran.append(now[0]), now[0] + 1.0, lambda: busy[0])
+    pyshim.when_cpus_free(loop, lambda: ran.append(now[0]), now[0] + 1.0)
     assert ran == [] and loop.later[0][0] == pyshim.BUSY_RETRY_SECONDS
     loop.step()
     busy[0] = False
     loop.step()
     assert ran == [100.0 + 2 * pyshim.BUSY_RETRY_SECONDS] and loop.later == []
     busy[0] = True  # busy throughout: done at the bound
-    pyshim.when_cpus_free(loop, lambda: ran.append(now[0]), now[0] + 1.0, lambda: busy[0])
+    pyshim.when_cpus_free(loop, lambda: ran.append(now[0]), now[0] + 1.0)
     while loop.later:
         loop.step()
     assert len(ran) == 2 and 1.0 <= ran[1] - ran[0] < 1.0 + 2 * pyshim.BUSY_RETRY_SECONDS
 
     # Housekeeping goes through it, and stays armed (no second round) meanwhile.
-    monkeypatch.setattr(pyshim, "cpus_saturated", lambda path=pyshim.LOADAVG: busy[0])
     monkeypatch.setattr(pyshim, "malloc_trim", lambda: ran.append("trim"))
     monkeypatch.setattr(pyshim, "release_zero_pages", lambda: ran.append("zero") or 0)
     hk = pyshim.Housekeeping(loop)
