@@ -363,11 +363,19 @@ int reaper_malloc_trim(size_t pad)
 	return malloc_trim(pad);
 }
 
-/* malloc_info(3)'s XML written to `fd` (through a FILE of its own on a dup). */
-int reaper_malloc_info(int fd)
+/*
+ * malloc_info(3)'s XML written to `fd` (through a FILE of its own on a dup);
+ * returns its length or -errno. The FILE's buffer is static: made and freed
+ * here at each call, it would be a free chunk again right after
+ * fill_malloc_holes took them all (the FILE itself is one small chunk).
+ */
+static char malloc_info_buf[8192];
+
+long reaper_malloc_info(int fd)
 {
 	int copy = dup(fd);
 	FILE *f;
+	long len;
 
 	if (copy < 0)
 		return -errno;
@@ -376,11 +384,15 @@ int reaper_malloc_info(int fd)
 		close(copy);
 		return -errno;
 	}
-	if (malloc_info(0, f) < 0) {
+	setvbuf(f, malloc_info_buf, _IOFBF, sizeof(malloc_info_buf));
+	if (malloc_info(0, f) < 0 || fflush(f) != 0) {
 		fclose(f);
 		return -EIO;
 	}
-	return fclose(f) < 0 ? -errno : 0;
+	len = ftell(f);
+	if (fclose(f) < 0 || len < 0)
+		return -errno;
+	return len;
 }
 
 /*

@@ -24,7 +24,7 @@ int reaper_mount(const char *source, const char *target, const char *fstype,
                  unsigned long flags, const char *data);
 int reaper_umount(const char *target, int flags);
 int reaper_malloc_trim(size_t pad);
-int reaper_malloc_info(int fd);
+long reaper_malloc_info(int fd);
 long reaper_malloc_keep(size_t size, long count);
 long reaper_malloc_keep_until_packed(size_t size, size_t chunk, long max);
 int reaper_madvise(uintptr_t start, size_t len, int advice);

@@ -4999,9 +4999,11 @@ def pack_code(first: list) -> int:
                 break
     for code in want.values():
         # replace() reads co_code, which the code object makes at its first
-        # read and keeps: made here, those bytes do not land between the
-        # copies (they were every other block of the packing).
-        code.co_code
+        # read and keeps, and may make other things once (3.14, code compiled
+        # from source): a throwaway copy of each, made here, makes them before
+        # the holes are filled, not between the copies (co_code's bytes were
+        # every other block of the packing).
+        code.replace()
     copies: dict[int, object] = {}
 
     def copy(code):
@@ -5178,25 +5180,35 @@ TCACHE_SIZES = range(32, 1041, 16)  # glibc's tcache chunk sizes (64 bins on 64-
 TCACHE_DRAIN_MAX = 4096  # blocks of one size at most, draining its tcache bin and bins
 
 
+_malloc_info_text = bytearray()  # malloc_holes' reading buffer, kept once made
+
+
 def malloc_holes() -> list[tuple[int, int, int]]:
     """(smallest chunk size, count, total bytes) of each size range of the free
     chunks of glibc's main arena, from malloc_info(3) (its tcache is not
     listed)."""
     import re
 
+    global _malloc_info_text
     fd = os.memfd_create("pyshim-mallocinfo", os.MFD_CLOEXEC)
     try:
-        if _lib.reaper_malloc_info(fd) < 0:
+        n = _lib.reaper_malloc_info(fd)
+        if n < 0:
             return []
-        os.lseek(fd, 0, os.SEEK_SET)
-        text = b""
-        while chunk := os.read(fd, 1 << 16):
-            text += chunk
+        # Read into a buffer kept from call to call: bytes made and freed
+        # here would be free chunks again after fill_malloc_holes took them all.
+        if len(_malloc_info_text) < n:
+            _malloc_info_text = bytearray(max(n + (n >> 1), 64 << 10))
+        got = os.preadv(fd, [memoryview(_malloc_info_text)[:n]], 0)
     finally:
         os.close(fd)
-    heap = text.split(b"</heap>", 1)[0] if b'<heap nr="0">' in text else b""
+    text = memoryview(_malloc_info_text)[:got]
+    start = _malloc_info_text.find(b'<heap nr="0">', 0, got)
+    end = _malloc_info_text.find(b"</heap>", max(start, 0), got)
+    if start < 0 or end < 0:
+        return []
     out = []
-    for m in re.finditer(rb'<(?:size|unsorted) from="(\d+)" to="(\d+)" total="(\d+)" count="(\d+)"', heap):
+    for m in re.finditer(rb'<(?:size|unsorted) from="(\d+)" to="(\d+)" total="(\d+)" count="(\d+)"', text[start:end]):
         low, count = int(m[1]) & ~7, int(m[4])  # the low bits are glibc's flags
         if low > 0 and count:
             out.append((low, count, int(m[3])))
@@ -5233,7 +5245,7 @@ def fill_malloc_holes(rounds: int = 8) -> int:
         malloc_trim()  # the pages of a big chunk the listing's own buffers used are given back again
         for low, count, total in holes:
             if low > MALLOC_HOLE_MAX and count == 1:
-                taken += _lib.reaper_malloc_keep(total - 8, 1)  # exactly the chunk: no remainder
+                taken += _lib.reaper_malloc_keep((total & ~7) - 8, 1)  # exactly the chunk (total has its flag bits)
             else:
                 taken += _lib.reaper_malloc_keep(low - 8, count)  # a chunk of `low` serves low - 8 bytes
     malloc_trim()
