@@ -101,9 +101,9 @@ EXEC_ID_MAX = 76
 
 # errno and signal numbers, taken from the system headers when the C core was
 # built (build_reaper.py), never written down as literals.
-ENOENT, ESRCH, EEXIST, EINVAL, EBUSY, ECONNREFUSED = (
+ENOENT, ESRCH, EEXIST, EINVAL, EBUSY, ECONNREFUSED, EAGAIN = (
     _reaper.lib.ENOENT, _reaper.lib.ESRCH, _reaper.lib.EEXIST, _reaper.lib.EINVAL, _reaper.lib.EBUSY,
-    _reaper.lib.ECONNREFUSED)
+    _reaper.lib.ECONNREFUSED, _reaper.lib.EAGAIN)
 SIGINT, SIGKILL, SIGPIPE, SIGTERM, SIGXFSZ = (
     _reaper.lib.SIGINT, _reaper.lib.SIGKILL, _reaper.lib.SIGPIPE, _reaper.lib.SIGTERM, _reaper.lib.SIGXFSZ)
 
@@ -966,9 +966,10 @@ class TtrpcClient:
 
         loop = loop or asyncio.get_running_loop()
         address = address.removeprefix("unix://")
-        fd = unix_connect(address)
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
+        # Non-blocking: a containerd whose backlog is full is EAGAIN (retried
+        # by the caller), not a stalled event loop.
+        sock = socket.socket(fileno=unix_connect(address, nonblock=True))
+        sock.setblocking(False)  # the socket object's own mode, for the loop
         self = cls(loop)
         await loop.create_unix_connection(lambda: _ClientProtocol(self), sock=sock)
         return self
@@ -3815,11 +3816,14 @@ def _socket_dir() -> None:
 
 
 def _can_connect(path: str) -> bool:
+    """Whether a process listens on `path`. Never waits: a listener whose
+    backlog is full (a busy or stopped shim) answers EAGAIN at once, and is
+    there all the same; only ENOENT and ECONNREFUSED say nobody is."""
     try:
-        os.close(unix_connect(path))
+        os.close(unix_connect(path, nonblock=True))
         return True
-    except OSError:
-        return False
+    except OSError as e:
+        return e.errno == EAGAIN
 
 
 def _python_argv() -> list[str]:
@@ -4603,15 +4607,15 @@ def _template_connect(path: str) -> int:
     concurrent starts launch one template.
     """
     try:
-        return unix_connect(path)
+        return _connect_now(path)
     except OSError as e:
-        if e.errno not in (2, 111):  # ENOENT, ECONNREFUSED
-            raise
+        if e.errno not in (ENOENT, ECONNREFUSED):
+            raise  # EAGAIN: a template that takes no connection; the shim starts cold
     _socket_dir()
     lock = _lock_template(path)
     try:
         try:
-            return unix_connect(path)
+            return _connect_now(path)
         except OSError:
             pass
         try:
@@ -4630,24 +4634,47 @@ def _template_connect(path: str) -> int:
                 os.close(null)
         finally:
             os.close(lfd)
-        return unix_connect(path)
+        return _connect_now(path)
     finally:
         os.close(lock)
 
 
-def _lock_template(path: str) -> int:
+def _connect_now(path: str) -> int:
+    """A blocking connection to the unix socket `path`, had without waiting:
+    a listener whose backlog is full is OSError EAGAIN, not a `start` stuck
+    behind a stalled process."""
+    fd = unix_connect(path, nonblock=True)
+    os.set_blocking(fd, True)
+    return fd
+
+
+TEMPLATE_LOCK_WAIT = 3.0  # seconds a start waits for another one launching the template
+
+
+def _lock_template(path: str, wait: float = TEMPLATE_LOCK_WAIT) -> int:
     """The lock file of the template at `path`, open and held (flock).
 
     A leaving template unlinks the lock file while it holds it, so a lock
     taken on a file that is no longer the one at that name is dropped and
     taken again: two launchers never hold different files for one template.
+    A lock still held after `wait` seconds (its holder is stuck) is OSError
+    ETIMEDOUT: the caller starts its shim cold rather than wait on.
     """
     import fcntl
 
+    deadline = time.monotonic() + wait
     while True:
         lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise OSError(_lib.ETIMEDOUT, "timed out waiting for the template's lock",
+                                      path + ".lock") from None
+                    time.sleep(0.005)
             if os.fstat(lock).st_ino == os.stat(path + ".lock").st_ino:
                 return lock
         except FileNotFoundError:
@@ -5582,9 +5609,9 @@ def _template_start(path: str, req: dict, peer: int) -> bytes:
         if not template_ok:
             raise _StartCold("settings")  # the handler's settings turn the template off
         try:
-            fd = unix_connect(path)
-        except OSError as e:
-            raise _StartCold("template gone") from e  # it left meanwhile
+            fd = _connect_now(path)
+        except OSError as e:  # it left meanwhile, or takes no connection
+            raise _StartCold("template gone" if e.errno != EAGAIN else "template busy") from e
         return _request_fork(fd, shim_argv(flags), sock_fd, env, bundle, 3.0)
 
     saved = (log.fd, log.fields, log.level)

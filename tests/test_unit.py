@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from unittest import mock
 
 import harness
@@ -1214,6 +1215,89 @@ def test_group_id_precedence(tmp_path) -> None:
     assert pyshim.group_id(_bundle(tmp_path, {"other": "x"}), "cid") == "cid"
     assert pyshim.group_id(_bundle(tmp_path, None), "cid") == "cid"
     assert pyshim.group_id(str(tmp_path / "no-such-bundle"), "cid") == "cid"
+
+
+def _full_backlog(path: str) -> tuple[socket.socket, list[socket.socket]]:
+    """A listener at `path` that accepts nothing, its backlog filled: what a
+    stopped (SIGSTOP) or wedged shim or template looks like to a connect."""
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(0)
+    queued = []
+    while True:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(path)
+        except BlockingIOError:
+            c.close()
+            return lsock, queued
+        queued.append(c)
+
+
+def _within(seconds: float, call):
+    """call()'s result or exception, from a thread: a call that blocks fails the
+    test after `seconds` instead of hanging the suite."""
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(call).result(timeout=seconds)
+    except concurrent.futures.TimeoutError:
+        raise AssertionError(f"still blocked after {seconds} s") from None
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_a_group_shim_with_a_full_backlog_is_joined_without_waiting(tmp_path) -> None:
+    """start's "is the group's shim alive" never blocks: a blocking connect to a
+    shim that accepts nothing waits for as long as the shim does (containerd's
+    `ctr run` then hangs with no line in any log). A listener there is alive;
+    only nobody listening is not."""
+    path = str(tmp_path / "s")
+    assert not pyshim._can_connect(path)  # ENOENT
+    lsock, queued = _full_backlog(path)
+    try:
+        assert _within(5.0, lambda: pyshim._can_connect(path))
+    finally:
+        for c in queued:
+            c.close()
+        lsock.close()
+    assert not pyshim._can_connect(path)  # the socket file is left, nobody listens: ECONNREFUSED
+
+
+def test_a_template_with_a_full_backlog_is_refused_at_once(tmp_path, monkeypatch) -> None:
+    """The cold start's connection to the template: EAGAIN (spawn_shim then starts
+    the shim cold), not a wait behind a template that takes nothing."""
+    path = str(tmp_path / "t")
+    lsock, queued = _full_backlog(path)
+    try:
+        with pytest.raises(OSError) as raised:
+            _within(5.0, lambda: pyshim._template_connect(path))
+        assert raised.value.errno == errno.EAGAIN
+    finally:
+        for c in queued:
+            c.close()
+        lsock.close()
+
+
+def test_a_template_lock_held_too_long_is_a_clear_error(tmp_path) -> None:
+    path = str(tmp_path / "t")
+    holder = os.open(path + ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        import fcntl
+
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: flock conflicts even here
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as raised:
+            pyshim._lock_template(path, wait=0.2)
+        assert raised.value.errno == errno.ETIMEDOUT
+        assert 0.2 <= time.monotonic() - t0 < 2.0
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        lock = pyshim._lock_template(path, wait=0.2)
+        os.close(lock)
+    finally:
+        os.close(holder)
 
 
 def test_parse_mount_options() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -34,8 +35,36 @@ def probe(pid: int) -> dict[str, int]:
             "fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": m["threads"]}
 
 
+def _stuck_processes() -> str:
+    """Where each shim, runc and ctr process of this node waits (wchan and the
+    kernel stack), for the error of a ctr that timed out: the one clue a hang
+    leaves when no log has a line for it."""
+    lines = []
+    for pid in sorted((int(p) for p in os.listdir("/proc") if p.isdigit()), reverse=True):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            if not any(w in cmd for w in ("containerd-shim", "runc", "ctr ")):
+                continue
+            with open(f"/proc/{pid}/wchan") as f:
+                wchan = f.read()
+            try:
+                with open(f"/proc/{pid}/stack") as f:
+                    stack = " < ".join(ln.split()[-1] for ln in f.read().splitlines()[:6])
+            except OSError:
+                stack = "?"
+        except OSError:
+            continue
+        lines.append(f"  {pid} [{wchan}] {stack}: {cmd[:200]}")
+    return "\n".join(lines[:40]) or "  (none)"
+
+
 def _ctr(d: Containerd, *args: str) -> tuple[int, str, str]:
-    res = d.ctr(*args, timeout=CTR_TIMEOUT)
+    try:
+        res = d.ctr(*args, timeout=CTR_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise SoakError(f"ctr {' '.join(args)} took over {CTR_TIMEOUT:.0f} s; "
+                        f"processes then:\n{_stuck_processes()}") from None
     return res.returncode, res.stdout, res.stderr
 
 
