@@ -613,7 +613,6 @@ static void template_say(int conn, const char *text)
 }
 
 static pid_t template_helper = -1;	/* the start helper (not counted in children) */
-static pid_t template_old_helper = -1;	/* the one before it, if it has not been reaped */
 static pid_t template_spare = -1;	/* the spare shim (counted once it is handed a fork) */
 static int template_spare_fd = -1;	/* our end of the spare's socketpair */
 static long long template_spare_retry_ms; /* no spare is made before then (a fork failed) */
@@ -636,8 +635,6 @@ static void template_reap(void)
 			template_helper = -1;
 		else if (pid > 0 && pid == template_spare)
 			template_drop_spare(); /* it died waiting */
-		else if (pid > 0 && pid == template_old_helper)
-			template_old_helper = -1;
 		else if (pid > 0 && template_children > 0)
 			template_children--;
 		else if (pid > 0)
@@ -884,8 +881,11 @@ int reaper_template_serve(int lsock, long idle_ms, const char *watch, const long
 	if (!template_last_fork_ms)
 		template_last_fork_ms = monotonic_ms();
 	if (helper_pid != template_helper && helper_pid > 0) {
+		/* A helper replaced before it was reaped (it was leaving) is counted
+		 * as an ordinary child from now on: however many are replaced
+		 * before any of them is reaped, each exit takes one off the count. */
 		if (template_helper > 0)
-			template_old_helper = template_helper;
+			template_children++;
 		template_helper = helper_pid;
 	}
 	sigemptyset(&term);
