@@ -4660,21 +4660,13 @@ def _lock_template(path: str, wait: float = TEMPLATE_LOCK_WAIT) -> int:
     A lock still held after `wait` seconds (its holder is stuck) is OSError
     ETIMEDOUT: the caller starts its shim cold rather than wait on.
     """
-    import fcntl
-
     deadline = time.monotonic() + wait
     while True:
         lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            while True:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise OSError(_lib.ETIMEDOUT, "timed out waiting for the template's lock",
-                                      path + ".lock") from None
-                    time.sleep(0.005)
+            if not _flock_by(lock, deadline):
+                raise OSError(_lib.ETIMEDOUT, "timed out waiting for the template's lock",
+                              path + ".lock")
             if os.fstat(lock).st_ino == os.stat(path + ".lock").st_ino:
                 return lock
         except FileNotFoundError:
@@ -4683,6 +4675,21 @@ def _lock_template(path: str, wait: float = TEMPLATE_LOCK_WAIT) -> int:
             os.close(lock)
             raise
         os.close(lock)
+
+
+def _flock_by(fd: int, deadline: float) -> bool:
+    """Takes the exclusive flock of `fd`, trying until the monotonic `deadline`;
+    False if another holder kept it that long."""
+    import fcntl
+
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
 
 
 def _remove_dead_templates(keep: str) -> None:
@@ -5285,7 +5292,6 @@ def serve_template() -> int:
     Single-threaded and loop-free, so fork() is safe. Its children (the
     shims) are reaped here; a shim never needs the template after the fork.
     """
-    import fcntl
     import gc
     import json  # noqa: F401  (for the shims: loaded once, shared)
     import select
@@ -5328,17 +5334,9 @@ def serve_template() -> int:
         lock = -1
         try:
             lock = os.open(path + ".lock", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-            deadline = time.monotonic() + 1.0
-            while True:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        os.close(lock)
-                        lock = -1
-                        break
-                    time.sleep(0.01)
+            if not _flock_by(lock, time.monotonic() + 1.0):
+                os.close(lock)
+                lock = -1
         except OSError:
             if lock >= 0:
                 os.close(lock)
