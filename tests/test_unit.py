@@ -9,6 +9,7 @@ and the installed binary. The ttrpc server is tested in test_ttrpc.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import inspect
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from unittest import mock
 
 import harness
@@ -1217,22 +1219,23 @@ def test_group_id_precedence(tmp_path) -> None:
     assert pyshim.group_id(str(tmp_path / "no-such-bundle"), "cid") == "cid"
 
 
-def _full_backlog(path: str) -> tuple[socket.socket, list[socket.socket]]:
-    """A listener at `path` that accepts nothing, its backlog filled: what a
-    stopped (SIGSTOP) or wedged shim or template looks like to a connect."""
-    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    lsock.bind(path)
-    lsock.listen(0)
-    queued = []
-    while True:
-        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        c.setblocking(False)
-        try:
-            c.connect(path)
-        except BlockingIOError:
-            c.close()
-            return lsock, queued
-        queued.append(c)
+@contextlib.contextmanager
+def _full_backlog(path: str) -> Iterator[None]:
+    """A listener at `path` that accepts nothing, its backlog filled, while the
+    block runs: what a stopped (SIGSTOP) or wedged shim or template looks like
+    to a connect. Everything is closed after it; the socket file stays."""
+    with contextlib.ExitStack() as stack:
+        lsock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        lsock.bind(path)
+        lsock.listen(0)
+        while True:
+            c = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            c.setblocking(False)
+            try:
+                c.connect(path)
+            except BlockingIOError:
+                break
+        yield
 
 
 def _within(seconds: float, call):
@@ -1256,29 +1259,18 @@ def test_a_group_shim_with_a_full_backlog_is_joined_without_waiting(tmp_path) ->
     only nobody listening is not."""
     path = str(tmp_path / "s")
     assert not pyshim._can_connect(path)  # ENOENT
-    lsock, queued = _full_backlog(path)
-    try:
+    with _full_backlog(path):
         assert _within(5.0, lambda: pyshim._can_connect(path))
-    finally:
-        for c in queued:
-            c.close()
-        lsock.close()
     assert not pyshim._can_connect(path)  # the socket file is left, nobody listens: ECONNREFUSED
 
 
-def test_a_template_with_a_full_backlog_is_refused_at_once(tmp_path, monkeypatch) -> None:
+def test_a_template_with_a_full_backlog_is_refused_at_once(tmp_path) -> None:
     """The cold start's connection to the template: EAGAIN (spawn_shim then starts
     the shim cold), not a wait behind a template that takes nothing."""
     path = str(tmp_path / "t")
-    lsock, queued = _full_backlog(path)
-    try:
-        with pytest.raises(OSError) as raised:
-            _within(5.0, lambda: pyshim._template_connect(path))
-        assert raised.value.errno == errno.EAGAIN
-    finally:
-        for c in queued:
-            c.close()
-        lsock.close()
+    with _full_backlog(path), pytest.raises(OSError) as raised:
+        _within(5.0, lambda: pyshim._template_connect(path))
+    assert raised.value.errno == errno.EAGAIN
 
 
 def test_a_template_lock_held_too_long_is_a_clear_error(tmp_path) -> None:

@@ -40,22 +40,16 @@ def _stuck_processes() -> str:
     kernel stack), for the error of a ctr that timed out: the one clue a hang
     leaves when no log has a line for it."""
     lines = []
-    for pid in sorted((int(p) for p in os.listdir("/proc") if p.isdigit()), reverse=True):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            if not any(w in cmd for w in ("containerd-shim", "runc", "ctr ")):
-                continue
-            with open(f"/proc/{pid}/wchan") as f:
-                wchan = f.read()
-            try:
-                with open(f"/proc/{pid}/stack") as f:
-                    stack = " < ".join(ln.split()[-1] for ln in f.read().splitlines()[:6])
-            except OSError:
-                stack = "?"
-        except OSError:
+    for pid in sorted(harness._pids(), reverse=True):
+        cmd = " ".join(harness.cmdline(pid))
+        if not any(w in cmd for w in ("containerd-shim", "runc", "ctr ")):
             continue
-        lines.append(f"  {pid} [{wchan}] {stack}: {cmd[:200]}")
+        wchan = harness._read(f"/proc/{pid}/wchan")
+        if wchan is None:
+            continue  # gone meanwhile
+        stack = harness._read(f"/proc/{pid}/stack")
+        frames = " < ".join(ln.split()[-1] for ln in stack.decode().splitlines()[:6]) if stack else "?"
+        lines.append(f"  {pid} [{wchan.decode(errors='replace')}] {frames}: {cmd[:200]}")
     return "\n".join(lines[:40]) or "  (none)"
 
 
