@@ -27,6 +27,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
 from collections.abc import Iterator
 from unittest import mock
 
@@ -1122,6 +1123,42 @@ def test_install_gaps_names_what_a_new_shim_could_not_import(tmp_path, monkeypat
     launcher = str(tmp_path / "gone" / "containerd-shim-pyshim-v1")
     monkeypatch.setattr(sys, "argv", [launcher, "start"])
     assert pyshim.install_gaps()[0] == launcher
+
+
+def test_install_gaps_of_a_warm_start_check_the_files_the_template_imported(tmp_path, monkeypatch) -> None:
+    # A warm start's process is forked from the template, which imported every
+    # module a shim runs: what counts is that the files they came from are there.
+    kept, gone = tmp_path / "kept_mod.py", tmp_path / "gone_mod.py"
+    kept.write_text("")
+    for name, path in (("kept_mod", kept), ("gone_mod", gone)):
+        module = types.ModuleType(name)
+        module.__file__ = str(path)
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(pyshim, "SHIM_MODULES", (*pyshim.SHIM_MODULES, "kept_mod", "gone_mod"))
+    assert pyshim.install_gaps(loaded=True) == ["gone_mod"]
+    # A cold start looks on the path, where neither is.
+    assert pyshim.install_gaps() == ["kept_mod", "gone_mod"]
+
+
+def test_spawned_processes_get_the_environment_as_it_is_now(monkeypatch) -> None:
+    # spawn hands posix_spawn os.environ's own dict: a change made after import
+    # (a forked shim takes its request's environment) must reach the child.
+    monkeypatch.setenv("PYSHIM_UNIT_SET", "now")
+    monkeypatch.delenv("PYSHIM_UNIT_GONE", raising=False)
+    os.environ["PYSHIM_UNIT_GONE"] = "then"
+    del os.environ["PYSHIM_UNIT_GONE"]
+    r, w = os.pipe()
+    try:
+        pid = pyshim.spawn(["/bin/sh", "-c", 'echo "$PYSHIM_UNIT_SET ${PYSHIM_UNIT_GONE-unset}"'], (0, w, 2))
+        os.close(w)
+        w = -1
+        out = os.read(r, 100)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert out == b"now unset\n"
 
 
 def test_settings_flag_reaches_the_shims_argv() -> None:
