@@ -3611,7 +3611,11 @@ class Publisher:
             log("error", "event queue full: dropping the oldest event", topic=dropped[0])
         self.queue.append((topic, type_url, value, time.time_ns()))
         self.idle.clear()
-        self.wake.set()
+        if not self.wake.is_set():
+            # Woken a turn of the loop later: the reply of the request that
+            # published (Create, Start) is written first, as the Go shim's
+            # events go out beside its replies, not ahead of them.
+            self.loop.call_soon(self.wake.set)
 
     async def flush(self, timeout: float) -> bool:
         """Waits until every queued event is delivered; False on timeout."""
