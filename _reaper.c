@@ -13,6 +13,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <malloc.h>
 #include <stdint.h>
@@ -616,6 +617,7 @@ static pid_t template_helper = -1;	/* the start helper (not counted in children)
 static pid_t template_spare = -1;	/* the spare shim (counted once it is handed a fork) */
 static int template_spare_fd = -1;	/* our end of the spare's socketpair */
 static long long template_spare_retry_ms; /* no spare is made before then (a fork failed) */
+static int template_spare_idle = 1;	/* spares wait at SCHED_IDLE (until a raise fails) */
 static long template_forks;		/* fork requests answered since the launch */
 
 static void template_drop_spare(void)
@@ -789,6 +791,11 @@ static int template_hand_over(int *helper, int conn, long len)
  * socketpair for a fork request to become that shim. Returns 1 in the child,
  * with out[1] = its end of the pair; 0 in the template, which keeps the
  * other end; -1 when it cannot be had (retried a second later).
+ *
+ * The spare is work done ahead of need: it runs at SCHED_IDLE, on CPU time no
+ * other process wants, so its set-up (a few ms of CPU, made 20 ms after a
+ * start, while that start's runc create runs) never holds up a container's
+ * start; template_hand_to_spare raises it back before it takes a request.
  */
 static int template_make_spare(long *out)
 {
@@ -806,6 +813,10 @@ static int template_make_spare(long *out)
 	sigprocmask(SIG_BLOCK, &term, &old);
 	pid = fork();
 	if (pid == 0) {
+		struct sched_param none = {0};
+
+		if (template_spare_idle)
+			sched_setscheduler(0, SCHED_IDLE, &none); /* failing, it runs as before */
 		close(pair[0]);
 		out[0] = -1, out[1] = pair[1], out[2] = -1, out[3] = 0;
 		return 1;
@@ -829,11 +840,23 @@ static int template_make_spare(long *out)
  */
 static pid_t template_hand_to_spare(int fd, long len)
 {
+	struct sched_param none = {0};
 	pid_t pid = template_spare;
 	int gone;
 
 	if (template_spare < 0 || template_spare_fd < 0)
 		return -1;
+	/* Back from SCHED_IDLE first: the shim it becomes, and every runc it
+	 * runs, must not wait for idle CPUs. Where that is not allowed (no
+	 * CAP_SYS_NICE, as under rootless containerd) the spare is dropped and
+	 * later spares wait at the usual policy. */
+	if (sched_getscheduler(pid) == SCHED_IDLE && sched_setscheduler(pid, SCHED_OTHER, &none) < 0) {
+		template_spare_idle = 0;
+		kill(pid, SIGKILL);
+		template_drop_spare();
+		template_children++; /* reaped as a plain child */
+		return -1;
+	}
 	if (template_pass(template_spare_fd, fd, len, &gone) < 0) {
 		if (gone)
 			template_drop_spare(); /* dying: reaped later as a plain child */

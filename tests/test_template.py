@@ -564,6 +564,9 @@ def test_a_warm_start_becomes_the_spare_shim_and_a_new_spare_is_made(
     spare = _one_spare(template)
     argv = harness.cmdline(spare)
     assert argv[-1] == "spare-shim" and "pyshim" in " ".join(argv), argv
+    # It waits on idle CPU time only; the template keeps the usual policy.
+    assert os.sched_getscheduler(spare) == os.SCHED_IDLE
+    assert os.sched_getscheduler(template) == os.SCHED_OTHER
     template_files = set(_fds(template).values()) - {"/dev/null"}
     assert not template_files & set(_fds(spare).values()), (_fds(template), _fds(spare))
     os.kill(spare, signal.SIGUSR1)
@@ -577,6 +580,10 @@ def test_a_warm_start_becomes_the_spare_shim_and_a_new_spare_is_made(
     _run_d(templated, rootfs, third)
     shim = shim_of(templated, third)
     assert shim == spare, (shim, spare)
+    # Raised back before it took the start: the shim, and the container runc made.
+    assert os.sched_getscheduler(shim) == os.SCHED_OTHER
+    init = int(templated.ctr("task", "ls").stdout.split(third, 1)[1].split()[0])
+    assert os.sched_getscheduler(init) == os.SCHED_OTHER
     argv = harness.cmdline(shim)
     assert argv[argv.index("-id") + 1] == third and argv[argv.index("-address") + 1] == templated.address
     assert os.readlink(f"/proc/{shim}/cwd").endswith("/" + third)
